@@ -1,0 +1,42 @@
+"""irno_kernels: the op layer of irno.
+
+Typed wrappers over the compiled ops (``torch.ops.irno.*``), their pure-PyTorch references
+(``*_ref``, the specification), fake and autograd registrations, and the choice of backend.
+The package imports without the compiled module ``_C``: the references then serve every op.
+
+Ops (see each docstring for shapes):
+    spectral_conv2d(x, weight, modes=None)     spectral convolution y = irfft2(Mix(rfft2(x)))
+    residual_update(h, phi, alpha)             h + alpha * phi
+    refine_update(h, z, weight, bias, alpha)   h + alpha * conv1x1(z), fused
+    radial_spectrum(x)                         energy per radial shell of rfft2(x, norm="ortho")
+    spectral_loss(pred, target, lam, f0, mode) progressive spectral loss (one pass over the spectra)
+"""
+
+from irno_kernels.backend import BACKENDS, HAS_C, available, backends, resolve
+from irno_kernels.update import (
+    refine_update,
+    refine_update_,
+    refine_update_ref,
+    residual_update,
+    residual_update_,
+    residual_update_ref,
+)
+
+if HAS_C:
+    from irno_kernels import _C  # noqa: F401
+
+
+def build_info() -> dict:
+    """Facts about the compiled module (torch version, CUDA, archs, compiler), or why it is absent."""
+    if not HAS_C:
+        from irno_kernels.backend import _C_ERROR
+
+        return {"built": False, "error": _C_ERROR}
+    return {"built": True, **_C.build_info()}
+
+
+__all__ = [
+    "BACKENDS", "HAS_C", "available", "backends", "resolve", "build_info",
+    "residual_update", "residual_update_", "residual_update_ref",
+    "refine_update", "refine_update_", "refine_update_ref",
+]

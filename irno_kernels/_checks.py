@@ -1,0 +1,67 @@
+"""Argument checks shared by the op wrappers: each error names the argument, what was expected
+and what was received, and is raised before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+COMPLEX_OF = {
+    torch.float32: torch.complex64,
+    torch.float64: torch.complex128,
+    torch.bfloat16: torch.complex64,
+    torch.float16: torch.complex64,
+}
+
+
+def tensor(name: str, t, *, ndim: int | tuple[int, ...] | None = None, min_ndim: int | None = None,
+           dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """Check that ``t`` is a non-empty tensor of an allowed rank and dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name}: expected a {want}-D tensor, got shape {tuple(t.shape)} ({t.dim()}-D)")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.device != v0.device:
+            raise RuntimeError(f"{k}: expected a tensor on {v0.device} (the device of {k0}), got {v.device}")
+
+
+def same_dtype(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.dtype != v0.dtype:
+            raise ValueError(f"{k}: expected dtype {v0.dtype} (the dtype of {k0}), got {v.dtype}")
+
+
+def same_shape(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.shape != v0.shape:
+            raise ValueError(f"{k}: expected shape {tuple(v0.shape)} (the shape of {k0}), got {tuple(v.shape)}")
+
+
+def finite_scalar(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite number, got {v}")
+    return v

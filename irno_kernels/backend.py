@@ -1,0 +1,139 @@
+"""Which backend serves which op, and the one function that decides it.
+
+Backends, in order of preference per device:
+
+    CUDA tensors: "cuda" (CUDA kernels in _C) > "triton" > "reference"
+    CPU tensors:  "cpu"  (C++ kernels in _C)  > "reference"
+
+"reference" is the pure-PyTorch specification of each op and is always there. A backend is forced
+for one call with the ``backend=`` keyword of every op, or for the whole process with the
+environment variable ``IRNO_BACKEND`` (read at each call, so tests can set it). Forcing a backend
+that is absent raises a RuntimeError that says how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "IRNO_BACKEND"
+
+#: public op name -> name of the compiled op in torch.ops.irno
+OPS = ("spectral_conv2d", "residual_update", "refine_update", "radial_spectrum", "spectral_loss")
+
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the repository root "
+    "(CUDA kernels need a CUDA build of torch and nvcc; see README)"
+)
+
+try:
+    from irno_kernels import _C  # noqa: F401  (loading it registers torch.ops.irno.*)
+
+    HAS_C = True
+    _C_ERROR: str | None = None
+except ImportError as err:  # the package stays usable through the references
+    HAS_C = False
+    _C_ERROR = str(err)
+    warnings.warn(
+        f"irno_kernels._C is not built ({err}); every op runs its pure-PyTorch reference. To use the "
+        f"C++/CUDA kernels, {_BUILD_HINT}.",
+        stacklevel=2,
+    )
+
+
+# (op, dispatch key) pairs with a compiled kernel, read once: the registrations are fixed when _C
+# loads, and a plain set lookup is something torch.compile can trace through.
+_KERNELS = frozenset(
+    (op, key)
+    for op in OPS
+    for key in ("CPU", "CUDA")
+    if HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(f"irno::{op}", key)
+)
+_TRITON_OPS: frozenset[str] | None = None
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return (op, key) in _KERNELS
+
+
+def _triton_ops() -> frozenset[str]:
+    """Ops that have a Triton kernel in irno_kernels.triton (empty when triton is absent)."""
+    global _TRITON_OPS
+    if _TRITON_OPS is None:
+        try:
+            from irno_kernels import triton as _tr
+
+            _TRITON_OPS = frozenset(getattr(_tr, "OPS", ()))
+        except ImportError:
+            _TRITON_OPS = frozenset()
+    return _TRITON_OPS
+
+
+def available(op: str, backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend`` can run ``op`` on tensors of ``device``."""
+    device = torch.device(device)
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu" and _has_kernel(op, "CPU")
+    if backend == "cuda":
+        return device.type == "cuda" and _has_kernel(op, "CUDA")
+    if backend == "triton":
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        ok_device = device.type == "cuda" or (device.type == "cpu" and interp)
+        return ok_device and op in _triton_ops()
+    return False
+
+
+def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    """The backend that serves ``op`` for tensors on ``device``.
+
+    ``backend`` (or else ``$IRNO_BACKEND``) forces one; ``None``/"auto" picks the fastest present.
+    """
+    if op not in OPS:
+        raise ValueError(f"op: expected one of {OPS}, got {op!r}")
+    device = torch.device(device)
+    forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if forced is not None and forced != "auto":
+        if forced not in BACKENDS:
+            src = "backend" if backend is not None else ENV_VAR
+            raise ValueError(f"{src}: expected one of {('auto',) + BACKENDS}, got {forced!r}")
+        if not available(op, forced, device):
+            raise RuntimeError(_absent_message(op, forced, device))
+        return forced
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if available(op, name, device):
+            return name
+    return "reference"
+
+
+def _absent_message(op: str, backend: str, device: torch.device) -> str:
+    where = f"irno backend {backend!r} cannot run {op} on {device.type} tensors"
+    if backend in ("cpu", "cuda") and not HAS_C:
+        return f"{where}: irno_kernels._C is not built ({_C_ERROR}); {_BUILD_HINT}"
+    if backend == "cpu" and device.type != "cpu":
+        return f"{where}: the 'cpu' backend takes CPU tensors only"
+    if backend == "cuda" and device.type != "cuda":
+        return f"{where}: the 'cuda' backend takes CUDA tensors only"
+    if backend == "cuda":
+        return f"{where}: _C was compiled without CUDA kernels for it; rebuild with IRNO_CUDA=1 ({_BUILD_HINT})"
+    if backend == "triton":
+        if not _triton_ops():
+            return f"{where}: triton is not installed or irno_kernels.triton has no kernels"
+        if op not in _triton_ops():
+            return f"{where}: there is no Triton kernel for {op}"
+        return f"{where}: Triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1"
+    return f"{where}: no compiled kernel is registered for it; {_BUILD_HINT}"
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """For each op, the backend the default choice uses on each device type.
+
+    >>> backends()["residual_update"]
+    {'cpu': 'cpu', 'cuda': 'reference'}   # on a CPU-only build
+    """
+    return {op: {dev: resolve(op, dev, "auto") for dev in ("cpu", "cuda")} for op in OPS}
