@@ -13,6 +13,21 @@ Ops (see each docstring for shapes):
 """
 
 from irno_kernels.backend import BACKENDS, HAS_C, available, backends, resolve
+from irno_kernels.spectral_conv import (
+    FFT_NORM,
+    spectral_conv2d,
+    spectral_conv2d_ref,
+    weight_from_neuralop,
+    weight_to_neuralop,
+)
+from irno_kernels.spectrum import (
+    radial_spectrum,
+    radial_spectrum_ref,
+    shell_index,
+    spectral_loss,
+    spectral_loss_ref,
+    spectral_weights,
+)
 from irno_kernels.update import (
     refine_update,
     refine_update_,
@@ -37,6 +52,9 @@ def build_info() -> dict:
 
 __all__ = [
     "BACKENDS", "HAS_C", "available", "backends", "resolve", "build_info",
+    "FFT_NORM", "spectral_conv2d", "spectral_conv2d_ref", "weight_from_neuralop", "weight_to_neuralop",
+    "radial_spectrum", "radial_spectrum_ref", "shell_index", "spectral_loss", "spectral_loss_ref",
+    "spectral_weights",
     "residual_update", "residual_update_", "residual_update_ref",
     "refine_update", "refine_update_", "refine_update_ref",
 ]
