@@ -1,0 +1,25 @@
+"""Shared test settings: GPU tests (marker `gpu`) skip cleanly without CUDA; seeds are fixed."""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def tol(dtype):
+    """(rtol, atol) used to compare a kernel with its reference in ``dtype``."""
+    return {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5),
+            torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}[dtype]

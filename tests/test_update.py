@@ -1,0 +1,215 @@
+"""residual_update / refine_update (and in-place forms): every backend against the reference."""
+
+import pytest
+import torch
+from conftest import tol
+
+import irno_kernels as ik
+
+needs_c = pytest.mark.skipif(not ik.HAS_C, reason="irno_kernels._C not built")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SHAPES = [(1, 1, 33, 47), (2, 3, 16, 24), (3, 4, 128, 384), (2, 5, 7), (2, 3, 5, 6, 7)]
+
+
+def _backends(device):
+    return [b for b in ("cpu", "cuda", "triton") if ik.available("refine_update", b, device)]
+
+
+def _rand(shape, dtype, device, noncontig=False, requires_grad=False):
+    if noncontig:  # a transposed view with the requested logical shape
+        t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).transpose(-1, -2)
+        assert not t.is_contiguous()
+    else:
+        t = torch.randn(*shape, dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_residual_update_matches_reference(device, shape, dtype, noncontig):
+    for backend in [b for b in _backends(device)]:
+        h = _rand(shape, dtype, device, noncontig, True)
+        phi = _rand(shape, dtype, device, noncontig, True)
+        g = torch.randn(shape, dtype=dtype, device=device)
+        out = ik.residual_update(h, phi, 0.2, backend=backend)
+        ref = ik.residual_update_ref(h, phi, 0.2)
+        rtol, atol = tol(dtype)
+        torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+        got = torch.autograd.grad(out, (h, phi), g)
+        want = torch.autograd.grad(ref, (h, phi), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_refine_update_matches_reference(device, shape, dtype, bias, noncontig):
+    B, Co, *S = shape
+    F = 6
+    rtol, atol = tol(dtype)
+    for backend in _backends(device):
+        h = _rand(shape, dtype, device, noncontig, True)
+        z = _rand((B, F, *S), dtype, device, noncontig, True)
+        w = torch.randn(Co, F, dtype=dtype, device=device, requires_grad=True)
+        b = torch.randn(Co, dtype=dtype, device=device, requires_grad=True) if bias else None
+        g = torch.randn(shape, dtype=dtype, device=device)
+        out = ik.refine_update(h, z, w, b, 0.3, backend=backend)
+        ref = ik.refine_update_ref(h, z, w, b, 0.3)
+        torch.testing.assert_close(out, ref, rtol=rtol, atol=atol * F)
+        inputs = [t for t in (h, z, w, b) if t is not None]
+        got = torch.autograd.grad(out, inputs, g)
+        want = torch.autograd.grad(ref, inputs, g)
+        for a, c in zip(got, want):
+            torch.testing.assert_close(a, c, rtol=rtol * 10, atol=atol * 100)
+
+
+@needs_c
+def test_refine_update_accepts_conv_weight():
+    h, z = torch.randn(2, 3, 9, 11), torch.randn(2, 5, 9, 11)
+    conv = torch.nn.Conv2d(5, 3, 1)
+    with torch.no_grad():
+        out = ik.refine_update(h, z, conv.weight, conv.bias, 0.5)
+        torch.testing.assert_close(out, h + 0.5 * conv(z), rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(bias):
+    h = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = tuple(t for t in (h, z, w, b) if t is not None)
+
+    def refine(*a):
+        return ik.refine_update(a[0], a[1], a[2], a[3] if bias else None, 0.3, backend="cpu")
+
+    assert torch.autograd.gradcheck(refine, inputs)
+    assert torch.autograd.gradcheck(lambda a, c: ik.residual_update(a, c, -0.7, backend="cpu"), (h, z[:, :3]))
+
+
+@needs_c
+@pytest.mark.parametrize("inplace", ["residual_update_", "refine_update_"])
+@pytest.mark.parametrize("noncontig", [False, True])
+def test_inplace_matches_out_of_place(inplace, noncontig):
+    for device in DEVICES:
+        h = _rand((2, 3, 10, 13), torch.float32, device, noncontig)
+        z = torch.randn(2, 4, 10, 13, device=device)
+        w, b = torch.randn(3, 4, device=device), torch.randn(3, device=device)
+        if inplace == "residual_update_":
+            want = ik.residual_update_ref(h, z[:, :3], 0.2)
+            got = ik.residual_update_(h, z[:, :3], 0.2)
+        else:
+            want = ik.refine_update_ref(h, z, w, b, 0.2)
+            got = ik.refine_update_(h, z, w, b, 0.2)
+        assert got is h
+        torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_refuses_autograd():
+    h = torch.randn(1, 2, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="residual_update_ works in place"):
+        ik.residual_update_(h, torch.randn(1, 2, 4, 4), 0.1)
+    with pytest.raises(RuntimeError, match="refine_update_ works in place"):
+        ik.refine_update_(torch.randn(1, 2, 4, 4), torch.randn(1, 3, 4, 4), torch.randn(2, 3, requires_grad=True),
+                          None, 0.1)
+
+
+@needs_c
+def test_opcheck_all_update_ops():
+    h = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.irno.residual_update.default, (h, z[:, :3].detach().clone(), 0.2))
+    torch.library.opcheck(torch.ops.irno.refine_update.default, (h, z, w, b, 0.3))
+    torch.library.opcheck(torch.ops.irno.refine_update.default, (h, z, w, None, 0.3))
+    d = [t.detach() for t in (h, z, w, b)]
+    torch.library.opcheck(torch.ops.irno.residual_update_.default, (d[0].clone(), d[1][:, :3].clone(), 0.2))
+    torch.library.opcheck(torch.ops.irno.refine_update_.default, (d[0].clone(), d[1], d[2], d[3], 0.2))
+
+
+@needs_c
+def test_torch_compile_fullgraph():
+    h = torch.randn(2, 3, 6, 5, requires_grad=True)
+    z = torch.randn(2, 4, 6, 5, requires_grad=True)
+    w = torch.randn(3, 4, requires_grad=True)
+
+    def step(h, z, w):
+        return ik.residual_update(ik.refine_update(h, z, w, None, 0.2), h, 0.5)
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(h, z, w)
+    ref = ik.residual_update_ref(ik.refine_update_ref(h, z, w, None, 0.2), h, 0.5)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, c in zip(torch.autograd.grad(out, (h, z, w), g), torch.autograd.grad(ref, (h, z, w), g)):
+        torch.testing.assert_close(a, c)
+
+
+BAD = [
+    ("h", lambda: ik.residual_update(torch.randn(0, 3), torch.randn(0, 3), 0.1), "non-empty"),
+    ("phi", lambda: ik.residual_update(torch.randn(2, 3), torch.randn(2, 4), 0.1), r"phi: expected shape \(2, 3\)"),
+    ("phi", lambda: ik.residual_update(torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64), 0.1),
+     "phi: expected dtype torch.float32"),
+    ("alpha", lambda: ik.residual_update(torch.randn(2, 3), torch.randn(2, 3), float("nan")), "alpha"),
+    ("h", lambda: ik.residual_update(torch.randint(0, 3, (2, 3)), torch.randn(2, 3), 0.1), "h: expected dtype"),
+    ("z", lambda: ik.refine_update(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 5), torch.randn(3, 5), None, 1.0),
+     "z: expected shape"),
+    ("z", lambda: ik.refine_update(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4), torch.randn(3, 5), None, 1.0),
+     "z: expected 4 dims"),
+    ("weight", lambda: ik.refine_update(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4), torch.randn(3, 4),
+                                        None, 1.0), r"weight: expected shape \(3, 5\)"),
+    ("weight", lambda: ik.refine_update(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4),
+                                        torch.randn(3, 5, 3, 3), None, 1.0), "weight: expected .* 1x1 conv"),
+    ("bias", lambda: ik.refine_update(torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4), torch.randn(3, 5),
+                                      torch.randn(4), 1.0), r"bias: expected shape \(3,\)"),
+    ("h", lambda: ik.refine_update(torch.randn(3), torch.randn(2, 5, 4, 4), torch.randn(3, 5), None, 1.0),
+     "h: expected at least 2 dims"),
+    ("h", lambda: ik.refine_update("h", torch.randn(2, 5, 4, 4), torch.randn(3, 5), None, 1.0),
+     "h: expected a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("arg,call,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_inputs_name_the_argument(arg, call, match):
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
+        call()
+
+
+@needs_c
+def test_compiled_ops_check_their_arguments():
+    """Direct torch.ops calls (bypassing the wrappers) raise RuntimeError naming the argument."""
+    with pytest.raises(RuntimeError, match="phi: expected shape"):
+        torch.ops.irno.residual_update(torch.randn(2, 3), torch.randn(3, 2), 0.1)
+    with pytest.raises(RuntimeError, match="weight: expected shape"):
+        torch.ops.irno.refine_update(torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(5, 3), None, 0.1)
+    with pytest.raises(RuntimeError, match="h: expected a non-empty tensor"):
+        torch.ops.irno.residual_update(torch.randn(0, 3), torch.randn(0, 3), 0.1)
+    with pytest.raises(RuntimeError, match="z: expected dtype"):
+        torch.ops.irno.refine_update(torch.randn(2, 3, 4), torch.randn(2, 5, 4).double(), torch.randn(3, 5), None, 1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_device_mismatch_is_an_error():
+    with pytest.raises((RuntimeError, ValueError), match="phi: expected a tensor on cuda"):
+        ik.residual_update(torch.randn(2, 3, device="cuda"), torch.randn(2, 3), 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_error_within_twice_pytorch(dtype):
+    h, z = torch.randn(4, 3, 64, 64, device="cuda"), torch.randn(4, 16, 64, 64, device="cuda")
+    w, b = torch.randn(3, 16, device="cuda") / 4, torch.randn(3, device="cuda")
+    exact = ik.refine_update_ref(h.double(), z.double(), w.double(), b.double(), 0.2)
+    ours = ik.refine_update(h.to(dtype), z.to(dtype), w.to(dtype), b.to(dtype), 0.2, backend="cuda")
+    torch_lp = ik.refine_update_ref(h.to(dtype), z.to(dtype), w.to(dtype), b.to(dtype), 0.2)
+    err_ours = (ours.double() - exact).abs().max()
+    err_torch = (torch_lp.double() - exact).abs().max()
+    assert err_ours <= 2 * err_torch + 1e-6
