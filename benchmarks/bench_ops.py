@@ -1,0 +1,203 @@
+"""Time each irno op side by side: reference vs C++ (cpu) / CUDA / Triton / torch.compile(reference).
+
+For every case it prints the median time, the achieved bandwidth from an explicit count of the
+bytes the op must move, the fraction of the measured copy bandwidth (the memory roofline) and the
+speed-up over the reference, and appends CSV rows (device, versions, commit, shapes) to --csv.
+
+    python benchmarks/bench_ops.py --device cpu --threads 2
+    python benchmarks/bench_ops.py --device cuda --csv benchmarks/results/ops_h100.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth, environment, time_fn, write_csv  # noqa: E402
+
+import irno_kernels as ik  # noqa: E402
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    make: Callable[[str, torch.dtype], tuple]  # -> positional args (tensors first)
+    ref: Callable
+    fast: Callable  # fast(*args, backend=...)
+    nbytes: Callable[[str], int]  # bytes that must move for "fwd" / "fwdbwd"
+    grad_args: tuple[int, ...]  # indices of args that take gradients in "fwdbwd"
+
+
+def _es(dtype):
+    return torch.finfo(dtype).bits // 8
+
+
+def spectral_conv_case(B, C, H, W, m, dtype=torch.float32) -> Case:
+    es = _es(dtype)
+
+    def make(device, dt):
+        x = torch.randn(B, C, H, W, device=device, dtype=dt)
+        cdt = torch.complex64 if dt != torch.float64 else torch.complex128
+        w = torch.randn(C, C, 2 * m, m, device=device, dtype=cdt) / C
+        return x, w
+
+    act = B * C * H * W * es
+    wbytes = C * C * 2 * m * m * 2 * es
+
+    def nbytes(mode):  # fwd: read x, write y; bwd: read grad_y and x, write grad_x and grad_w
+        return 2 * act + wbytes if mode == "fwd" else 2 * act + wbytes + 3 * act + 2 * wbytes
+
+    return Case("spectral_conv2d", f"B{B} C{C} {H}x{W} m{m}", make, ik.spectral_conv2d_ref,
+                lambda x, w, backend: ik.spectral_conv2d(x, w, backend=backend), nbytes, (0, 1))
+
+
+def refine_case(B, Co, F, H, W) -> Case:
+    def make(device, dt):
+        return (torch.randn(B, Co, H, W, device=device, dtype=dt), torch.randn(B, F, H, W, device=device, dtype=dt),
+                torch.randn(Co, F, device=device, dtype=dt), torch.randn(Co, device=device, dtype=dt))
+
+    n = B * H * W * 4
+
+    def nbytes(mode):  # fwd: read h, z, write out; bwd: read g, z, write grad_h(view), grad_z
+        return (2 * Co + F) * n if mode == "fwd" else (2 * Co + F) * n + (Co + 2 * F) * n
+
+    return Case("refine_update", f"B{B} Co{Co} F{F} {H}x{W}", make,
+                lambda h, z, w, b: ik.refine_update_ref(h, z, w, b, 0.2),
+                lambda h, z, w, b, backend: ik.refine_update(h, z, w, b, 0.2, backend=backend), nbytes, (0, 1, 2, 3))
+
+
+def residual_case(B, C, H, W) -> Case:
+    def make(device, dt):
+        return torch.randn(B, C, H, W, device=device, dtype=dt), torch.randn(B, C, H, W, device=device, dtype=dt)
+
+    n = B * C * H * W * 4
+    return Case("residual_update", f"B{B} C{C} {H}x{W}", make,
+                lambda h, p: ik.residual_update_ref(h, p, 0.2),
+                lambda h, p, backend: ik.residual_update(h, p, 0.2, backend=backend),
+                lambda mode: 3 * n if mode == "fwd" else 5 * n, (0, 1))
+
+
+def loss_case(B, C, H, W, mode_name, lam=1.6) -> Case:
+    def make(device, dt):
+        return torch.randn(B, C, H, W, device=device, dtype=dt), torch.randn(B, C, H, W, device=device, dtype=dt)
+
+    n = B * C * H * W * 4
+    return Case(f"spectral_loss[{mode_name}]", f"B{B} C{C} {H}x{W}", make,
+                lambda p, t: ik.spectral_loss_ref(p, t, lam, 0.5, mode_name),
+                lambda p, t, backend: ik.spectral_loss(p, t, lam, 0.5, mode_name, backend=backend),
+                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0,))
+
+
+def radial_case(B, C, H, W) -> Case:
+    def make(device, dt):
+        return (torch.randn(B, C, H, W, device=device, dtype=dt),)
+
+    n = B * C * H * W * 4
+    return Case("radial_spectrum", f"B{B} C{C} {H}x{W}", make, ik.radial_spectrum_ref,
+                lambda x, backend: ik.radial_spectrum(x, backend=backend),
+                lambda mode: n if mode == "fwd" else 3 * n, (0,))
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device == "cuda":
+        out = [spectral_conv_case(16, 64, 256, 256, 16), spectral_conv_case(4, 32, 128, 384, 16),
+               spectral_conv_case(16, 32, 64, 64, 12)]
+        fields = [(16, 4, 128, 384), (16, 11, 256, 256), (16, 1, 64, 64)]
+    else:
+        out = [spectral_conv_case(8, 32, 64, 64, 12), spectral_conv_case(4, 32, 128, 128, 16),
+               spectral_conv_case(1, 64, 256, 256, 16)]
+        fields = [(16, 1, 64, 64), (8, 4, 128, 384), (4, 11, 256, 256)]
+    if quick:
+        out, fields = out[:1], fields[:1]
+    for B, C, H, W in fields:
+        out += [refine_case(B, C, 16, H, W), residual_case(B, C, H, W), loss_case(B, C, H, W, "magnitude"),
+                loss_case(B, C, H, W, "error"), radial_case(B, C, H, W)]
+    return out
+
+
+def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw: float | None,
+             env: dict) -> list[dict]:
+    rows = []
+    args = case.make(device, torch.float32)
+    for mode in modes:
+        ref_t = None
+        for prov in providers:
+            base = case.op.split("[")[0]
+            if prov in ("cpu", "cuda", "triton") and not ik.available(base, prov, device):
+                continue
+            if prov == "reference":
+                fn = case.ref
+            elif prov == "compile":
+                fn = torch.compile(case.ref)
+            else:
+                fn = lambda *a, _p=prov: case.fast(*a, backend=_p)  # noqa: E731
+            if mode == "fwd":
+                def call(fn=fn):
+                    with torch.no_grad():
+                        return fn(*args)
+            else:
+                leaves = [a.detach().requires_grad_(i in case.grad_args) for i, a in enumerate(args)]
+                grads_of = [leaves[i] for i in case.grad_args]
+
+                def call(fn=fn, leaves=leaves, grads_of=grads_of):
+                    out = fn(*leaves)
+                    return torch.autograd.grad(out, grads_of, torch.ones_like(out))
+            try:
+                t = time_fn(call, device)
+            except Exception as err:  # a provider that fails is reported, not fatal
+                print(f"  {case.op} {case.shape} {mode} {prov}: FAILED {type(err).__name__}: {err}")
+                continue
+            if prov == "reference":
+                ref_t = t
+            gbs = case.nbytes(mode) / t / 1e9
+            row = {**env, "op": case.op, "shape": case.shape, "mode": mode, "provider": prov,
+                   "median_ms": round(t * 1e3, 4), "GB_s": round(gbs, 2),
+                   "roofline_frac": round(gbs * 1e9 / bw, 3) if bw else "",
+                   "speedup_vs_ref": round(ref_t / t, 3) if ref_t else ""}
+            rows.append(row)
+            print(f"  {case.op:26s} {case.shape:24s} {mode:6s} {prov:9s} {t * 1e3:9.3f} ms "
+                  f"{gbs:8.2f} GB/s  x{row['speedup_vs_ref'] or math.nan:.2f}")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (pinned, reported)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(reference) (default on cuda)")
+    p.add_argument("--quick", action="store_true", help="one shape per op")
+    p.add_argument("--ops", default="", help="comma-separated op names to keep (default: all)")
+    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--csv", default="", help="append result rows to this CSV file")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    env = environment(a.device)
+    print("env:", env)
+    providers = ["reference", "cpu", "cuda", "triton"]
+    if a.compile or a.device == "cuda":
+        providers.append("compile")
+    bw = copy_bandwidth(a.device) if a.device == "cuda" else None
+    if bw:
+        print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s")
+    keep = [s for s in a.ops.split(",") if s]
+    rows = []
+    for case in cases(a.device, a.quick):
+        if keep and not any(case.op.startswith(k) for k in keep):
+            continue
+        rows += run_case(case, a.device, providers, a.modes.split(","), bw, env)
+    if a.csv:
+        write_csv(a.csv, rows)
+        print(f"wrote {len(rows)} rows to {a.csv}")
+
+
+if __name__ == "__main__":
+    main()
