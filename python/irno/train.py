@@ -1,0 +1,282 @@
+"""Training loops: a base operator on (x, y) pairs, and IRNO's refiner on a frozen base.
+
+One :class:`Trainer` serves both. It implements the published optimiser recipe by default (Adam,
+lr 3e-4, weight decay 1e-5, cosine decay to 1e-6 over the run, gradient-norm clip 1.0, batch 16),
+skips and counts batches whose loss is not finite, validates after every epoch, keeps the best
+weights, and checkpoints atomically so that ``resume=True`` continues a killed run exactly:
+
+* the data order of epoch e is a permutation drawn from ``seed + e`` (not from the running RNG),
+  so a resumed epoch sees the same batches in the same order;
+* a checkpoint holds weights, optimiser, scheduler, RNG states and the position (epoch, step);
+  steps already done in the interrupted epoch are skipped on resume.
+
+Data parallel: launched under ``torchrun --nproc_per_node N`` (or with a process group already
+initialised), each rank takes its share of every epoch's permutation (DistributedSampler) and the
+gradients are averaged across ranks after each backward; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from irno.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, dict]"]
+ValFn = Callable[[torch.nn.Module], dict]
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and loop settings (defaults: the published recipe)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    lr_min: float = 1e-6
+    grad_clip: float = 1.0
+    seed: int = 0
+    time_budget_s: float | None = None  # stop after the epoch in which this much time has passed
+    patience: int | None = None  # stop after this many epochs without a better validation score
+    monitor: str = "val_loss"  # key of the validation dict that decides "best" (lower is better)
+    checkpoint_every: int = 0  # also checkpoint every N optimiser steps inside an epoch (0: epoch ends)
+    num_workers: int = 0
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form, stored with the checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def distributed_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> bool:
+    """Initialise the default process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if not (dist.is_available() and "RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+def _allreduce_mean_(params: list[torch.Tensor], world: int) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+class Trainer:
+    """Train ``model``'s parameters that require grad with ``loss_fn(model, x, y, epoch) -> (loss, parts)``.
+
+    Args:
+        model: the module (for IRNO, the wrapper; its frozen base takes no gradients).
+        loss_fn: returns a scalar loss and a dict of detached parts; ``epoch`` is fractional
+            (epoch index + fraction done), for warm-up ramps.
+        train_set: a Dataset of (x, y) pairs.
+        val_fn: ``val_fn(model) -> dict`` of validation scores, run after every epoch (rank 0).
+        config: :class:`TrainConfig`.
+        out_dir: where ``last/`` and ``best/`` checkpoints go (None: nowhere).
+        model_config: JSON-able description saved with every checkpoint (how to rebuild the model,
+            normalisation statistics, ...).
+        device: torch device of the model and batches.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, train_set: Dataset, val_fn: ValFn | None = None,
+                 config: TrainConfig | None = None, out_dir: str | os.PathLike | None = None,
+                 model_config: dict | None = None, device: str | torch.device = "cpu"):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.train_set = train_set
+        self.val_fn = val_fn
+        self.cfg = config or TrainConfig()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.model_config = model_config or {}
+        self.device = torch.device(device)
+        self.rank, self.world = distributed_info()
+        if len(train_set) == 0:
+            raise ValueError("train_set: expected a non-empty dataset")
+        if self.cfg.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.cfg.batch_size}")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model: no parameter requires grad (is everything frozen?)")
+        self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        per_rank = math.ceil(len(train_set) / self.world)
+        self.steps_per_epoch = max(1, per_rank // self.cfg.batch_size)
+        total = self.steps_per_epoch * self.cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(total, 1),
+                                                                    eta_min=self.cfg.lr_min)
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # optimiser steps done in the current epoch
+        self.global_step = 0
+        self.skipped = 0  # batches with a non-finite loss
+        self.history: list[dict] = []
+        self.best_score = math.inf
+        self.bad_epochs = 0
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------------------------------
+    def _loader(self, epoch: int) -> DataLoader:
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)  # the permutation depends on (seed, epoch) only
+        # the loader's own generator: creating its iterator must not draw from the global RNG, or a
+        # run resumed mid-epoch would see a shifted random stream
+        gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.cfg.num_workers, generator=gen)
+
+    def _state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "skipped": self.skipped, "history": self.history,
+                "best_score": self.best_score, "bad_epochs": self.bad_epochs, "elapsed": self.elapsed,
+                "train_config": asdict(self.cfg)}
+
+    def save(self, name: str = "last") -> Path | None:
+        if self.out_dir is None or self.rank != 0:
+            return None
+        cfg = {**self.model_config, "train": asdict(self.cfg), "epoch": self.epoch, "history": self.history}
+        return save_checkpoint(self.out_dir / name, self.model, cfg, self._state())
+
+    def load(self, folder: str | os.PathLike) -> None:
+        state_dict, _, state = load_checkpoint(folder, map_location=self.device, with_state=True)
+        self.model.load_state_dict(state_dict)
+        if state is None:
+            raise RuntimeError(f"resume: {folder} holds weights but no training state")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        for k in ("epoch", "step_in_epoch", "global_step", "skipped", "history", "best_score", "bad_epochs",
+                  "elapsed"):
+            setattr(self, k, state[k])
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train until ``epochs``, the time budget or the patience runs out; returns the history."""
+        if resume and self.out_dir is not None and (self.out_dir / "last").exists():
+            self.load(self.out_dir / "last")
+            if self.rank == 0:
+                print(f"resumed from {self.out_dir / 'last'} at epoch {self.epoch}, step {self.step_in_epoch}")
+        while self.epoch < self.cfg.epochs:
+            if self._out_of_budget():
+                break
+            t0 = time.perf_counter()
+            train_parts = self._train_epoch()
+            self.elapsed += time.perf_counter() - t0
+            self.epoch += 1
+            self.step_in_epoch = 0
+            record = {"epoch": self.epoch, "elapsed_s": round(self.elapsed, 2), "skipped": self.skipped,
+                      "lr": self.scheduler.get_last_lr()[0], **train_parts}
+            if self.val_fn is not None and self.rank == 0:
+                self.model.eval()
+                record.update(self.val_fn(self.model))
+                self.model.train()
+            self.history.append(record)
+            improved = self._track_best(record)
+            self.save("last")
+            if improved:
+                self.save("best")
+            if self.rank == 0:
+                print("  ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
+            if self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience:
+                break
+        return self.history
+
+    def _out_of_budget(self) -> bool:
+        return self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s
+
+    def _track_best(self, record: dict) -> bool:
+        score = record.get(self.cfg.monitor, record.get("loss"))
+        if score is None or not math.isfinite(score):
+            return False
+        if score < self.best_score:
+            self.best_score, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def _train_epoch(self) -> dict:
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        loader = self._loader(self.epoch)
+        sums: dict[str, float] = {}
+        count = 0
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}",
+                   disable=not self.cfg.progress or self.rank != 0, leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(loader):
+            if i >= self.steps_per_epoch:
+                break
+            if i < self.step_in_epoch:  # done before an interruption
+                continue
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            frac = self.epoch + i / self.steps_per_epoch
+            loss, parts = self.loss_fn(self.model, x, y, frac)
+            finite = torch.isfinite(loss.detach())
+            if self.world > 1:  # every rank skips together
+                flag = finite.float().reshape(1)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = flag.bool()[0]
+            self.optimizer.zero_grad(set_to_none=True)
+            if bool(finite):
+                loss.backward()
+                _allreduce_mean_(self.params, self.world)
+                if self.cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+                self.optimizer.step()
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    if isinstance(v, torch.Tensor) and v.numel() == 1:
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    elif isinstance(v, float | int):
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            else:
+                self.skipped += 1
+            self.scheduler.step()
+            self.global_step += 1
+            self.step_in_epoch = i + 1
+            seen += x.shape[0] * self.world
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4g}", samples_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            if self.cfg.checkpoint_every and self.step_in_epoch % self.cfg.checkpoint_every == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self.save("last")
+        bar.close()
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out["samples_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+        return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
