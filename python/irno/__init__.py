@@ -1,1 +1,25 @@
-"""irno"""
+"""irno: Iterative Refinement Neural Operators.
+
+    from irno import IRNO, FNO
+    base = FNO(n_modes=(12, 12), in_channels=4, out_channels=1, hidden_channels=32)   # pretrained
+    model = IRNO(base, alpha=0.2, K=6)       # frozen base + the paper's U-Net refiner
+    y = model(x)                              # h_K;  model(x, steps=12) runs longer
+    traj = model(x, return_trajectory=True)   # [h_0, ..., h_K]
+
+Subpackages: :mod:`irno.models` (FNO, TFNO, WDSR, UNetRefiner, FNORefiner), :mod:`irno.losses`,
+:mod:`irno.metrics`, :mod:`irno.analysis`; the ops live in :mod:`irno_kernels`.
+"""
+
+from irno import analysis, losses, metrics, models
+from irno.irno import IRNO, resample
+from irno.losses import H1Loss, IRNOLoss, LpLoss, ProgressiveSpectralLoss, fixed_point_loss, fixed_point_weight
+from irno.models import FNO, TFNO, WDSR, FNORefiner, SpectralConv2d, TuckerSpectralConv2d, UNetRefiner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IRNO", "resample",
+    "FNO", "TFNO", "WDSR", "UNetRefiner", "FNORefiner", "SpectralConv2d", "TuckerSpectralConv2d",
+    "ProgressiveSpectralLoss", "IRNOLoss", "LpLoss", "H1Loss", "fixed_point_loss", "fixed_point_weight",
+    "models", "losses", "metrics", "analysis",
+]

@@ -1,0 +1,194 @@
+"""The IRNO wrapper: a frozen base operator and a shared-weight refiner applied again and again.
+
+    h_0     = T_base(x)                         frozen: eval mode, no grad
+    h_{k+1} = h_k + alpha * Phi(cat(x~, h_k))   k = 0 .. steps-1
+
+x~ is x resampled to h's grid when the grids differ (super-resolution); cat is along channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+import irno_kernels
+
+__all__ = ["IRNO", "resample"]
+
+
+def resample(x: torch.Tensor, size: tuple[int, int], mode: str | Callable = "bicubic") -> torch.Tensor:
+    """x (B, C, H, W) on the grid ``size`` = (H', W'); x itself when the grid already matches.
+
+    ``mode``: an ``F.interpolate`` mode ('bicubic', 'bilinear', 'nearest', 'area') with
+    align_corners=False, or a callable (x, size) -> tensor.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if callable(mode):
+        return mode(x, size)
+    kw = {} if mode in ("nearest", "area", "nearest-exact") else {"align_corners": False}
+    return F.interpolate(x, size=tuple(size), mode=mode, **kw)
+
+
+def _is_fusable(refiner: nn.Module) -> bool:
+    conv = getattr(refiner, "out_conv", None)
+    return (callable(getattr(refiner, "forward_features", None)) and isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and conv.padding in ((0, 0), "valid"))
+
+
+class IRNO(nn.Module):
+    """Iterative Refinement Neural Operator.
+
+    Args:
+        base: any module x (B, Cx, h, w) -> y (B, Cy, H, W) (FNO, TFNO, WDSR, a neuraloperator model...).
+        refiner: Phi, a module cat(x~, h) (B, Cx + Cy, H, W) -> (B, Cy, H, W). None builds the paper's
+            :class:`irno.models.UNetRefiner` (depth 4, width 16) with ``refiner_kwargs``.
+        alpha: step size (0.2).
+        K: refinement steps in training and the default of ``forward`` (6).
+        freeze_base: keep the base in eval mode with ``requires_grad=False`` and run it under no_grad
+            (True, the paper's setting). False trains the base jointly.
+        in_channels, out_channels: Cx and Cy; read from ``base.in_channels`` / ``base.out_channels``
+            when not given (needed only to build the default refiner).
+        resample_mode: how x is brought to h's grid ('bicubic'; see :func:`resample`).
+        checkpoint: recompute each step's activations in backward (gradient checkpointing) so that
+            training memory grows by one h per step instead of one U-Net's activations per step.
+        fused: use ``irno_kernels.refine_update`` (Phi's last 1x1 conv fused into the update) when the
+            refiner exposes ``forward_features`` and a 1x1 ``out_conv``; otherwise, or with False,
+            ``irno_kernels.residual_update`` on Phi's output.
+        refiner_kwargs: keywords for the default UNetRefiner (e.g. ``padding="zero"``).
+
+    ``model.train()`` never puts a frozen base in train mode.
+    """
+
+    def __init__(self, base: nn.Module, refiner: nn.Module | None = None, alpha: float = 0.2, K: int = 6,
+                 freeze_base: bool = True, *, in_channels: int | None = None,
+                 out_channels: int | None = None, resample_mode: str | Callable = "bicubic",
+                 checkpoint: bool = False, fused: bool = True, refiner_kwargs: dict | None = None):
+        super().__init__()
+        if K < 0:
+            raise ValueError(f"K: expected >= 0, got {K}")
+        self.base = base
+        self.alpha, self.K = float(alpha), int(K)
+        self.freeze_base = freeze_base
+        self.resample_mode = resample_mode
+        self.checkpoint = checkpoint
+        self.fused = fused
+        self.in_channels = in_channels if in_channels is not None else getattr(base, "in_channels", None)
+        self.out_channels = out_channels if out_channels is not None else getattr(base, "out_channels", None)
+        if refiner is None:
+            if self.in_channels is None or self.out_channels is None:
+                raise ValueError("in_channels, out_channels: the base has no in_channels/out_channels "
+                                 "attributes; pass them (or a refiner) to build the default U-Net refiner")
+            from irno.models.unet import UNetRefiner
+
+            refiner = UNetRefiner(self.in_channels + self.out_channels, self.out_channels,
+                                  **(refiner_kwargs or {}))
+        self.refiner = refiner
+        if freeze_base:
+            for p in self.base.parameters():
+                p.requires_grad_(False)
+            self.base.eval()
+
+    # -----------------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_base:
+            self.base.eval()
+        return self
+
+    def refiner_parameters(self):
+        """The parameters to optimise (the refiner's; also the base's when it is not frozen)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    @property
+    def uses_fused_update(self) -> bool:
+        return self.fused and _is_fusable(self.refiner)
+
+    # -----------------------------------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h_0 = T_base(x); under no_grad (and eval mode) when the base is frozen."""
+        if self.freeze_base:
+            if self.base.training:
+                self.base.eval()
+            with torch.no_grad():
+                return self.base(x)
+        return self.base(x)
+
+    def condition(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x resampled to h's grid: (B, Cx, h, w) -> (B, Cx, H, W)."""
+        return resample(x, h.shape[-2:], self.resample_mode)
+
+    def phi(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The correction Phi(x, h): x (B, Cx, h, w), h (B, Cy, H, W) -> (B, Cy, H, W). The refiner's
+        own forward (no fused update), so forward-mode AD goes through it wherever the refiner's
+        ops support it."""
+        return self.refiner(torch.cat([self.condition(x, h), h], dim=1))
+
+    def update(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The map G(h) = h + alpha * Phi(x, h) in plain PyTorch (for analysis)."""
+        return h + self.alpha * self.phi(x, h)
+
+    def step(self, xr: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """One refinement step on the output grid: xr (B, Cx, H, W) already resampled, h (B, Cy, H, W).
+
+        ``inplace`` (inference only) writes h_{k+1} into h.
+        """
+        inp = torch.cat([xr, h], dim=1)
+        if self.uses_fused_update:
+            z = self.refiner.forward_features(inp)
+            conv = self.refiner.out_conv
+            weight, bias = conv.weight, conv.bias
+            if z.dtype != h.dtype or weight.dtype != h.dtype:  # e.g. features in bf16 under autocast
+                z, weight = z.to(h.dtype), weight.to(h.dtype)
+                bias = None if bias is None else bias.to(h.dtype)
+            fn = irno_kernels.refine_update_ if inplace else irno_kernels.refine_update
+            return fn(h, z, weight, bias, self.alpha)
+        phi = self.refiner(inp)
+        fn = irno_kernels.residual_update_ if inplace else irno_kernels.residual_update
+        return fn(h, phi.to(h.dtype), self.alpha)
+
+    # -----------------------------------------------------------------------------------------
+    def refine(self, x: torch.Tensor, h0: torch.Tensor, steps: int | None = None,
+               return_trajectory: bool = False):
+        """Refine a given initial estimate h0 (B, Cy, H, W) of the answer to x (B, Cx, h, w).
+
+        Works for any h0, e.g. another base's output (transfer). Returns h_steps (B, Cy, H, W), or the
+        list [h_0, ..., h_steps] with ``return_trajectory`` (h_0 is h0 itself). steps defaults to K.
+        """
+        steps = self.K if steps is None else int(steps)
+        if steps < 0:
+            raise ValueError(f"steps: expected >= 0, got {steps}")
+        xr = self.condition(x, h0)
+        grad = torch.is_grad_enabled()
+        traj = [h0]
+        h = h0
+        # inference without a trajectory: update one private buffer in place
+        inplace = not grad and not return_trajectory and steps > 0
+        if inplace:
+            h = h0.clone()
+        for _ in range(steps):
+            if inplace:
+                self.step(xr, h, inplace=True)
+            elif self.checkpoint and grad:
+                h = _checkpoint(self.step, xr, h, use_reentrant=False)
+            else:
+                h = self.step(xr, h)
+            if return_trajectory:
+                traj.append(h)
+        return traj if return_trajectory else h
+
+    def forward(self, x: torch.Tensor, steps: int | None = None, return_trajectory: bool = False):
+        """x (B, Cx, h, w) -> h_steps (B, Cy, H, W) (steps defaults to K), or [h_0, ..., h_steps].
+
+        steps=0 returns the base's output itself.
+        """
+        return self.refine(x, self.base_forward(x), steps, return_trajectory)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, K={self.K}, freeze_base={self.freeze_base}, "
+                f"fused={self.uses_fused_update}, checkpoint={self.checkpoint}")

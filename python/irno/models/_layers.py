@@ -1,0 +1,162 @@
+"""Small building blocks shared by the models: channel MLPs, skips, grid embedding, padding.
+
+Every layer here is pointwise in space or builds its own coordinates from the input's shape, so
+the models that use them run on any grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "PADDING_MODES", "conv_padding_mode", "pad_mode", "pad_to_multiple", "crop",
+    "ChannelMLP", "SoftGating", "make_skip", "GridEmbedding2D", "ChannelLayerNorm",
+]
+
+#: user-facing boundary names -> the ``padding_mode`` of ``nn.Conv2d``
+PADDING_MODES = {
+    "periodic": "circular",
+    "circular": "circular",
+    "zero": "zeros",
+    "zeros": "zeros",
+    "replicate": "replicate",
+    "reflect": "reflect",
+}
+
+
+def conv_padding_mode(padding: str) -> str:
+    """The ``nn.Conv2d`` padding_mode for a boundary name (periodic / zero / replicate / reflect)."""
+    try:
+        return PADDING_MODES[padding]
+    except KeyError:
+        raise ValueError(f"padding: expected one of {sorted(PADDING_MODES)}, got {padding!r}") from None
+
+
+def pad_mode(padding: str) -> str:
+    """The ``F.pad`` mode for a boundary name."""
+    return {"circular": "circular", "zeros": "constant", "replicate": "replicate",
+            "reflect": "reflect"}[conv_padding_mode(padding)]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, padding: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad the last two dims of x (B, C, H, W) at the bottom/right up to multiples of ``multiple``.
+
+    Returns the padded tensor and the original (H, W) for :func:`crop`. The pad values follow the
+    boundary condition (periodic wraps around, zero pads zeros, replicate repeats the edge).
+    """
+    H, W = x.shape[-2:]
+    ph, pw = (-H) % multiple, (-W) % multiple
+    if ph == 0 and pw == 0:
+        return x, (H, W)
+    mode = pad_mode(padding)
+    if mode == "circular" and (ph > H or pw > W):
+        # F.pad's circular mode wraps at most once; tile first for grids smaller than the pad
+        reps = (1 + math.ceil(ph / H), 1 + math.ceil(pw / W))
+        return x.repeat(1, 1, *reps)[..., : H + ph, : W + pw], (H, W)
+    if mode == "reflect" and (ph >= H or pw >= W):
+        mode = "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (H, W)
+
+
+def crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Keep the top-left ``size`` = (H, W) of the last two dims."""
+    return x[..., : size[0], : size[1]]
+
+
+class ChannelMLP(nn.Module):
+    """A pointwise MLP over channels: ``n_layers`` 1x1 convolutions with a nonlinearity between them.
+
+    (B, in_channels, *spatial) -> (B, out_channels, *spatial). ``layers[-1]`` is the output
+    projection; ``hidden(x)`` returns what enters it.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int | None = None,
+                 n_layers: int = 2, non_linearity: Callable[[torch.Tensor], torch.Tensor] = F.gelu,
+                 dropout: float = 0.0, n_dim: int = 2):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers: expected >= 1, got {n_layers}")
+        hidden_channels = hidden_channels or in_channels
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n_dim]
+        widths = [in_channels] + [hidden_channels] * (n_layers - 1) + [out_channels]
+        self.layers = nn.ModuleList(conv(a, b, 1) for a, b in zip(widths[:-1], widths[1:]))
+        self.non_linearity = non_linearity
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything but the last layer: the features the output projection reads."""
+        for layer in self.layers[:-1]:
+            x = self.dropout(self.non_linearity(layer(x)))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[-1](self.hidden(x))
+
+
+class SoftGating(nn.Module):
+    """Per-channel scaling x * w (w initialised to 1): neuraloperator's 'soft-gating' skip."""
+
+    def __init__(self, channels: int, n_dim: int = 2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, channels, *([1] * n_dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def make_skip(kind: str | None, in_channels: int, out_channels: int, n_dim: int = 2) -> nn.Module | None:
+    """A skip connection: 'linear' (1x1 conv, no bias), 'identity', 'soft-gating' or None."""
+    if kind is None:
+        return None
+    if kind == "linear":
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n_dim]
+        return conv(in_channels, out_channels, 1, bias=False)
+    if kind in ("identity", "soft-gating"):
+        if in_channels != out_channels:
+            raise ValueError(f"skip {kind!r} needs in_channels == out_channels, got {in_channels} and "
+                             f"{out_channels}")
+        return nn.Identity() if kind == "identity" else SoftGating(out_channels, n_dim)
+    raise ValueError(f"skip: expected 'linear', 'identity', 'soft-gating' or None, got {kind!r}")
+
+
+class GridEmbedding2D(nn.Module):
+    """Append the coordinates of each grid point as two channels: (B, C, H, W) -> (B, C + 2, H, W).
+
+    Channel C is the coordinate along H, channel C + 1 along W, each ``linspace(lo, hi, n + 1)[:-1]``
+    (a periodic grid: the right end is the left end). Built from the input's shape at every call,
+    so the embedding is the same function at every resolution.
+    """
+
+    def __init__(self, boundaries: Sequence[Sequence[float]] = ((0.0, 1.0), (0.0, 1.0))):
+        super().__init__()
+        self.boundaries = [tuple(map(float, b)) for b in boundaries]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        (y0, y1), (x0, x1) = self.boundaries
+        gy = torch.linspace(y0, y1, H + 1, device=x.device, dtype=x.dtype)[:-1]
+        gx = torch.linspace(x0, x1, W + 1, device=x.device, dtype=x.dtype)[:-1]
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij"))  # (2, H, W)
+        return torch.cat([x, grid.expand(B, 2, H, W)], dim=1)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dim of (B, C, *spatial), independently at every grid point."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).square().mean(dim=1, keepdim=True)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)

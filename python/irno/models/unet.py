@@ -1,0 +1,96 @@
+"""The paper's refinement operator Phi: a U-Net over cat(x, h_k) that returns a correction for h_k.
+
+    depth 4, base width 16: encoder widths 16-32-64-128, bottleneck 256
+    block   = 2 x (3x3 conv -> LayerNorm over channels -> GELU)
+    down    = 2x2 max-pool
+    up      = bilinear x2 upsampling -> 3x3 conv (halves the width), concat with the skip, block
+    output  = 1x1 conv, xavier-uniform gain 0.1, zero bias (Phi starts near 0: h_1 ~ h_0)
+
+Boundaries are a keyword (periodic as in the released code, zero or replicate for open domains).
+Grids that are not multiples of 2^depth are padded at the bottom/right up to one (with the same
+boundary rule) and cropped back, so any H x W works (e.g. 33 x 47).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irno.models._layers import ChannelLayerNorm, conv_padding_mode, crop, pad_to_multiple
+
+__all__ = ["UNetRefiner", "ConvBlock"]
+
+
+class ConvBlock(nn.Module):
+    """2 x (3x3 conv -> channel LayerNorm -> GELU): (B, cin, H, W) -> (B, cout, H, W)."""
+
+    def __init__(self, cin: int, cout: int, padding_mode: str = "circular", kernel_size: int = 3):
+        super().__init__()
+        layers = []
+        for a in (cin, cout):
+            layers += [nn.Conv2d(a, cout, kernel_size, padding=kernel_size // 2, padding_mode=padding_mode),
+                       ChannelLayerNorm(cout), nn.GELU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class UNetRefiner(nn.Module):
+    """Phi: (B, in_channels, H, W) -> (B, out_channels, H, W), any H and W.
+
+    Args:
+        in_channels: channels of the refiner's input, i.e. channels of x plus channels of h.
+        out_channels: channels of the correction (= channels of h).
+        depth: number of 2x2 poolings (4).
+        width: channels of the first level; level i has width * 2^i, the bottleneck width * 2^depth.
+        padding: boundary of the 3x3 convs and of the alignment padding: 'periodic' (default, as the
+            released code), 'zero', 'replicate' or 'reflect'.
+        out_gain: xavier-uniform gain of the output 1x1 conv (0.1); its bias starts at 0.
+
+    ``forward_features(x)`` -> (B, width, H, W) is the input of ``out_conv`` (the 1x1 output conv),
+    so ``forward(x) == out_conv(forward_features(x))``; IRNO fuses ``out_conv`` into the update.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, depth: int = 4, width: int = 16,
+                 padding: str = "periodic", out_gain: float = 0.1):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth: expected >= 1, got {depth}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.depth, self.width, self.padding = depth, width, padding
+        mode = conv_padding_mode(padding)
+        widths = [width * 2 ** i for i in range(depth + 1)]  # last one is the bottleneck
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths[:-1]:
+            self.down.append(ConvBlock(cin, w, mode))
+            cin = w
+        self.bottleneck = ConvBlock(widths[-2], widths[-1], mode)
+        self.up_convs = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(depth)):
+            self.up_convs.append(nn.Conv2d(widths[i + 1], widths[i], 3, padding=1, padding_mode=mode))
+            self.up_blocks.append(ConvBlock(2 * widths[i], widths[i], mode))
+        self.out_conv = nn.Conv2d(width, out_channels, 1)
+        nn.init.xavier_uniform_(self.out_conv.weight, gain=out_gain)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> (B, width, H, W): the features the output 1x1 conv reads."""
+        x, size = pad_to_multiple(x, 2 ** self.depth, self.padding)
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for up_conv, block, skip in zip(self.up_convs, self.up_blocks, reversed(skips)):
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = block(torch.cat([skip, up_conv(x)], dim=1))
+        return crop(x, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> (B, out_channels, H, W)."""
+        return self.out_conv(self.forward_features(x))

@@ -1,0 +1,255 @@
+"""irno.IRNO: the frozen base, the refinement recurrence, fused vs plain update, transfer,
+super-resolution conditioning, gradient checkpointing, and a neuraloperator base."""
+
+import irno
+import pytest
+import torch
+import torch.nn.functional as F
+from irno import FNO, IRNO, WDSR, FNORefiner, UNetRefiner
+from irno.irno import resample
+from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors on shared cores: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _base():
+    torch.manual_seed(0)
+    return FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+
+
+def _model(**kw):
+    base = _base()
+    if "refiner" not in kw:
+        kw["refiner"] = UNetRefiner(3, 1, depth=2, width=4)
+    return IRNO(base, **kw)
+
+
+def _bump(refiner, scale=0.5):
+    """Make the refiner's output O(1) so that steps differ visibly (it starts near 0 by design)."""
+    with torch.no_grad():
+        refiner.out_conv.weight.mul_(1 / 0.1 * scale)
+        refiner.out_conv.bias.fill_(0.05)
+
+
+def test_defaults_and_default_refiner():
+    m = IRNO(_base())
+    assert (m.alpha, m.K, m.freeze_base) == (0.2, 6, True)
+    assert isinstance(m.refiner, UNetRefiner)
+    assert (m.refiner.in_channels, m.refiner.out_channels, m.refiner.depth, m.refiner.width) == (3, 1, 4, 16)
+    assert m.uses_fused_update
+    m2 = IRNO(_base(), refiner_kwargs={"padding": "zero", "depth": 2})
+    assert m2.refiner.padding == "zero" and m2.refiner.depth == 2
+    with pytest.raises(ValueError, match="in_channels"):
+        IRNO(nn.Identity())
+    assert isinstance(IRNO(nn.Identity(), in_channels=1, out_channels=1).refiner, UNetRefiner)
+
+
+def test_base_is_frozen_and_stays_in_eval():
+    m = _model()
+    assert not any(p.requires_grad for p in m.base.parameters())
+    assert all(p.requires_grad for p in m.refiner.parameters())
+    assert set(map(id, m.refiner_parameters())) == set(map(id, m.refiner.parameters()))
+    m.train()
+    assert m.training and m.refiner.training and not m.base.training
+    assert not any(mod.training for mod in m.base.modules())
+    h = m(torch.randn(2, 2, 16, 16), steps=2)
+    assert h.requires_grad  # through the refiner
+    h0 = m.base_forward(torch.randn(2, 2, 16, 16))
+    assert not h0.requires_grad
+
+
+def test_steps_zero_is_the_base_exactly():
+    m = _model()
+    x = torch.randn(2, 2, 16, 16)
+    with torch.no_grad():
+        ref = m.base(x)
+    torch.testing.assert_close(m(x, steps=0), ref, rtol=0, atol=0)
+    traj = m(x, steps=0, return_trajectory=True)
+    assert len(traj) == 1 and torch.equal(traj[0], ref)
+
+
+def test_recurrence_and_trajectory():
+    m = _model(alpha=0.3, K=3)
+    _bump(m.refiner)
+    x = torch.randn(2, 2, 12, 20)
+    traj = m(x, return_trajectory=True)
+    assert len(traj) == 4
+    h = m.base(x)
+    for k in range(3):
+        h = h + 0.3 * m.refiner(torch.cat([x, h], dim=1))
+        torch.testing.assert_close(traj[k + 1], h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m(x), traj[-1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(traj[1], traj[0])
+    torch.testing.assert_close(m(x, steps=5), m(x, steps=5, return_trajectory=True)[-1])
+
+
+def test_fused_and_plain_updates_agree():
+    fused = _model(K=3)
+    _bump(fused.refiner)
+    plain = _model(K=3, fused=False)
+    plain.refiner.load_state_dict(fused.refiner.state_dict())
+    assert fused.uses_fused_update and not plain.uses_fused_update
+    x = torch.randn(2, 2, 16, 16)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-6)
+    fused(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for a, b in zip(fused.refiner.parameters(), plain.refiner.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item())
+
+
+def test_any_module_refiner_uses_residual_update():
+    torch.manual_seed(0)
+    refiner = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 1, 3, padding=1))
+    m = IRNO(_base(), refiner, K=2)
+    assert not m.uses_fused_update
+    x = torch.randn(1, 2, 8, 8)
+    h0 = m.base(x)
+    h1 = h0 + 0.2 * refiner(torch.cat([x, h0], 1))
+    h2 = h1 + 0.2 * refiner(torch.cat([x, h1], 1))
+    torch.testing.assert_close(m(x), h2, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_in_place_path_matches_autograd_path():
+    m = _model(K=4)
+    _bump(m.refiner)
+    m.eval()
+    x = torch.randn(2, 2, 16, 16)
+    with_grad = m(x)
+    with torch.no_grad():
+        no_grad = m(x)
+    with torch.inference_mode():
+        inf = m(x)
+    torch.testing.assert_close(no_grad, with_grad.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inf, no_grad)
+    # refine() must not write into the caller's h0
+    h0 = torch.randn(2, 1, 16, 16)
+    keep = h0.clone()
+    with torch.no_grad():
+        m.refine(x, h0, steps=3)
+    assert torch.equal(h0, keep)
+
+
+def test_refine_any_initial_estimate_transfer():
+    m = _model(K=2)
+    _bump(m.refiner)
+    x = torch.randn(2, 2, 16, 16)
+    torch.testing.assert_close(m.refine(x, m.base(x)), m(x))
+    other = FNO(n_modes=(3, 3), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1)
+    with torch.no_grad():
+        h0 = other(x)
+    traj = m.refine(x, h0, steps=2, return_trajectory=True)
+    assert traj[0] is h0 and len(traj) == 3
+    with pytest.raises(ValueError, match="steps"):
+        m.refine(x, h0, steps=-1)
+
+
+def test_super_resolution_base_and_resampled_input():
+    torch.manual_seed(0)
+    base = WDSR(in_channels=1, out_channels=1, scale=4, n_features=4, n_resblocks=1)
+    m = IRNO(base, K=2, refiner_kwargs={"depth": 2, "width": 4})
+    assert m.refiner.in_channels == 2
+    x = torch.randn(2, 1, 6, 5)
+    y = m(x)
+    assert y.shape == (2, 1, 24, 20)
+    xr = m.condition(x, y)
+    torch.testing.assert_close(xr, F.interpolate(x, size=(24, 20), mode="bicubic", align_corners=False))
+    m_bilinear = IRNO(base, m.refiner, K=2, resample_mode="bilinear")
+    assert not torch.allclose(m_bilinear.condition(x, y), xr)
+    assert resample(x, (6, 5)) is x
+    nearest = x.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    torch.testing.assert_close(resample(x, (12, 10), mode="nearest"), nearest)
+    torch.testing.assert_close(resample(x, (3, 3), mode=lambda t, s: t[..., : s[0], : s[1]]), x[..., :3, :3])
+
+
+def _saved_numel(fn):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_checkpointing_same_gradients_flat_memory(fused):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 16, 16)
+    y = torch.randn(2, 1, 16, 16)
+    grads, saved = {}, {}
+    for ckpt in (False, True):
+        m = _model(K=4, checkpoint=ckpt, fused=fused)
+        _bump(m.refiner)
+        m.train()
+        out, saved[ckpt, 4] = _saved_numel(lambda m=m: m(x))
+        F.mse_loss(out, y).backward()
+        grads[ckpt] = [p.grad.clone() for p in m.refiner.parameters()]
+        _, saved[ckpt, 8] = _saved_numel(lambda m=m: m(x, steps=8))
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    h_numel = y.numel() + x.numel()
+    # without checkpointing each step stores the U-Net's activations; with it, about h and x per step
+    per_step_plain = (saved[False, 8] - saved[False, 4]) / 4
+    per_step_ckpt = (saved[True, 8] - saved[True, 4]) / 4
+    assert per_step_ckpt <= 2 * h_numel < per_step_plain / 5
+
+
+def test_unfrozen_base_trains():
+    m = _model(freeze_base=False, K=1)
+    m.train()
+    assert m.base.training
+    m(torch.randn(1, 2, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in m.base.parameters())
+
+
+def test_fno_refiner_fused():
+    torch.manual_seed(0)
+    r = FNORefiner(3, 1, n_modes=3, hidden_channels=4, n_layers=1)
+    m = IRNO(_base(), r, K=2)
+    assert m.uses_fused_update
+    x = torch.randn(1, 2, 8, 8)
+    plain = IRNO(m.base, r, K=2, fused=False)
+    torch.testing.assert_close(m(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_public_names():
+    for name in irno.__all__:
+        assert hasattr(irno, name), name
+    assert "IRNO" in repr(IRNO) and "fused=True" in _model().extra_repr()
+
+
+def test_neuraloperator_fno_as_base():
+    neuralop = pytest.importorskip("neuralop")
+    torch.manual_seed(0)
+    base = neuralop.models.FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    m = IRNO(base, K=2, refiner_kwargs={"depth": 2, "width": 4})
+    assert m.refiner.in_channels == 3
+    x = torch.randn(2, 2, 16, 16)
+    with torch.no_grad():
+        ref = base(x)
+    torch.testing.assert_close(m(x, steps=0), ref)
+    out = m(x)
+    assert out.shape == (2, 1, 16, 16)
+    out.sum().backward()
+    assert not any(p.requires_grad for p in base.parameters())
+    assert all(p.grad is not None for p in m.refiner.parameters())
+
+
+def test_tfno_base_reuses_its_cached_weight_during_training():
+    torch.manual_seed(0)
+    base = irno.TFNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    m = IRNO(base, UNetRefiner(3, 1, depth=2, width=4), K=2)
+    m.train()
+    x = torch.randn(1, 2, 8, 8)
+    m(x).sum().backward()
+    m(x).sum().backward()
+    assert [c.n_reconstructions for c in base.convs] == [1, 1]  # frozen base: rebuilt once, then cached

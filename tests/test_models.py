@@ -1,0 +1,374 @@
+"""irno.models: spectral convs, FNO, TFNO (and its weight cache), WDSR, the U-Net and FNO refiners."""
+
+import math
+
+import pytest
+import torch
+from irno.models import (
+    FNO,
+    TFNO,
+    WDSR,
+    ChannelLayerNorm,
+    ChannelMLP,
+    ConvBlock,
+    FNORefiner,
+    GridEmbedding2D,
+    SoftGating,
+    SpectralConv2d,
+    TuckerSpectralConv2d,
+    UNetRefiner,
+    WDSRBlock,
+    tucker_ranks,
+)
+from irno.models._layers import conv_padding_mode, crop, make_skip, pad_to_multiple
+from irno.models.fno import effective_modes
+from torch import nn
+
+import irno_kernels
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors on shared cores: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _spectral_ref(x, w):
+    """y = irfft2(Mix(rfft2(x))) written out, for the weight layout (Cin, Cout, 2*m1, m2)."""
+    B, _, H, W = x.shape
+    m1, m2 = w.shape[2] // 2, w.shape[3]
+    X = torch.fft.rfft2(x, norm=irno_kernels.FFT_NORM)
+    out = torch.zeros(B, w.shape[1], H, W // 2 + 1, dtype=X.dtype)
+    out[:, :, :m1, :m2] = torch.einsum("bixy,ioxy->boxy", X[:, :, :m1, :m2], w[:, :, :m1])
+    out[:, :, H - m1:, :m2] = torch.einsum("bixy,ioxy->boxy", X[:, :, H - m1:, :m2], w[:, :, m1:])
+    return torch.fft.irfft2(out, s=(H, W), norm=irno_kernels.FFT_NORM)
+
+
+def _smooth(n, c=1, b=1):
+    g = torch.arange(n) / n * 2 * math.pi
+    Y, X = torch.meshgrid(g, g, indexing="ij")
+    f = torch.sin(X) + 0.5 * torch.cos(2 * Y + X) + 0.2 * torch.sin(3 * Y)
+    return f.expand(b, c, n, n).clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# spectral conv
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 3, 12, 9)])
+def test_spectral_conv_matches_written_out_fft(shape):
+    torch.manual_seed(0)
+    conv = SpectralConv2d(3, 4, (4, 3))
+    assert conv.weight.shape == (3, 4, 8, 3) and conv.weight.dtype == torch.cfloat
+    x = torch.randn(*shape)
+    torch.testing.assert_close(conv(x), _spectral_ref(x, conv.weight.detach()), rtol=1e-4, atol=1e-5)
+
+
+def test_spectral_conv_coarse_grid_uses_existing_modes():
+    torch.manual_seed(0)
+    conv = SpectralConv2d(2, 2, (8, 8))
+    x = torch.randn(1, 2, 8, 6)
+    assert effective_modes(conv.n_modes, 8, 6) == (4, 4)
+    w = conv.weight.detach()
+    w_kept = torch.cat([w[:, :, :4, :4], w[:, :, 12:, :4]], dim=2)
+    torch.testing.assert_close(conv(x), _spectral_ref(x, w_kept), rtol=1e-4, atol=1e-5)
+
+
+def test_spectral_conv_gradients_reach_weight():
+    conv = SpectralConv2d(2, 2, 3)
+    conv(torch.randn(2, 2, 8, 8)).square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# FNO
+# ---------------------------------------------------------------------------------------------
+def _small_fno(**kw):
+    kw = {"n_modes": (6, 6), "in_channels": 1, "out_channels": 2, "hidden_channels": 8, "n_layers": 2, **kw}
+    return FNO(**kw)
+
+
+def test_fno_shapes_and_neuralop_names():
+    torch.manual_seed(0)
+    f = _small_fno()
+    assert (f.in_channels, f.out_channels, f.hidden_channels, f.n_layers, f.n_modes) == (1, 2, 8, 2, (6, 6))
+    x = torch.randn(3, 1, 20, 24)
+    y = f(x)
+    assert y.shape == (3, 2, 20, 24)
+    torch.testing.assert_close(f.out_conv(f.forward_features(x)), y)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in f.parameters() if p.requires_grad)
+
+
+def test_fno_default_width_and_parameters():
+    f = FNO(in_channels=4, out_channels=1)  # width 32, 12 modes, 4 layers (DESIGN 8: about 1.2M)
+    n = sum(p.numel() for p in f.parameters())  # complex entries count once, as torch counts them
+    assert 1.1e6 < n < 1.3e6
+
+
+def test_fno_resolution_independent_64_to_128():
+    torch.manual_seed(0)
+    f = FNO(n_modes=(8, 8), in_channels=1, out_channels=1, hidden_channels=8, n_layers=2).eval()
+    with torch.no_grad():
+        lo, hi = f(_smooth(64)), f(_smooth(128))
+    assert hi.shape == (1, 1, 128, 128)
+    # the same function sampled twice as finely: on the shared points the outputs agree
+    assert ((hi[..., ::2, ::2] - lo).norm() / lo.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("kw", [
+    {"positional_embedding": None},
+    {"use_channel_mlp": False},
+    {"fno_skip": "identity", "channel_mlp_skip": "linear"},
+    {"fno_skip": None, "channel_mlp_skip": None},
+    {"fno_skip": "soft-gating", "channel_mlp_skip": "identity"},
+    {"lifting_channel_ratio": 0, "projection_channel_ratio": 1},
+    {"domain_padding": 0.25},
+    {"domain_padding": (0.25, 0.1), "domain_padding_mode": "symmetric"},
+])
+def test_fno_options(kw):
+    f = _small_fno(**kw)
+    assert f(torch.randn(2, 1, 12, 10)).shape == (2, 2, 12, 10)
+
+
+def test_fno_domain_padding_changes_the_answer_on_open_domains():
+    torch.manual_seed(0)
+    f = _small_fno(positional_embedding=None)
+    x = torch.randn(1, 1, 16, 16)
+    y0 = f(x)
+    f.domain_padding = (0.25, 0.25)
+    assert not torch.allclose(f(x), y0)
+
+
+def test_fno_bad_arguments():
+    with pytest.raises(ValueError, match="n_modes"):
+        FNO(n_modes=(0, 4))
+    with pytest.raises(ValueError, match="factorization"):
+        FNO(factorization="cp")
+    with pytest.raises(ValueError, match="positional_embedding"):
+        FNO(positional_embedding="sine")
+    with pytest.raises(ValueError, match="skip"):
+        FNO(fno_skip="gated")
+
+
+def test_fno_refiner_starts_near_zero_and_is_fusable():
+    torch.manual_seed(0)
+    r = FNORefiner(3, 2, n_modes=4, hidden_channels=8, n_layers=2)
+    assert r.positional_embedding is None and torch.all(r.out_conv.bias == 0)
+    fan_in, fan_out = r.out_conv.in_channels, r.out_conv.out_channels
+    assert r.out_conv.weight.abs().max() <= 0.1 * math.sqrt(6 / (fan_in + fan_out))  # xavier gain 0.1
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(r.out_conv(r.forward_features(x)), r(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# TFNO
+# ---------------------------------------------------------------------------------------------
+def test_tucker_ranks():
+    shape = (8, 8, 12, 6)
+    ranks = tucker_ranks(shape, 0.1)
+    n_params = math.prod(ranks) + sum(s * r for s, r in zip(shape, ranks))
+    assert n_params <= 0.1 * math.prod(shape)
+    full = tucker_ranks(shape, 1.0)  # as many parameters as the dense tensor, not more
+    assert math.prod(full) + sum(s * r for s, r in zip(shape, full)) <= math.prod(shape)
+    assert all(r > q for r, q in zip(full, ranks))
+    assert tucker_ranks(shape, (2, 3, 4, 100)) == (2, 3, 4, 6)
+    with pytest.raises(ValueError):
+        tucker_ranks(shape, 1.5)
+
+
+def test_tucker_conv_equals_dense_conv_of_its_reconstruction():
+    torch.manual_seed(0)
+    t = TuckerSpectralConv2d(4, 3, (3, 3), rank=0.5)
+    assert t.weight.shape == (4, 3, 6, 3)
+    d = SpectralConv2d(4, 3, (3, 3))
+    with torch.no_grad():
+        d.weight.copy_(t.reconstruct())
+    x = torch.randn(2, 4, 10, 10)
+    torch.testing.assert_close(t(x), d(x), rtol=1e-4, atol=1e-5)
+    # the reconstructed weight has roughly the dense init's scale
+    assert 0.3 < t.reconstruct().abs().pow(2).mean().sqrt().item() / math.sqrt(2 / 7) < 3
+
+
+def test_tfno_forward_and_factor_gradients():
+    torch.manual_seed(0)
+    f = TFNO(n_modes=(4, 4), in_channels=1, out_channels=1, hidden_channels=8, n_layers=2)
+    assert all(isinstance(c, TuckerSpectralConv2d) for c in f.convs)
+    dense = sum(p.numel() for p in _small_fno(n_modes=(4, 4), out_channels=1).convs.parameters())
+    assert sum(p.numel() for p in f.convs.parameters()) < 0.2 * dense
+    f(torch.randn(2, 1, 12, 12)).sum().backward()
+    assert all(c.core.grad is not None and all(u.grad is not None for u in c.factors) for c in f.convs)
+
+
+def test_tfno_frozen_weight_cache():
+    torch.manual_seed(0)
+    f = TFNO(n_modes=(4, 4), in_channels=1, out_channels=1, hidden_channels=8, n_layers=2)
+    conv = f.convs[0]
+    x = torch.randn(1, 1, 12, 12)
+
+    # train mode: rebuilt every call, nothing cached
+    f.train()
+    with torch.no_grad():
+        f(x), f(x)
+    assert conv.n_reconstructions == 2 and not conv.cached
+
+    # frozen (eval + no grad): rebuilt once, reused
+    f.eval()
+    with torch.no_grad():
+        y1 = f(x)
+        y2 = f(x)
+    assert conv.n_reconstructions == 3 and conv.cached
+    torch.testing.assert_close(y1, y2)
+
+    # eval with grad on: no cache (gradients must reach the factors)
+    f(x)
+    assert conv.n_reconstructions == 4 and not conv.cached
+    with torch.no_grad():
+        f(x)
+    assert conv.n_reconstructions == 5
+
+    # an in-place change of the factors (optimizer step, load_state_dict) invalidates the cache
+    with torch.no_grad():
+        conv.core.mul_(2.0)
+        y3 = f(x)
+    assert conv.n_reconstructions == 6 and not torch.allclose(y3, y1)
+    with torch.no_grad():
+        f(x)
+    assert conv.n_reconstructions == 6
+
+    # train() drops the cache
+    f.train()
+    assert not conv.cached
+    f.eval()
+    conv.clear_cache()
+    assert not conv.cached
+
+
+# ---------------------------------------------------------------------------------------------
+# WDSR
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [2, 4, 8, 16])
+def test_wdsr_scales(scale):
+    m = WDSR(in_channels=2, out_channels=1, scale=scale, n_features=4, n_resblocks=1)
+    assert m(torch.randn(1, 2, 3, 5)).shape == (1, 1, 3 * scale, 5 * scale)
+
+
+def test_wdsr_default_recipe():
+    m = WDSR(in_channels=1, scale=8)
+    assert len(m.body) == 18 and m.out_channels == 1
+    block = m.body[0]
+    assert isinstance(block, WDSRBlock) and block.res_scale == 0.1
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    assert convs[0].out_channels == 32
+    assert block.body[0].out_channels == 128  # expansion 4
+    assert all(hasattr(c, "parametrizations") and hasattr(c.parametrizations, "weight") for c in convs)
+    assert isinstance(m.tail[-1], nn.PixelShuffle) and m.tail[-1].upscale_factor == 8
+
+
+@pytest.mark.parametrize("padding", ["zero", "periodic", "replicate", "reflect"])
+def test_wdsr_padding(padding):
+    m = WDSR(1, scale=2, n_features=4, n_resblocks=1, padding=padding)
+    assert all(c.padding_mode == conv_padding_mode(padding) for c in m.modules() if isinstance(c, nn.Conv2d))
+    assert m(torch.randn(1, 1, 6, 6)).shape == (1, 1, 12, 12)
+    with pytest.raises(ValueError):
+        WDSR(1, scale=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# U-Net refiner
+# ---------------------------------------------------------------------------------------------
+def test_unet_recipe_and_parameter_count():
+    u = UNetRefiner(2, 1)
+    assert u.depth == 4 and u.width == 16 and u.padding == "periodic"
+    widths = [b.net[0].out_channels for b in u.down] + [u.bottleneck.net[0].out_channels]
+    assert widths == [16, 32, 64, 128, 256]
+    block = u.down[0].net
+    assert [type(m) for m in block] == [nn.Conv2d, ChannelLayerNorm, nn.GELU] * 2
+    convs3 = [m for m in u.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs3) == 2 * 4 + 2 + 4 * 3 and all(m.padding_mode == "circular" for m in convs3)
+    assert u.out_conv.kernel_size == (1, 1) and torch.all(u.out_conv.bias == 0)
+    # xavier-uniform gain 0.1: bound = 0.1 * sqrt(6 / (16 + 1))
+    assert u.out_conv.weight.abs().max() <= 0.1 * math.sqrt(6 / 17)
+    # 2.16M parameters with in=2, out=1 (DESIGN 8 reports "2.2M" for the published U-Net)
+    assert sum(p.numel() for p in u.parameters()) == 2_161_505
+
+
+@pytest.mark.parametrize("padding", ["periodic", "zero", "replicate"])
+@pytest.mark.parametrize("hw", [(33, 47), (16, 16), (5, 3)])
+def test_unet_any_grid(padding, hw):
+    torch.manual_seed(0)
+    u = UNetRefiner(3, 2, depth=3, width=4, padding=padding)
+    x = torch.randn(2, 3, *hw)
+    y = u(x)
+    assert y.shape == (2, 2, *hw)
+    torch.testing.assert_close(u.out_conv(u.forward_features(x)), y)
+    assert u.forward_features(x).shape == (2, 4, *hw)
+
+
+def test_unet_starts_near_zero_and_trains():
+    torch.manual_seed(0)
+    u = UNetRefiner(2, 1, depth=2, width=8)
+    x = torch.randn(2, 2, 16, 16)
+    y = u(x)
+    assert y.abs().mean() < 0.3  # features are LayerNorm-ed (O(1)); the 0.1-gain output keeps Phi small
+    y.sum().backward()
+    assert all(p.grad is not None for p in u.parameters())
+
+
+def test_unet_padding_modes_differ():
+    torch.manual_seed(0)
+    a = UNetRefiner(1, 1, depth=2, width=4, padding="periodic")
+    b = UNetRefiner(1, 1, depth=2, width=4, padding="zero")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 1, 12, 12)
+    assert not torch.allclose(a(x), b(x))
+    with pytest.raises(ValueError, match="padding"):
+        UNetRefiner(1, 1, padding="mirror")
+
+
+# ---------------------------------------------------------------------------------------------
+# small layers
+# ---------------------------------------------------------------------------------------------
+def test_layers():
+    x = torch.randn(2, 3, 5, 7)
+    assert GridEmbedding2D()(x).shape == (2, 5, 5, 7)
+    g = GridEmbedding2D()(torch.zeros(1, 0, 4, 2))
+    torch.testing.assert_close(g[0, 0, :, 0], torch.tensor([0.0, 0.25, 0.5, 0.75]))
+    torch.testing.assert_close(g[0, 1, 0], torch.tensor([0.0, 0.5]))
+    mlp = ChannelMLP(3, 4, 6, n_layers=3)
+    assert mlp(x).shape == (2, 4, 5, 7) and len(mlp.layers) == 3
+    torch.testing.assert_close(mlp.layers[-1](mlp.hidden(x)), mlp(x))
+    ln = ChannelLayerNorm(3)(x)
+    torch.testing.assert_close(ln.mean(1), torch.zeros(2, 5, 7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ln, torch.nn.functional.layer_norm(x.movedim(1, -1), (3,)).movedim(-1, 1),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(SoftGating(3)(x), x)
+    assert make_skip(None, 3, 3) is None
+    with pytest.raises(ValueError):
+        make_skip("identity", 3, 4)
+    assert isinstance(ConvBlock(3, 4).net[0], nn.Conv2d)
+
+
+@pytest.mark.parametrize("padding", ["periodic", "zero", "replicate", "reflect"])
+def test_pad_to_multiple_and_crop(padding):
+    x = torch.arange(15.0).view(1, 1, 3, 5)
+    p, size = pad_to_multiple(x, 4, padding)
+    assert p.shape == (1, 1, 4, 8) and size == (3, 5)
+    torch.testing.assert_close(crop(p, size), x)
+    if padding == "periodic":
+        torch.testing.assert_close(p[..., 3, :5], x[..., 0, :])
+    if padding == "zero":
+        assert torch.all(p[..., 3, :] == 0)
+    small, _ = pad_to_multiple(torch.ones(1, 1, 1, 2), 16, padding)
+    assert small.shape == (1, 1, 16, 16)
+
+
+def test_spectral_conv_half_precision_input():
+    conv = SpectralConv2d(2, 2, 3)
+    x = torch.randn(1, 2, 8, 8)
+    y = conv(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), conv(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+    assert conv(x.double()).dtype == torch.float64
