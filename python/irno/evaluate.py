@@ -76,9 +76,7 @@ def score_trajectory(traj: torch.Tensor, y: torch.Tensor, field_names: list[str]
     for h in traj:
         for name, fn in METRICS.items():
             out["metrics"][name].append(metrics.summarize(fn(h, y), field_names))
-        a = metrics.acc(h, y, climatology=clim)
-        out["metrics"]["acc"].append({"mean": float(a.mean()), **{
-            (field_names[i] if field_names else f"field{i}"): float(v) for i, v in enumerate(a.flatten())}})
+        out["metrics"]["acc"].append(metrics.summarize(metrics.acc(h, y, climatology=clim), field_names))
     ratio = metrics.spectral_error_ratio(list(traj), y)  # (n+1, N, C, bands)
     out["spectral_ratio"] = ratio.flatten(1, 2).median(dim=1).values.tolist()
     out["spectral_bands"] = ["low", "mid", "high"]

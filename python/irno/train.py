@@ -232,7 +232,8 @@ class Trainer:
         seen = 0
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}",
-                   disable=not self.cfg.progress or self.rank != 0, leave=False, dynamic_ncols=True)
+                   disable=None if (self.cfg.progress and self.rank == 0) else True,  # None: off when not a TTY
+                   leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(loader):
             if i >= self.steps_per_epoch:
                 break

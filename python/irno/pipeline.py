@@ -1,0 +1,479 @@
+"""The main job, step by step: data -> base operator -> IRNO -> evaluation -> report.
+
+Each step is a function of one config dict (see configs/*.yaml); ``irno.cli`` exposes them as
+``irno generate | train-base | train | evaluate | demo``. A run folder holds:
+
+    base/best, base/last      checkpoints of the base (safetensors + config.json)
+    irno/best, irno/last      checkpoints of IRNO (its refiner and the frozen base inside)
+    control/best              the base trained further for IRNO's training time (the control)
+    metrics.json, report.md, figures/
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+DEFAULTS: dict = {
+    "run_dir": "runs/demo",
+    "seed": 0,
+    "device": "auto",
+    "threads": None,
+    "data": {
+        "kind": "navier_stokes",  # or "well" (Well-layout HDF5 files)
+        "root": "data/navier_stokes",  # navier_stokes: cache root; well: data set root with data/<split>/
+        "navier_stokes": {},  # NavierStokesConfig overrides
+        "n_steps_input": 4,
+        "n_steps_output": 1,
+        "fields": None,
+        "task": "next_step",  # or "super_resolution": x = antialiased bicubic downsampling of y
+        "scale": 4,  # super-resolution factor
+        "boundary": "periodic",  # super-resolution downsampling boundary: periodic | none
+    },
+    "base": {
+        "model": "fno",  # fno | tfno | wdsr
+        "kwargs": {"n_modes": [12, 12], "hidden_channels": 32, "n_layers": 4},
+        "loss": "l2",  # relative L2 (LpLoss) | h1 | mse
+        "train": {"epochs": 30, "batch_size": 16, "lr": 1e-3, "weight_decay": 1e-5, "lr_min": 1e-6,
+                  "grad_clip": 1.0, "time_budget_s": None, "patience": None},
+    },
+    "irno": {
+        "alpha": 0.2,
+        "K": 6,
+        "refiner": {"kind": "unet", "width": 16, "depth": 4, "padding": "periodic"},
+        "loss": {"beta_s": 1.0, "beta_fp": 0.01, "fp_warmup_epochs": 5, "spectral_mode": "magnitude",
+                 "f0": 0.5, "lam_min": 1.0, "lam_max": 2.0},
+        "checkpoint": False,
+        "train": {"epochs": 10, "batch_size": 16, "lr": 3e-4, "weight_decay": 1e-5, "lr_min": 1e-6,
+                  "grad_clip": 1.0, "time_budget_s": None, "patience": None},
+    },
+    "evaluate": {"extra_steps": 6, "batch_size": 32, "split": "test"},
+    "control": {"enabled": True},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+def merge(base: dict, over: dict) -> dict:
+    """Recursive dict update (returns a new dict)."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def set_dotted(cfg: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML: numbers, lists, null, true)."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ValueError(f"override: expected key.path=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    node = cfg
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """DEFAULTS, updated by a YAML file, updated by ``key.path=value`` overrides."""
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config: no such file {p}")
+        cfg = merge(cfg, yaml.safe_load(p.read_text()) or {})
+    for a in overrides or []:
+        set_dotted(cfg, a)
+    return cfg
+
+
+def device_of(cfg: dict) -> torch.device:
+    d = cfg.get("device", "auto")
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(d)
+
+
+def _setup(cfg: dict) -> torch.device:
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    return device_of(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+class _SuperRes(torch.utils.data.Dataset):
+    """SuperResolutionDataset with the source's channel names and normalisation passed through."""
+
+    def __init__(self, source, scale: int, boundary: str):
+        from irno.data import SuperResolutionDataset
+
+        self.inner = SuperResolutionDataset(source, scale=scale, boundary=boundary)
+        self.channel_names = list(source.channel_names)
+        self.normalization = source.normalization
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
+
+
+def datasets(cfg: dict, progress: bool = True) -> dict:
+    """{split: dataset of (x, y)} for the configured data (generated and cached when built-in)."""
+    d = cfg["data"]
+    task = d.get("task", "next_step")
+    if task == "next_step":
+        return _next_step_datasets(d, progress)
+    if task == "super_resolution":
+        frames = _next_step_datasets({**d, "n_steps_input": 1, "n_steps_output": 0}, progress)
+        return {k: _SuperRes(v, int(d.get("scale", 4)), d.get("boundary", "periodic")) for k, v in frames.items()}
+    raise ValueError(f"data.task: expected 'next_step' or 'super_resolution', got {task!r}")
+
+
+def _next_step_datasets(d: dict, progress: bool) -> dict:
+    from irno.data import NavierStokesConfig, WellDataset
+    from irno.data.navier_stokes import navier_stokes_datasets
+
+    if d["kind"] == "navier_stokes":
+        ns = NavierStokesConfig(**(d.get("navier_stokes") or {}))
+        return navier_stokes_datasets(d["root"], ns, d["n_steps_input"], d["n_steps_output"], progress=progress)
+    if d["kind"] == "well":
+        out = {}
+        for split in ("train", "valid", "test"):
+            try:
+                out[split] = WellDataset(d["root"], d["n_steps_input"], d["n_steps_output"], fields=d.get("fields"),
+                                         normalization="train", split=split)
+            except FileNotFoundError:
+                if split == "train":
+                    raise
+        return out
+    raise ValueError(f"data.kind: expected 'navier_stokes' or 'well', got {d['kind']!r}")
+
+
+def _scale(cfg: dict) -> int:
+    d = cfg.get("data") or {}
+    return int(d.get("scale", 4)) if d.get("task") == "super_resolution" else 1
+
+
+def _channels(ds) -> tuple[int, int]:
+    x, y = ds[0]
+    return x.shape[0], y.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+class UpsampleThen(torch.nn.Module):
+    """Bicubic upsampling by ``scale`` followed by ``model``: an FNO/TFNO base for super-resolution."""
+
+    def __init__(self, model: torch.nn.Module, scale: int):
+        super().__init__()
+        self.model, self.scale = model, int(scale)
+        self.in_channels, self.out_channels = model.in_channels, model.out_channels
+
+    def forward(self, x):
+        x = torch.nn.functional.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return self.model(x)
+
+
+def build_base(spec: dict, in_channels: int, out_channels: int, scale: int = 1) -> torch.nn.Module:
+    """The base operator named by ``spec`` ({"model": fno|tfno|wdsr, "kwargs": {...}}).
+
+    ``scale`` > 1 (super-resolution): WDSR upsamples itself; an FNO/TFNO is preceded by bicubic
+    upsampling."""
+    from irno.models import FNO, TFNO, WDSR
+
+    kind, kw = spec["model"], dict(spec.get("kwargs") or {})
+    if kind in ("fno", "tfno"):
+        cls = FNO if kind == "fno" else TFNO
+        if "n_modes" in kw:
+            kw["n_modes"] = tuple(kw["n_modes"])
+        model = cls(in_channels=in_channels, out_channels=out_channels, **kw)
+        return UpsampleThen(model, scale) if scale > 1 else model
+    if kind == "wdsr":
+        return WDSR(in_channels=in_channels, out_channels=out_channels, scale=scale, **kw)
+    raise ValueError(f"base.model: expected 'fno', 'tfno' or 'wdsr', got {kind!r}")
+
+
+def build_irno(spec: dict, base: torch.nn.Module, in_channels: int, out_channels: int):
+    from irno import IRNO
+    from irno.models import FNORefiner, UNetRefiner
+
+    r = dict(spec.get("refiner") or {})
+    kind = r.pop("kind", "unet")
+    cin = in_channels + out_channels
+    if kind == "unet":
+        refiner = UNetRefiner(cin, out_channels, **r)
+    elif kind == "fno":
+        if "n_modes" in r:
+            r["n_modes"] = tuple(r["n_modes"])
+        refiner = FNORefiner(cin, out_channels, **r)
+    else:
+        raise ValueError(f"irno.refiner.kind: expected 'unet' or 'fno', got {kind!r}")
+    return IRNO(base, refiner, alpha=spec["alpha"], K=spec["K"], in_channels=in_channels, out_channels=out_channels,
+                checkpoint=bool(spec.get("checkpoint", False)))
+
+
+def _param_count(m: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+def _train_config(spec: dict, seed: int):
+    from irno.train import TrainConfig
+
+    t = {k: v for k, v in spec.items() if k in TrainConfig.__dataclass_fields__}
+    return TrainConfig(seed=seed, monitor="val_vrmse", **t)
+
+
+def _val_fn(ds, device, steps: int | None = None, batch_size: int = 32):
+    """Validation VRMSE of a base (steps None) or of an IRNO at ``steps``."""
+    from irno import metrics
+
+    loader = DataLoader(ds, batch_size=batch_size)
+
+    @torch.no_grad()
+    def val(model):
+        vals = []
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            p = model(x) if steps is None else model(x, steps=steps)
+            vals.append(metrics.vrmse(p, y).cpu())
+        return {"val_vrmse": float(torch.cat(vals).mean())}
+
+    return val
+
+
+def _base_loss(kind: str):
+    from irno.losses import H1Loss, LpLoss
+
+    fn = {"l2": LpLoss(d=2, p=2, reduction="mean"), "h1": H1Loss(d=2, reduction="mean"),
+          "mse": torch.nn.functional.mse_loss}.get(kind)
+    if fn is None:
+        raise ValueError(f"base.loss: expected 'l2', 'h1' or 'mse', got {kind!r}")
+
+    def loss(model, x, y, epoch):
+        val = fn(model(x), y)
+        return val, {}
+
+    return loss
+
+
+def train_base(cfg: dict, data: dict | None = None, resume: bool = False, out_name: str = "base",
+               init_from: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train the base operator; returns (model with the best weights, info)."""
+    from irno.checkpoint import load_checkpoint
+    from irno.train import Trainer
+
+    device = _setup(cfg)
+    data = data or datasets(cfg)
+    cin, cout = _channels(data["train"])
+    model = build_base(cfg["base"], cin, cout, _scale(cfg)).to(device)
+    if init_from is not None:
+        sd, _ = load_checkpoint(init_from, map_location=device)
+        model.load_state_dict(sd)
+    run = Path(cfg["run_dir"])
+    meta = {"kind": "base", "base": cfg["base"], "in_channels": cin, "out_channels": cout,
+            "normalization": data["train"].normalization.to_dict() if data["train"].normalization else None,
+            "data": cfg["data"], "channel_names": data["train"].channel_names}
+    trainer = Trainer(model, _base_loss(cfg["base"].get("loss", "l2")), data["train"],
+                      _val_fn(data.get("valid", data["train"]), device),
+                      _train_config(cfg["base"]["train"], cfg["seed"]), out_dir=run / out_name, model_config=meta,
+                      device=device)
+    t0 = time.perf_counter()
+    hist = trainer.fit(resume=resume)
+    wall = time.perf_counter() - t0
+    best = run / out_name / "best"
+    if best.exists():
+        sd, _ = load_checkpoint(best, map_location=device)
+        model.load_state_dict(sd)
+    return model, {"history": hist, "wall_s": wall, "train_s": trainer.elapsed, "params": _param_count(model),
+                   "best_val_vrmse": trainer.best_score}
+
+
+def load_base(folder: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    from irno.checkpoint import load_checkpoint
+
+    sd, meta = load_checkpoint(folder, map_location=device)
+    model = build_base(meta["base"], meta["in_channels"], meta["out_channels"], _scale(meta)).to(device)
+    model.load_state_dict(sd)
+    return model, meta
+
+
+def _irno_loss(spec: dict):
+    from irno.losses import IRNOLoss
+
+    lc = spec.get("loss") or {}
+    crit = IRNOLoss(K=spec["K"], beta_s=lc.get("beta_s", 1.0), beta_fp=lc.get("beta_fp", 0.01),
+                    fp_warmup_epochs=lc.get("fp_warmup_epochs", 5), lam_min=lc.get("lam_min", 1.0),
+                    lam_max=lc.get("lam_max", 2.0), f0=lc.get("f0", 0.5),
+                    spectral_mode=lc.get("spectral_mode", "magnitude"))
+
+    def loss(model, x, y, epoch):
+        total, parts = crit(model, x, y, epoch=epoch)
+        return total, {k: v for k, v in parts.items() if k in ("mse", "spec", "fp")}
+
+    return loss
+
+
+def train_irno(cfg: dict, base: torch.nn.Module, data: dict | None = None, resume: bool = False):
+    """Train IRNO's refiner on the frozen base; returns (model with the best weights, info)."""
+    from irno.checkpoint import load_checkpoint
+    from irno.train import Trainer
+
+    device = _setup(cfg)
+    data = data or datasets(cfg)
+    cin, cout = _channels(data["train"])
+    model = build_irno(cfg["irno"], base, cin, cout).to(device)
+    run = Path(cfg["run_dir"])
+    meta = {"kind": "irno", "base": cfg["base"], "irno": cfg["irno"], "in_channels": cin, "out_channels": cout,
+            "normalization": data["train"].normalization.to_dict() if data["train"].normalization else None,
+            "data": cfg["data"], "channel_names": data["train"].channel_names}
+    trainer = Trainer(model, _irno_loss(cfg["irno"]), data["train"],
+                      _val_fn(data.get("valid", data["train"]), device, steps=cfg["irno"]["K"]),
+                      _train_config(cfg["irno"]["train"], cfg["seed"]), out_dir=run / "irno", model_config=meta,
+                      device=device)
+    t0 = time.perf_counter()
+    hist = trainer.fit(resume=resume)
+    wall = time.perf_counter() - t0
+    best = run / "irno" / "best"
+    if best.exists():
+        sd, _ = load_checkpoint(best, map_location=device)
+        model.load_state_dict(sd)
+    return model, {"history": hist, "wall_s": wall, "train_s": trainer.elapsed,
+                   "params_refiner": _param_count(model.refiner), "best_val_vrmse": trainer.best_score}
+
+
+def load_irno(folder: str | Path, device="cpu"):
+    from irno.checkpoint import load_checkpoint
+
+    sd, meta = load_checkpoint(folder, map_location=device)
+    base = build_base(meta["base"], meta["in_channels"], meta["out_channels"], _scale(meta))
+    model = build_irno(meta["irno"], base, meta["in_channels"], meta["out_channels"]).to(device)
+    model.load_state_dict(sd)
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and the whole job
+# ---------------------------------------------------------------------------------------------
+def evaluate(cfg: dict, model, data: dict | None = None, refine_from=None) -> dict:
+    from irno.evaluate import evaluate_irno
+
+    device = _setup(cfg)
+    data = data or datasets(cfg)
+    ev = cfg["evaluate"]
+    ds = data.get(ev.get("split", "test")) or data["valid"]
+    loader = DataLoader(ds, batch_size=ev.get("batch_size", 32))
+    return evaluate_irno(model, loader, steps=model.K + ev.get("extra_steps", 6), device=device,
+                         field_names=ds.channel_names, refine_from=refine_from)
+
+
+def _sample_fields(model, ds, device, steps: int) -> dict:
+    x, y = ds[0]
+    with torch.no_grad():
+        traj = model(x[None].to(device), steps=steps, return_trajectory=True)
+    return {"x": x, "y": y, "trajectory": torch.stack([h[0].cpu() for h in traj])}
+
+
+def demo(cfg: dict, resume: bool = False) -> Path:
+    """The whole job: data, base, IRNO, control, evaluation, report. Returns the report's path."""
+    from irno import metrics
+
+    t_start = time.perf_counter()
+    device = _setup(cfg)
+    run = Path(cfg["run_dir"])
+    run.mkdir(parents=True, exist_ok=True)
+    print(f"[irno] run folder {run.resolve()}  device {device}  threads {torch.get_num_threads()}")
+    t0 = time.perf_counter()
+    data = datasets(cfg)
+    t_data = time.perf_counter() - t0
+    print(f"[irno] data ready in {t_data:.1f} s: " + ", ".join(f"{k} {len(v)} pairs" for k, v in data.items()))
+
+    print("[irno] training the base operator")
+    base, base_info = train_base(cfg, data, resume=resume)
+    print("[irno] training IRNO on the frozen base")
+    model, irno_info = train_irno(cfg, base, data, resume=resume)
+
+    controls = {}
+    test = data.get(cfg["evaluate"].get("split", "test")) or data["valid"]
+    loader = DataLoader(test, batch_size=cfg["evaluate"].get("batch_size", 32))
+
+    @torch.no_grad()
+    def test_vrmse(m):
+        m.eval()
+        vals = [metrics.vrmse(m(x.to(device)), y.to(device)).cpu() for x, y in loader]
+        return float(torch.cat(vals).mean())
+
+    base_v = test_vrmse(base)
+    controls["base"] = {"vrmse": base_v, "train_s": base_info["train_s"], "params": base_info["params"]}
+    if cfg.get("control", {}).get("enabled", True):
+        # the control: spend IRNO's training time on more base training (schedule restarted)
+        print(f"[irno] control: training the base for IRNO's training time ({irno_info['train_s']:.0f} s)")
+        ccfg = copy.deepcopy(cfg)
+        ccfg["base"]["train"]["time_budget_s"] = irno_info["train_s"]
+        ccfg["base"]["train"]["patience"] = None
+        ccfg["base"]["train"]["epochs"] = max(1, int(cfg["base"]["train"].get("epochs", 30)))
+        ctrl, ctrl_info = train_base(ccfg, data, out_name="control", init_from=run / "base" / "best")
+        controls["base + more training (IRNO's time)"] = {
+            "vrmse": test_vrmse(ctrl), "train_s": base_info["train_s"] + ctrl_info["train_s"],
+            "params": ctrl_info["params"]}
+
+    print("[irno] evaluating every step")
+    t0 = time.perf_counter()
+    results = evaluate(cfg, model, data)
+    t_eval = time.perf_counter() - t0
+    for c in controls.values():
+        c["flops"] = results.get("flops_base")
+    samples = _sample_fields(model, test, device, model.K + cfg["evaluate"].get("extra_steps", 6))
+    run_info = {
+        "config": cfg, "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "wall_s": {"data": t_data, "base": base_info["wall_s"], "irno": irno_info["wall_s"], "evaluate": t_eval,
+                   "total": time.perf_counter() - t_start},
+        "params": {"base": base_info["params"], "refiner": irno_info["params_refiner"]},
+        "base_history": base_info["history"], "irno_history": irno_info["history"],
+    }
+    try:
+        from irno.report import print_summary, write_report
+    except ImportError:  # report module not available: keep the raw numbers
+        path = run / "metrics.json"
+        path.write_text(json.dumps({"results": results, "controls": controls, "run_info": run_info}, default=str))
+        return path
+    report = write_report(run, {"IRNO": results}, run_info=run_info, controls=controls, samples=samples)
+    print(print_summary({"IRNO": results}))
+    total = time.perf_counter() - t_start
+    print(f"[irno] done in {total / 60:.1f} min; report: {Path(report).resolve()}")
+    return Path(report)
+
+
+def improvement(results: dict, metric: str = "vrmse") -> dict:
+    """Relative change of the mean metric at K, at 2K and at the best step vs the base (k = 0)."""
+    vals = [m["mean"] for m in results["metrics"][metric]]
+    K = results["K"]
+    base = vals[0]
+    best = min(range(len(vals)), key=lambda k: vals[k])
+    out = {"base": base, "at_K": vals[K], "best_step": best, "best": vals[best],
+           "change_at_K": vals[K] / base - 1, "monotone_to_K": all(vals[k + 1] <= vals[k] for k in range(K))}
+    if 2 * K < len(vals):
+        out["at_2K"] = vals[2 * K]
+        out["2K_over_min"] = vals[2 * K] / min(vals) - 1
+    out["finite"] = all(math.isfinite(v) for v in vals)
+    return out
