@@ -88,22 +88,38 @@ def available(op: str, backend: str, device: torch.device | str) -> bool:
     return False
 
 
-def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
+def has_tangent(tensors) -> bool:
+    """Whether any tensor carries a forward-mode AD tangent (inside ``forward_ad.dual_level()``)."""
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    return any(isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
+
+
+def resolve(op: str, device: torch.device | str, backend: str | None = None, tensors=()) -> str:
     """The backend that serves ``op`` for tensors on ``device``.
 
     ``backend`` (or else ``$IRNO_BACKEND``) forces one; ``None``/"auto" picks the fastest present.
+    The compiled and Triton kernels have no forward-mode AD formula: when ``tensors`` carry forward
+    tangents, "auto" picks the reference (which has one) and a forced kernel raises.
     """
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     device = torch.device(device)
     forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    dual = has_tangent(tensors)
     if forced is not None and forced != "auto":
         if forced not in BACKENDS:
             src = "backend" if backend is not None else ENV_VAR
             raise ValueError(f"{src}: expected one of {('auto',) + BACKENDS}, got {forced!r}")
         if not available(op, forced, device):
             raise RuntimeError(_absent_message(op, forced, device))
+        if dual and forced != "reference":
+            raise RuntimeError(f"irno backend {forced!r} has no forward-mode AD formula for {op}; use "
+                               f"backend='reference' (or the automatic choice) under torch.autograd.forward_ad")
         return forced
+    if dual:
+        return "reference"
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
         if available(op, name, device):

@@ -93,7 +93,7 @@ def _refuse_grad(name: str, *tensors) -> None:
 def residual_update(h: torch.Tensor, phi: torch.Tensor, alpha: float, *, backend: str | None = None):
     """h + alpha * phi, differentiable.  h, phi: (B, C, *spatial) -> (B, C, *spatial)."""
     alpha = _check_residual(h, phi, alpha)
-    impl = resolve("residual_update", h.device, backend)
+    impl = resolve("residual_update", h.device, backend, (h, phi))
     if impl == "reference":
         return residual_update_ref(h, phi, alpha)
     if impl == "triton":
@@ -122,7 +122,7 @@ def refine_update(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: 
     h: (B, Co, *S); z: (B, F, *S); weight: (Co, F) or (Co, F, 1, 1); bias: (Co,) or None.
     """
     weight, alpha = _check_refine(h, z, weight, bias, alpha)
-    impl = resolve("refine_update", h.device, backend)
+    impl = resolve("refine_update", h.device, backend, (h, z, weight, bias))
     if impl == "reference":
         return refine_update_ref(h, z, weight, bias, alpha)
     if impl == "triton":

@@ -213,3 +213,19 @@ def test_cuda_low_precision_error_within_twice_pytorch(dtype):
     err_ours = (ours.double() - exact).abs().max()
     err_torch = (torch_lp.double() - exact).abs().max()
     assert err_ours <= 2 * err_torch + 1e-6
+
+
+def test_forward_mode_ad_uses_the_reference():
+    """The compiled kernels have no forward-AD formula: auto falls back to the reference (exact
+    tangents); forcing a kernel under forward AD is an error, never a silent zero tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    h, z = torch.randn(2, 3, 5, 4, dtype=torch.float64), torch.randn(2, 4, 5, 4, dtype=torch.float64)
+    w, t = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, 5, 4, dtype=torch.float64)
+    with fwAD.dual_level():
+        out = ik.refine_update(h, fwAD.make_dual(z, t), w, None, 0.3)
+        tangent = fwAD.unpack_dual(out).tangent
+        torch.testing.assert_close(tangent, 0.3 * torch.einsum("of,bfhw->bohw", w, t))
+        if ik.HAS_C:
+            with pytest.raises(RuntimeError, match="no forward-mode AD formula"):
+                ik.residual_update(fwAD.make_dual(h, h), h, 0.3, backend="cpu")
