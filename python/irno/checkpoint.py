@@ -31,8 +31,9 @@ STATE = "state.pt"
 MARKER = "complete"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place atomically."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then move the file into place atomically (same folder, fsync, os.replace)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -52,7 +53,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,10 +98,10 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module | dict, co
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     atomic_write_text(folder / CONFIG, json.dumps(config or {}, indent=2, sort_keys=True, default=_json_default))
     if training_state is not None:
-        _atomic_write(folder / STATE, lambda tmp: torch.save(training_state, tmp))
+        atomic_write(folder / STATE, lambda tmp: torch.save(training_state, tmp))
     elif (folder / STATE).exists():
         (folder / STATE).unlink()
-    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(_state_dict_for_safetensors(state), tmp))
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(_state_dict_for_safetensors(state), tmp))
     atomic_write_text(marker, "ok\n")
     return folder
 

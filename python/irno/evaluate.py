@@ -7,7 +7,7 @@ a JSON-able dict:
     metrics[name]         per step: {"mean": .., "<field>": ..} for vrmse, nrmse, rfne, rel_l2, acc
     spectral_ratio        per step: median over samples of the binned error / base's (low, mid, high)
     radial_ratio          per step: median over samples and fields of the radial error spectrum ratio
-    time_base_s, time_step_s   wall time of one base call and of one refinement step (per batch)
+    time_base_s, time_step_s   wall time of one base call and of one refinement step, per sample
     flops_base, flops_step     FLOPs per sample (see irno.analysis.count_flops)
     contraction           local contraction factor at h_K and at y (median over a batch)
     bias_floor            per-sample ||Phi(x, y)|| vs error floor of a long run, and Pearson r
