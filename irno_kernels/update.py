@@ -110,6 +110,10 @@ def residual_update_(h: torch.Tensor, phi: torch.Tensor, alpha: float, *, backen
     impl = resolve("residual_update", h.device, backend)
     if impl in ("cpu", "cuda"):
         torch.ops.irno.residual_update_(h, phi, alpha)
+    elif impl == "triton":
+        from irno_kernels.triton import residual_update_ as tr
+
+        tr(h, phi, alpha)
     else:
         h.add_(phi, alpha=alpha)
     return h
@@ -140,6 +144,10 @@ def refine_update_(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias:
     impl = resolve("refine_update", h.device, backend)
     if impl in ("cpu", "cuda"):
         torch.ops.irno.refine_update_(h, z, weight, bias, alpha)
+    elif impl == "triton":
+        from irno_kernels.triton import refine_update_ as tr
+
+        tr(h, z, weight, bias, alpha)
     else:
         h.copy_(refine_update_ref(h, z, weight, bias, alpha))
     return h

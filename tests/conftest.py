@@ -1,7 +1,15 @@
 """Shared test settings: GPU tests (marker `gpu`) skip cleanly without CUDA; seeds are fixed."""
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through triton's interpreter; triton reads this
+# when it is imported, so it is set here, before any test module can import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -229,3 +229,16 @@ def test_forward_mode_ad_uses_the_reference():
         if ik.HAS_C:
             with pytest.raises(RuntimeError, match="no forward-mode AD formula"):
                 ik.residual_update(fwAD.make_dual(h, h), h, 0.3, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_inplace_every_backend_on_strided_h(backend):
+    if not ik.available("refine_update", backend, "cpu"):
+        pytest.skip(f"{backend} not available on cpu")
+    h = _rand((2, 3, 9, 11), torch.float32, "cpu", noncontig=True)
+    z, w, b = torch.randn(2, 4, 9, 11), torch.randn(3, 4), torch.randn(3)
+    want_r = ik.residual_update_ref(h, z[:, :3], 0.3)
+    want = ik.refine_update_ref(want_r, z, w, b, 0.2)
+    ik.residual_update_(h, z[:, :3], 0.3, backend=backend)
+    ik.refine_update_(h, z, w, b, 0.2, backend=backend)
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)

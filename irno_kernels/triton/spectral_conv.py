@@ -1,0 +1,255 @@
+"""Triton spectral mixing for spectral_conv2d (DESIGN section 3.1), forward and backward.
+
+    y = irfft2(Mix(rfft2(x, norm="forward")), s=(H, W), norm="forward")
+    Mix: S[b, o, kx, ky] = sum_i X[b, i, kx, ky] * Wt[i, o, kx, ky] on the kept modes, 0 elsewhere
+
+The mixing kernel reads the kept modes straight from the rfft2 output (a real view of it: triton
+takes no complex pointers) and writes straight into the output spectrum, which torch has zeroed;
+there is no gathered or zero-padded copy. One program owns a block of consecutive ky modes of one
+kept row, a block of the batch and a block of output channels, and accumulates the complex
+products over the input channels as fp32 (fp64 for fp64 data) outer products.
+
+Backward, with Gy = rfft2(grad_y, norm="backward") (the adjoint of the "forward"-normalised
+irfft2 is this transform with the non-edge columns doubled, and the adjoint of rfft2 is irfft2
+with them halved; for grad_x the two factors cancel):
+
+    grad_x      = irfft2(Mix^H(Gy), s=(H, W), norm="backward"),  Mix^H: sum_o Gy * conj(Wt[i, o])
+    grad_weight = c(ky) * sum_b conj(X[b, i]) * Gy[b, o]          c = 2 on non-edge columns, else 1
+
+(PyTorch's convention for complex gradients, grad = dL/dRe + i dL/dIm.) The weight gradient sums
+over the batch inside one program: deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from irno_kernels.spectral_conv import FFT_NORM
+from irno_kernels.triton._lib import INTERPRET, launch, pow2, register
+
+__all__ = ["spectral_conv2d"]
+
+if FFT_NORM != "forward":  # the backward's transforms below are the adjoints for this normalisation only
+    raise ImportError(f"irno_kernels.triton.spectral_conv is written for FFT_NORM='forward', got {FFT_NORM!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _spectral_mix_kernel(
+    a_ptr, w_ptr, out_ptr,
+    B, CI, CO, H, Wr, M1, M2,
+    ws_i, ws_o, ws_r, ws_c,
+    n_mb, n_bb, n_ob,
+    CONJ_W: tl.constexpr, IS_F64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """out[b, o, kx, ky] = sum_i a[b, i, kx, ky] * w[i, o, r, ky] (conj(w) with CONJ_W) for one
+    block of (ky, b, o); r is the weight row of spectrum row kx.
+
+    a: (B, CI, H, Wr, 2) and out: (B, CO, H, Wr, 2) contiguous real views of spectra; w: a real
+    view with strides (ws_i, ws_o, ws_r, ws_c) for (in, out, row, col), imaginary part at +1.
+    """
+    pid = tl.program_id(0)
+    ob = pid % n_ob
+    rest = pid // n_ob
+    bb = rest % n_bb
+    rest = rest // n_bb
+    mb = rest % n_mb
+    r = rest // n_mb
+    kx = tl.where(r < M1, r, H - 2 * M1 + r)
+    ky = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+    o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+    kmask = ky < M2
+    a_mask = kmask[:, None] & (b < B)[None, :]
+    w_mask = kmask[:, None] & (o < CO)[None, :]
+    acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
+    acc_re = tl.zeros((BLOCK_M, BLOCK_B, BLOCK_O), dtype=acc_ty)
+    acc_im = tl.zeros((BLOCK_M, BLOCK_B, BLOCK_O), dtype=acc_ty)
+    plane = H * Wr * 2
+    # (ky, b) offsets of a for input channel 0, and (ky, o) offsets of the weight
+    a_off = b[None, :] * (CI * plane) + kx * (Wr * 2) + ky[:, None] * 2
+    w_off = o[None, :] * ws_o + r * ws_r + ky[:, None] * ws_c
+    for i in range(CI):
+        ar = tl.load(a_ptr + a_off + i * plane, mask=a_mask, other=0.0).to(acc_ty)
+        ai = tl.load(a_ptr + a_off + i * plane + 1, mask=a_mask, other=0.0).to(acc_ty)
+        wr = tl.load(w_ptr + w_off + i * ws_i, mask=w_mask, other=0.0).to(acc_ty)
+        wi = tl.load(w_ptr + w_off + i * ws_i + 1, mask=w_mask, other=0.0).to(acc_ty)
+        if CONJ_W:
+            wi = -wi
+        ar3 = ar[:, :, None]
+        ai3 = ai[:, :, None]
+        wr3 = wr[:, None, :]
+        wi3 = wi[:, None, :]
+        acc_re += ar3 * wr3 - ai3 * wi3
+        acc_im += ar3 * wi3 + ai3 * wr3
+    out_off = (b[None, :, None] * CO + o[None, None, :]) * plane + kx * (Wr * 2) + ky[:, None, None] * 2
+    mask = kmask[:, None, None] & (b < B)[None, :, None] & (o < CO)[None, None, :]
+    tl.store(out_ptr + out_off, acc_re.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_off + 1, acc_im.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _spectral_mix_grad_w_kernel(
+    x_ptr, g_ptr, gw_ptr,
+    B, CI, CO, H, W, Wr, M1, M2,
+    n_mb, n_ib, n_ob,
+    IS_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """gw[i, o, r, ky] = c(ky) * sum_b conj(x[b, i, kx, ky]) * g[b, o, kx, ky] for one block of
+    (ky, i, o); x: (B, CI, H, Wr, 2), g: (B, CO, H, Wr, 2), gw: (CI, CO, 2*M1, M2, 2), contiguous."""
+    pid = tl.program_id(0)
+    ob = pid % n_ob
+    rest = pid // n_ob
+    ib = rest % n_ib
+    rest = rest // n_ib
+    mb = rest % n_mb
+    r = rest // n_mb
+    kx = tl.where(r < M1, r, H - 2 * M1 + r)
+    ky = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
+    o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+    kmask = ky < M2
+    x_mask = kmask[:, None] & (i < CI)[None, :]
+    g_mask = kmask[:, None] & (o < CO)[None, :]
+    acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
+    acc_re = tl.zeros((BLOCK_M, BLOCK_I, BLOCK_O), dtype=acc_ty)
+    acc_im = tl.zeros((BLOCK_M, BLOCK_I, BLOCK_O), dtype=acc_ty)
+    plane = H * Wr * 2
+    x_off = i[None, :] * plane + kx * (Wr * 2) + ky[:, None] * 2
+    g_off = o[None, :] * plane + kx * (Wr * 2) + ky[:, None] * 2
+    for b in range(B):
+        xr = tl.load(x_ptr + x_off + b * (CI * plane), mask=x_mask, other=0.0).to(acc_ty)
+        xi = -tl.load(x_ptr + x_off + b * (CI * plane) + 1, mask=x_mask, other=0.0).to(acc_ty)
+        gr = tl.load(g_ptr + g_off + b * (CO * plane), mask=g_mask, other=0.0).to(acc_ty)
+        gi = tl.load(g_ptr + g_off + b * (CO * plane) + 1, mask=g_mask, other=0.0).to(acc_ty)
+        xr3 = xr[:, :, None]
+        xi3 = xi[:, :, None]
+        gr3 = gr[:, None, :]
+        gi3 = gi[:, None, :]
+        acc_re += xr3 * gr3 - xi3 * gi3
+        acc_im += xr3 * gi3 + xi3 * gr3
+    # non-edge rfft columns stand for a conjugate pair: the adjoint of irfft2 counts them twice
+    c = tl.where((ky == 0) | (2 * ky == W), 1.0, 2.0)[:, None, None]
+    gw_off = ((i[None, :, None] * CO + o[None, None, :]) * (2 * M1) + r) * (M2 * 2) + ky[:, None, None] * 2
+    mask = kmask[:, None, None] & (i < CI)[None, :, None] & (o < CO)[None, None, :]
+    tl.store(gw_ptr + gw_off, (acc_re * c).to(gw_ptr.dtype.element_ty), mask=mask)
+    tl.store(gw_ptr + gw_off + 1, (acc_im * c).to(gw_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations (fixed per shape class)
+# ---------------------------------------------------------------------------------------------
+def _mix_blocks(m2: int, rows: int, cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_ROWS, BLOCK_COLS): modes per program and a rows x cols tile of the
+    per-mode product; at most 4K complex accumulators per program on a GPU."""
+    if INTERPRET:  # as few programs as possible, each block under 2^16 elements
+        blocks = [pow2(m2), pow2(rows), pow2(cols)]
+        while blocks[0] * blocks[1] * blocks[2] > (1 << 16):
+            blocks[blocks.index(max(blocks))] //= 2
+        return tuple(blocks)
+    bc = min(pow2(cols), 32)
+    br = min(pow2(rows), 16)
+    bm = max(1, min(pow2(m2), 16, 4096 // (bc * br)))
+    return bm, br, bc
+
+
+def _mix_into(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, m1: int, m2: int,
+              conj_transpose: bool) -> None:
+    """out (B, CO, H, Wr) complex, zeroed = Mix(a) on the kept modes; with conj_transpose the weight
+    acts as conj(weight[i, o]) summed over o (a then has C_out channels, out C_in)."""
+    B, CI, H, Wr = a.shape
+    CO = out.shape[1]
+    wv = torch.view_as_real(weight.resolve_conj())
+    s_i, s_o, s_r, s_c = wv.stride(0), wv.stride(1), wv.stride(2), wv.stride(3)
+    if conj_transpose:
+        s_i, s_o = s_o, s_i
+    bm, bb, bo = _mix_blocks(m2, B, CO)
+    n_mb, n_bb, n_ob = triton.cdiv(m2, bm), triton.cdiv(B, bb), triton.cdiv(CO, bo)
+    launch(_spectral_mix_kernel, (2 * m1 * n_mb * n_bb * n_ob,),
+           torch.view_as_real(a), wv, torch.view_as_real(out),
+           B, CI, CO, H, Wr, m1, m2, s_i, s_o, s_r, s_c, n_mb, n_bb, n_ob,
+           CONJ_W=conj_transpose, IS_F64=a.dtype == torch.complex128,
+           BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------------------------
+def _forward_fake(x, weight):
+    B, _, H, W = x.shape
+    return x.new_empty((B, weight.shape[1], H, W)), x.new_empty((B, x.shape[1], H, W // 2 + 1), dtype=weight.dtype)
+
+
+@register("spectral_conv2d", _forward_fake)
+def _spectral_conv2d_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, _, H, W = (int(s) for s in x.shape)
+    CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
+    X = torch.fft.rfft2(x, norm=FFT_NORM).contiguous()
+    S = torch.zeros((B, CO, H, W // 2 + 1), dtype=X.dtype, device=x.device)
+    _mix_into(S, X, weight, m1, m2, conj_transpose=False)
+    return torch.fft.irfft2(S, s=(H, W), norm=FFT_NORM), X
+
+
+def _backward_fake(grad, X, weight, need_x, need_w):
+    B, CI, H, _ = X.shape
+    gx = grad.new_empty((B, CI, H, grad.shape[-1]) if need_x else (0,))
+    gw = weight.new_empty(weight.shape if need_w else (0,))
+    return gx, gw
+
+
+@register("spectral_conv2d_backward", _backward_fake)
+def _spectral_conv2d_backward_op(grad: torch.Tensor, X: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                                 need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    B, CI, H, Wr = (int(s) for s in X.shape)
+    W = int(grad.shape[-1])
+    CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
+    Gy = torch.fft.rfft2(grad, norm="backward").contiguous()
+    if need_x:
+        GX = torch.zeros((B, CI, H, Wr), dtype=X.dtype, device=X.device)
+        _mix_into(GX, Gy, weight, m1, m2, conj_transpose=True)
+        gx = torch.fft.irfft2(GX, s=(H, W), norm="backward")
+    else:
+        gx = grad.new_empty((0,))
+    if need_w:
+        gw = torch.empty((CI, CO, 2 * m1, m2), dtype=weight.dtype, device=weight.device)
+        bm, bi, bo = _mix_blocks(m2, CI, CO)
+        n_mb, n_ib, n_ob = triton.cdiv(m2, bm), triton.cdiv(CI, bi), triton.cdiv(CO, bo)
+        launch(_spectral_mix_grad_w_kernel, (2 * m1 * n_mb * n_ib * n_ob,),
+               torch.view_as_real(X), torch.view_as_real(Gy), torch.view_as_real(gw),
+               B, CI, CO, H, W, Wr, m1, m2, n_mb, n_ib, n_ob,
+               IS_F64=X.dtype == torch.complex128, BLOCK_M=bm, BLOCK_I=bi, BLOCK_O=bo, num_warps=4)
+    else:
+        gw = weight.new_empty((0,))
+    return gx, gw
+
+
+def _setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1], inputs[1])
+
+
+def _backward(ctx, grad, _grad_spectrum):
+    X, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    if grad is None or not (need_x or need_w):
+        return None, None
+    gx, gw = _spectral_conv2d_backward_op(grad, X, weight, need_x, need_w)
+    return (gx if need_x else None), (gw if need_w else None)
+
+
+_spectral_conv2d_op.register_autograd(_backward, setup_context=_setup)
+
+
+def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Spectral convolution y = irfft2(Mix(rfft2(x))), differentiable in x and weight.
+
+    x: (B, C_in, H, W) float32/float64; weight: (C_in, C_out, 2*m1, m2) complex64/complex128
+    -> (B, C_out, H, W). See irno_kernels.spectral_conv2d_ref.
+    """
+    return _spectral_conv2d_op(x, weight)[0]

@@ -1,0 +1,515 @@
+"""Triton kernels (irno_kernels.triton) against the references: forward and backward with one shared
+grad_output, both launch configurations, determinism, opcheck and torch.compile; GPU-only checks
+(bf16, strided paper-sized inputs, CUDA graphs, Inductor) are marked ``gpu``.
+
+Without CUDA, conftest sets TRITON_INTERPRET=1 and the kernels run on CPU tensors through triton's
+interpreter: float32/float64 only there (it computes bf16 wrongly), and tiny shapes, since its cost
+grows with the number of programs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+tr = pytest.importorskip("irno_kernels.triton")
+
+import irno_kernels as ik  # noqa: E402
+from irno_kernels import backend as bk  # noqa: E402
+from irno_kernels.spectrum import num_shells  # noqa: E402
+from irno_kernels.triton import spectral_conv as tr_conv  # noqa: E402
+from irno_kernels.triton import spectrum as tr_spec  # noqa: E402
+from irno_kernels.triton import update as tr_update  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not tr.INTERPRET:
+    pytest.skip("Triton needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported",
+                allow_module_level=True)
+
+ops = torch.ops.irno_triton
+gpu = pytest.mark.gpu
+FIELD_SHAPES = [(2, 3, 5, 7), (1, 2, 9, 12), (2, 1, 33, 47)]
+# float32 compares with an atol relative to the largest expected entry (sums reorder)
+TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-12)}
+COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def close(actual, expected, dtype=None, factor=1.0):
+    dtype = dtype or expected.dtype
+    rtol, atol = TOL[dtype.to_real() if dtype.is_complex else dtype]
+    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol * factor, atol=atol * factor * scale)
+
+
+def randn(*shape, dtype=torch.float32, strided=False, requires_grad=False, device=DEVICE):
+    """A random tensor; ``strided`` gives a transposed view (last two dims) of the same shape."""
+    if strided:
+        t = torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).transpose(-1, -2)
+    else:
+        t = torch.randn(*shape, dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
+
+
+def check_fwd_bwd(fast, ref, inputs, dtype, factor=1.0):
+    """Outputs and every input gradient of ``fast`` vs ``ref``, with one shared grad_output."""
+    out, want = fast(*inputs), ref(*inputs)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    close(out, want, dtype, factor)
+    grad = torch.randn_like(want)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = torch.autograd.grad(out, leaves, grad)
+    exp = torch.autograd.grad(want, leaves, grad)
+    for g, e in zip(got, exp):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        close(g, e, dtype, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------------------------
+def test_every_op_has_a_triton_kernel_and_the_backend_finds_it():
+    assert set(tr.OPS) == set(bk.OPS)
+    for op in tr.OPS:
+        assert ik.available(op, "triton", DEVICE)
+        assert bk.resolve(op, DEVICE, "triton") == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# update ops
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 33, 47), (2, 3, 7), (5,), (2, 3, 2, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strided", [False, True])
+def test_residual_update(shape, dtype, strided):
+    strided = strided and len(shape) >= 2
+    h = randn(*shape, dtype=dtype, strided=strided, requires_grad=True)
+    phi = randn(*shape, dtype=dtype, strided=strided, requires_grad=True)
+    check_fwd_bwd(lambda a, b: ik.residual_update(a, b, 0.2, backend="triton"),
+                  lambda a, b: ik.residual_update_ref(a, b, 0.2), (h, phi), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 33, 47), (2, 4, 9, 12), (2, 3, 7), (1, 2, 3, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_refine_update(shape, dtype, bias, strided):
+    B, Co, *S = shape
+    F = 5
+    h = randn(*shape, dtype=dtype, strided=strided, requires_grad=True)
+    z = randn(B, F, *S, dtype=dtype, strided=strided, requires_grad=True)
+    w = randn(Co, F, dtype=dtype, requires_grad=True)
+    b = randn(Co, dtype=dtype, requires_grad=True) if bias else None
+    check_fwd_bwd(lambda *a: ik.refine_update(*a, 0.3, backend="triton"),
+                  lambda *a: ik.refine_update_ref(*a, 0.3), (h, z, w, b), dtype, factor=10)
+
+
+def test_refine_update_grad_of_some_inputs_only():
+    h, z = randn(2, 3, 5, 7), randn(2, 4, 5, 7, requires_grad=True)
+    w, b = randn(3, 4, requires_grad=True), randn(3)
+    (gz, gw) = torch.autograd.grad(tr.refine_update(h, z, w, b, 0.5).sum(), (z, w))
+    (ez, ew) = torch.autograd.grad(ik.refine_update_ref(h, z, w, b, 0.5).sum(), (z, w))
+    close(gz, ez)
+    close(gw, ew, factor=10)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 3, 7), (1, 2, 3, 4, 5)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_in_place_forms(shape, strided):
+    B, Co, *S = shape
+    h = randn(*shape, strided=strided)
+    z, phi = randn(B, 4, *S, strided=strided), randn(*shape)
+    w, b = randn(Co, 4), randn(Co)
+    with torch.no_grad():
+        want = ik.refine_update_ref(h, z, w, b, 0.3)
+        ptr = h.data_ptr()
+        assert tr.refine_update_(h, z, w, b, 0.3) is h and h.data_ptr() == ptr
+        close(h, want)
+        want = ik.residual_update_ref(h, phi, 0.7)
+        assert tr.residual_update_(h, phi, 0.7) is h
+        close(h, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# spectrum ops
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", FIELD_SHAPES + [(1, 1, 16, 24), (1, 1, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radial_spectrum(shape, dtype):
+    x = randn(*shape, dtype=dtype, requires_grad=True)
+    check_fwd_bwd(lambda a: ik.radial_spectrum(a, backend="triton"), ik.radial_spectrum_ref, (x,), dtype)
+    with torch.no_grad():  # Parseval: the shells add up to the energy of the field
+        close(tr.radial_spectrum(x).sum(-1), x.square().sum((-2, -1)), dtype)
+
+
+def test_radial_spectrum_shells_match_shell_index():
+    """A field whose spectrum is 1 at one frequency puts its energy in that frequency's shell.
+    16x24 and 12x18 have half-way ties (round to even); at (1, 6) of 6x15 the float64 value is
+    6.500000000000001 (shell 7) but 6.5 (shell 6) if fy*fy + fx*fx is contracted into an fma, which
+    the kernels' launches switch off; 33x47 has odd sizes."""
+    for H, W in [(16, 24), (12, 18), (6, 15), (33, 47)]:
+        shells = ik.shell_index(H, W)
+        for ky, kx in [(1, 1), (1, 2), (1, 6), (H - 1, 2), (H // 2, W // 2), (3, 0), (H - 3, W // 2 - 1)]:
+            spec = torch.zeros(1, 1, H, W // 2 + 1, dtype=torch.complex128)
+            spec[0, 0, ky, kx] = 1.0
+            x = torch.fft.irfft2(spec, s=(H, W), norm="ortho").to(DEVICE)
+            assert tr.radial_spectrum(x)[0, 0].argmax().item() == shells[ky, kx].item()
+
+
+@pytest.mark.parametrize("shape", FIELD_SHAPES)
+@pytest.mark.parametrize("mode", ["magnitude", "error"])
+@pytest.mark.parametrize("lam", [1.0, 1.7, 0.0])
+def test_spectral_loss(shape, mode, lam):
+    pred = randn(*shape, requires_grad=True)
+    target = randn(*shape, strided=True, requires_grad=True)
+    check_fwd_bwd(lambda p, t: ik.spectral_loss(p, t, lam, 0.5, mode, backend="triton"),
+                  lambda p, t: ik.spectral_loss_ref(p, t, lam, 0.5, mode), (pred, target), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["magnitude", "error"])
+def test_spectral_loss_float64_and_pred_only(mode):
+    pred = randn(2, 3, 9, 12, dtype=torch.float64, requires_grad=True)
+    target = randn(2, 3, 9, 12, dtype=torch.float64)
+    check_fwd_bwd(lambda p, t: tr.spectral_loss(p, t, 1.4, 0.3, mode),
+                  lambda p, t: ik.spectral_loss_ref(p, t, 1.4, 0.3, mode), (pred, target), torch.float64)
+
+
+def test_spectral_loss_zero_modulus_gradient_is_zero_like_autograd():
+    """|P| = 0 at the zero frequency of a zero-mean field: autograd of abs gives 0 there."""
+    pred = randn(1, 2, 8, 8)
+    pred = (pred - pred.mean((-2, -1), keepdim=True)).requires_grad_()
+    target = randn(1, 2, 8, 8)
+    check_fwd_bwd(lambda p, t: tr.spectral_loss(p, t, 1.0), lambda p, t: ik.spectral_loss_ref(p, t, 1.0),
+                  (pred, target), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# spectral convolution
+# ---------------------------------------------------------------------------------------------
+CONV_CASES = [  # (B, C_in, C_out, H, W, m1, m2)
+    (2, 3, 4, 5, 7, 2, 3),
+    (1, 2, 3, 9, 12, 4, 7),  # 2*m1 < H; m2 = W//2+1 (every column, Nyquist included)
+    (2, 3, 2, 33, 47, 5, 6),
+    (1, 2, 2, 8, 6, 4, 4),  # 2*m1 = H: the two row blocks meet
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_conv2d(case, dtype):
+    B, Ci, Co, H, W, m1, m2 = case
+    x = randn(B, Ci, H, W, dtype=dtype, requires_grad=True)
+    w = randn(Ci, Co, 2 * m1, m2, dtype=COMPLEX[dtype], requires_grad=True)
+    check_fwd_bwd(lambda a, b: ik.spectral_conv2d(a, b, backend="triton"), ik.spectral_conv2d_ref, (x, w), dtype)
+
+
+def test_spectral_conv2d_strided_input_and_conjugate_weight():
+    x = randn(2, 3, 9, 12, strided=True, requires_grad=True)
+    base = randn(4, 3, 6, 5, dtype=torch.complex64)
+    w = base.transpose(0, 1).conj().requires_grad_()  # a transposed, lazily conjugated view
+    assert not w.is_contiguous() and w.is_conj()
+    check_fwd_bwd(tr.spectral_conv2d, ik.spectral_conv2d_ref, (x, w), torch.float32)
+
+
+def test_spectral_conv2d_grad_of_weight_only():
+    x, w = randn(2, 3, 9, 12), randn(3, 2, 4, 5, dtype=torch.complex64, requires_grad=True)
+    (gw,) = torch.autograd.grad(tr.spectral_conv2d(x, w).square().sum(), (w,))
+    (ew,) = torch.autograd.grad(ik.spectral_conv2d_ref(x, w).square().sum(), (w,))
+    close(gw, ew)
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU launch configurations, run through the interpreter
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU every test already runs the GPU configurations")
+def test_gpu_launch_configurations_under_the_interpreter(monkeypatch):
+    """The configurations chosen for a GPU (small blocks, several programs and chunks per plane,
+    shell windows) on shapes that need several of each."""
+    for mod in (tr_update, tr_spec, tr_conv):
+        monkeypatch.setattr(mod, "INTERPRET", False)
+    h, phi = randn(1, 2, 40, 30, requires_grad=True), randn(1, 2, 40, 30, requires_grad=True)
+    check_fwd_bwd(lambda a, b: tr.residual_update(a, b, 0.4), lambda a, b: ik.residual_update_ref(a, b, 0.4),
+                  (h, phi), torch.float32)
+    z, w, b = randn(1, 3, 100, 90, requires_grad=True), randn(2, 3, requires_grad=True), randn(2, requires_grad=True)
+    h = randn(1, 2, 100, 90, requires_grad=True)
+    check_fwd_bwd(lambda *a: tr.refine_update(*a, 0.4), lambda *a: ik.refine_update_ref(*a, 0.4),
+                  (h, z, w, b), torch.float32, factor=10)
+    x = randn(1, 1, 70, 100, requires_grad=True)  # 2 row chunks of 8x16 tiles, 4 blocks of 32 shells
+    assert tr_spec._radial_config(70, 100, num_shells(70, 100))["R_PAD"] // 32 == 4
+    check_fwd_bwd(tr.radial_spectrum, ik.radial_spectrum_ref, (x,), torch.float32)
+    y = randn(1, 1, 70, 100)
+    for mode in ("magnitude", "error"):
+        check_fwd_bwd(lambda p, t, m=mode: tr.spectral_loss(p, t, 1.5, 0.5, m),
+                      lambda p, t, m=mode: ik.spectral_loss_ref(p, t, 1.5, 0.5, m), (x, y), torch.float32)
+    x = randn(17, 2, 6, 16, requires_grad=True)  # 2 batch blocks
+    w = randn(2, 33, 2, 9, dtype=torch.complex64, requires_grad=True)  # 2 mode blocks, 2 channel blocks
+    check_fwd_bwd(tr.spectral_conv2d, ik.spectral_conv2d_ref, (x, w), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled path, without a GPU: every kernel through triton's compiler down to a cubin
+# ---------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from irno_kernels.triton import _lib, spectral_conv as C, spectrum as S, update as U
+    assert not _lib.INTERPRET
+    for mod in (C, S, U):
+        mod.INTERPRET = False  # the GPU launch configurations
+
+    def build(kernel, ptrs, consts, fusion=True):
+        sig = {}
+        for p in kernel.params:
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+            elif p.name in ptrs:
+                sig[p.name] = "*" + ptrs[p.name]
+            else:
+                sig[p.name] = p.annotation_type or "i32"
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": fusion})
+
+    f32 = dict(IS_F64=False)
+    build(U._residual_update_kernel, dict(h_ptr="fp32", phi_ptr="fp32", out_ptr="fp32"),
+          dict(HAS_H=True, BLOCK=1024, **f32))
+    build(U._refine_update_kernel, dict(h_ptr="bf16", z_ptr="bf16", w_ptr="bf16", bias_ptr="bf16", out_ptr="bf16"),
+          dict(HAS_H=True, HAS_BIAS=True, CO_PAD=4, BLOCK_N=U._projection_block(1 << 16, 4), **f32))
+    build(U._refine_update_wb_kernel, dict(g_ptr="fp32", z_ptr="fp32", pw_ptr="fp32", pb_ptr="fp32"),
+          dict(CO_PAD=4, F_PAD=16, BLOCK_N=U._reduction_config(1 << 16, 4)[0], **f32))
+    cfg = S._radial_config(128, 384, 273)
+    build(S._radial_spectrum_fwd_kernel, dict(x_ptr="fp32", part_ptr="fp32"),
+          dict(BH=cfg["BH"], BW=cfg["BW"], RW=cfg["RW"], R_PAD=cfg["R_PAD"], **f32), fusion=False)
+    build(S._radial_spectrum_bwd_kernel, dict(x_ptr="fp32", g_ptr="fp32", gx_ptr="fp32"),
+          dict(BLOCK=1024, **f32), fusion=False)
+    for err in (False, True):
+        build(S._spectral_loss_fwd_kernel, dict(p_ptr="fp32", y_ptr="fp32", part_ptr="fp32"),
+              dict(ERROR_MODE=err, BLOCK=1024, **f32))
+        build(S._spectral_loss_bwd_kernel, dict(p_ptr="fp32", y_ptr="fp32", g_ptr="fp32", gp_ptr="fp32", gy_ptr="fp32"),
+              dict(ERROR_MODE=err, NEED_Y=True, BLOCK=1024, **f32))
+    bm, bb, bo = C._mix_blocks(16, 16, 64)
+    for conj in (False, True):
+        build(C._spectral_mix_kernel, dict(a_ptr="fp32", w_ptr="fp32", out_ptr="fp32"),
+              dict(CONJ_W=conj, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, **f32))
+    build(C._spectral_mix_grad_w_kernel, dict(x_ptr="fp32", g_ptr="fp32", gw_ptr="fp32"),
+          dict(BLOCK_M=bm, BLOCK_I=bb, BLOCK_O=bo, **f32))
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the compiled kernels in every other test")
+def test_every_kernel_compiles_for_sm90():
+    """The interpreter runs kernels as Python and accepts code that triton's compiler rejects:
+    compile each kernel (GPU configurations) for sm_90 in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("triton's ptxas is not available")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_reductions_are_deterministic():
+    x, y = randn(2, 3, 33, 47, requires_grad=True), randn(2, 3, 33, 47)
+    z, w = randn(2, 5, 33, 47), randn(3, 5, requires_grad=True)
+    h = randn(2, 3, 33, 47)
+
+    def run():
+        e = tr.radial_spectrum(x)
+        loss = tr.spectral_loss(x, y, 1.5) + e.sum() + tr.refine_update(h, z, w, None, 0.2).square().sum()
+        return (e.detach(), loss.detach(), *torch.autograd.grad(loss, (x, w)))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def _opcheck_cases():
+    h, z = randn(2, 3, 5, 7, requires_grad=True), randn(2, 4, 5, 7, requires_grad=True)
+    w, b = randn(3, 4, requires_grad=True), randn(3, requires_grad=True)
+    x, y = randn(2, 3, 5, 7, requires_grad=True), randn(2, 3, 5, 7, requires_grad=True)
+    cw = randn(3, 2, 4, 3, dtype=torch.complex64, requires_grad=True)
+    P = torch.fft.rfft2(x.detach(), norm="ortho")
+    X = torch.fft.rfft2(x.detach(), norm="forward")
+    g0 = torch.tensor(1.5, device=DEVICE)
+    return {
+        "residual_update": (ops.residual_update, (h, z[:, :3], 0.2)),
+        "residual_update_grad_phi": (ops.residual_update_grad_phi, (h.detach(), 0.2)),
+        "residual_update_": (ops.residual_update_, (h.detach().clone(), x.detach(), 0.2)),
+        "refine_update": (ops.refine_update, (h, z, w, b, 0.2)),
+        "refine_update[no bias]": (ops.refine_update, (h, z, w, None, 0.2)),
+        "refine_update_grad_z": (ops.refine_update_grad_z, (h.detach(), w.detach(), 0.2)),
+        "refine_update_grad_weight_bias": (ops.refine_update_grad_weight_bias, (h.detach(), z.detach(), 0.2)),
+        "refine_update_": (ops.refine_update_, (h.detach().clone(), z.detach(), w.detach(), b.detach(), 0.2)),
+        "radial_spectrum": (ops.radial_spectrum, (x,)),
+        "radial_spectrum_backward": (ops.radial_spectrum_backward, (randn(2, 3, 5), P, 7)),
+        "spectral_loss_magnitude": (ops.spectral_loss_magnitude, (x, y, 1.5, 0.5)),
+        "spectral_loss_error": (ops.spectral_loss_error, (x, y, 1.5, 0.5)),
+        "spectral_loss_magnitude_backward": (ops.spectral_loss_magnitude_backward, (g0, P, 2 * P, 7, 1.5, 0.5, True)),
+        "spectral_loss_error_backward": (ops.spectral_loss_error_backward, (g0, P, 7, 1.5, 0.5)),
+        "spectral_conv2d": (ops.spectral_conv2d, (x, cw)),
+        "spectral_conv2d_backward": (ops.spectral_conv2d_backward,
+                                     (randn(2, 2, 5, 7), X, cw.detach(), True, True)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_opcheck(name):
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_aot_eager():
+    """One graph through every differentiable op, forward and backward (fake kernels + autograd)."""
+    x, y = randn(2, 3, 9, 12, requires_grad=True), randn(2, 3, 9, 12)
+    w = randn(3, 3, 4, 5, dtype=torch.complex64, requires_grad=True)
+    pw, pb = randn(3, 3, requires_grad=True), randn(3, requires_grad=True)
+
+    def step(x, y, w, pw, pb, m):
+        f = m.spectral_conv2d(x, w)
+        h = m.refine_update(m.residual_update(x, f, 0.5), f, pw, pb, 0.2)
+        return (m.spectral_loss(h, y, 1.5, 0.5, "magnitude") + m.spectral_loss(h, y, 1.0, 0.5, "error")
+                + m.radial_spectrum(h).mean())
+
+    class Ref:
+        spectral_conv2d = staticmethod(ik.spectral_conv2d_ref)
+        refine_update = staticmethod(ik.refine_update_ref)
+        residual_update = staticmethod(ik.residual_update_ref)
+        spectral_loss = staticmethod(ik.spectral_loss_ref)
+        radial_spectrum = staticmethod(ik.radial_spectrum_ref)
+
+    compiled = torch.compile(lambda *a: step(*a, tr), backend="aot_eager", fullgraph=True)
+    out, want = compiled(x, y, w, pw, pb), step(x, y, w, pw, pb, Ref)
+    close(out, want)
+    for g, e in zip(torch.autograd.grad(out, (x, w, pw, pb)), torch.autograd.grad(want, (x, w, pw, pb))):
+        close(g, e, factor=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_update_ops_low_precision_within_twice_torch_error(dtype):
+    """Kernel error vs the fp32 reference <= 2x the error of the same computation in torch at dtype."""
+    B, Co, F, H, W = 4, 4, 16, 128, 384
+    lo = [t.to(dtype) for t in (randn(B, Co, H, W), randn(B, F, H, W), randn(Co, F) / 4, randn(Co),
+                                 randn(B, Co, H, W))]
+    h, z, w, b, phi = lo
+    ref = ik.refine_update_ref(*[t.float() for t in lo[:4]], 0.2)  # the same rounded inputs, fp32 math
+    assert _err(tr.refine_update(h, z, w, b, 0.2), ref) <= 2 * _err(ik.refine_update_ref(h, z, w, b, 0.2), ref) + 1e-6
+    ref = ik.residual_update_ref(h.float(), phi.float(), 0.2)
+    assert _err(tr.residual_update(h, phi, 0.2), ref) <= 2 * _err(ik.residual_update_ref(h, phi, 0.2), ref) + 1e-6
+    # gradients: same rule, one shared grad_output
+    leaves = [t.clone().requires_grad_() for t in (h, z, w, b)]
+    g = randn(B, Co, H, W).to(dtype)
+    got = torch.autograd.grad(tr.refine_update(*leaves, 0.2), leaves, g)
+    low = torch.autograd.grad(ik.refine_update_ref(*leaves, 0.2), leaves, g)
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves]
+    exp = torch.autograd.grad(ik.refine_update_ref(*leaves32, 0.2), leaves32, g.float())
+    for a, lw, e in zip(got, low, exp):
+        assert _err(a, e) <= 2 * _err(lw, e) + 1e-6
+
+
+@gpu
+def test_paper_sized_strided_inputs():
+    """The GPU configurations on paper-sized grids, with channels_last and sliced inputs."""
+    x = randn(4, 11, 128, 384).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = randn(4, 12, 128, 384)[:, 1:]
+    assert not x.is_contiguous() and not y.is_contiguous()
+    for mode in ("magnitude", "error"):
+        check_fwd_bwd(lambda p, t, m=mode: tr.spectral_loss(p, t, 1.5, 0.5, m),
+                      lambda p, t, m=mode: ik.spectral_loss_ref(p, t, 1.5, 0.5, m), (x, y), torch.float32)
+    check_fwd_bwd(tr.radial_spectrum, ik.radial_spectrum_ref, (x,), torch.float32, factor=10)
+    z = randn(4, 16, 128, 384).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = randn(11, 16, requires_grad=True), randn(11, requires_grad=True)
+    check_fwd_bwd(lambda *a: tr.refine_update(*a, 0.2), lambda *a: ik.refine_update_ref(*a, 0.2),
+                  (x, z, w, b), torch.float32, factor=10)
+    check_fwd_bwd(lambda a, c: tr.residual_update(a, c, 0.2), lambda a, c: ik.residual_update_ref(a, c, 0.2),
+                  (x, y), torch.float32)
+    xs = randn(16, 64, 256, 256)[:, ::2].requires_grad_()  # every other channel: a strided view
+    cw = (randn(32, 32, 32, 16, dtype=torch.complex64) / 32).requires_grad_()
+    check_fwd_bwd(tr.spectral_conv2d, ik.spectral_conv2d_ref, (xs, cw), torch.float32, factor=10)
+
+
+@gpu
+def test_cuda_graph_capture_and_replay_equals_eager():
+    """Warm up on a side stream, capture forward+backward of every op, poison the outputs, replay."""
+    x = randn(2, 3, 64, 96, requires_grad=True)
+    y = randn(2, 3, 64, 96)
+    w = randn(3, 3, 16, 12, dtype=torch.complex64, requires_grad=True)
+    pw, pb = randn(3, 3, requires_grad=True), randn(3, requires_grad=True)
+
+    def step():
+        f = tr.spectral_conv2d(x, w)
+        h = tr.refine_update(tr.residual_update(x, f, 0.5), f, pw, pb, 0.2)
+        loss = tr.spectral_loss(h, y, 1.5) + tr.spectral_loss(h, y, 1.0, 0.5, "error") + tr.radial_spectrum(h).mean()
+        return (loss, *torch.autograd.grad(loss, (x, w, pw, pb)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    eager = [t.clone() for t in step()]
+    for t in static:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for s, e in zip(static, eager):
+        torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-6)
+
+
+@gpu
+def test_torch_compile_inductor():
+    """With a GPU the ops are triton_ops: Inductor sees their kernels."""
+    x, y = randn(2, 3, 32, 48, requires_grad=True), randn(2, 3, 32, 48)
+    w = randn(3, 3, 8, 10, dtype=torch.complex64, requires_grad=True)
+
+    def f(x, y, w):
+        return tr.spectral_loss(tr.spectral_conv2d(x, w), y, 1.5, 0.5, "magnitude") + tr.radial_spectrum(x).mean()
+
+    out = torch.compile(f, fullgraph=True)(x, y, w)
+    want = (ik.spectral_loss_ref(ik.spectral_conv2d_ref(x, w), y, 1.5, 0.5, "magnitude")
+            + ik.radial_spectrum_ref(x).mean())
+    close(out, want)
+    for g, e in zip(torch.autograd.grad(out, (x, w)), torch.autograd.grad(want, (x, w))):
+        close(g, e, factor=10)
+
+
+@gpu
+def test_gpu_repeats_the_interpreter_checks_on_cuda():
+    """benchmarks/gpu_check.sh runs only ``-m gpu``: the unmarked checks again, on CUDA, where the ops
+    are triton_ops (opcheck then tests the traced fake kernels) and the kernels are compiled."""
+    for op, args in _opcheck_cases().values():
+        torch.library.opcheck(op, args)
+    test_torch_compile_fullgraph_aot_eager()
+    test_reductions_are_deterministic()
+    test_radial_spectrum_shells_match_shell_index()
+    for shape in FIELD_SHAPES:
+        test_residual_update(shape, torch.float32, True)
+        test_refine_update(shape, torch.float32, True, True)
+        test_radial_spectrum(shape, torch.float64)
+        for mode in ("magnitude", "error"):
+            test_spectral_loss(shape, mode, 1.7)
+    for case in CONV_CASES:
+        test_spectral_conv2d(case, torch.float32)
+    test_spectral_conv2d_strided_input_and_conjugate_weight()
+    test_in_place_forms((2, 3, 5, 7), True)
