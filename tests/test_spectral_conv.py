@@ -1,0 +1,306 @@
+"""spectral_conv2d: the C++ kernel against the reference (forward and backward), gradcheck, opcheck,
+torch.compile, argument checks, backend forcing and the neuraloperator weight converters."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import irno_kernels as ik
+from irno_kernels.spectral_conv import spectral_conv2d_ref
+
+needs_c = pytest.mark.skipif(not ik.HAS_C, reason="irno_kernels._C not built")
+
+# (rtol, atol relative to the largest entry of the reference) per dtype
+TOL = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-10, 1e-12)}
+CDTYPE = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+# (B, C_in, C_out, H, W, m1, m2). The last three pin each transform choice of the kernel whatever
+# its cost model says: every mode along H and few along W, the reverse, and every mode on both.
+SHAPES = [
+    (2, 3, 4, 33, 47, 5, 7),       # odd sizes
+    (1, 2, 3, 128, 384, 16, 20),   # non-power-of-two, batch 1
+    (3, 4, 2, 16, 24, 8, 13),      # 2*m1 == H, m2 == W//2+1 (Nyquist column kept)
+    (2, 2, 3, 6, 1, 3, 1),         # W == 1
+    (1, 2, 2, 128, 128, 64, 2),    # H by FFT, W by GEMM
+    (1, 2, 2, 128, 128, 1, 65),    # H by GEMM, W by FFT
+    (2, 3, 2, 128, 96, 64, 49),    # FFT on both axes
+]
+
+
+def _weight(ci, co, m1, m2, dtype, H, W):
+    """A random weight scaled so that y has entries of order one."""
+    scale = (H * W / (2 * m1 * m2 * ci)) ** 0.5
+    return torch.randn(ci, co, 2 * m1, m2, dtype=CDTYPE[dtype]) * scale
+
+
+def _x(B, ci, H, W, dtype, layout):
+    if layout == "transposed":
+        x = torch.randn(B, ci, W, H, dtype=dtype).transpose(2, 3)
+    elif layout == "sliced":
+        x = torch.randn(B, 2 * ci, H, W + 3, dtype=dtype)[:, ::2, :, 1:W + 1]
+    else:
+        x = torch.randn(B, ci, H, W, dtype=dtype)
+    assert x.shape == (B, ci, H, W) and x.is_contiguous() == (layout == "contiguous")
+    return x
+
+
+def _close(got, want, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * float(want.detach().abs().max()))
+
+
+def _compare(x, w, backend, dtype):
+    """Forward and both gradients of `backend` against the reference, for one shared grad_y."""
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    got = ik.spectral_conv2d(x, w, backend=backend)
+    want = spectral_conv2d_ref(x, w)
+    _close(got, want, dtype)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g)):
+        _close(a, b, dtype)
+
+
+@needs_c
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matches_reference(shape, dtype):
+    B, ci, co, H, W, m1, m2 = shape
+    _compare(_x(B, ci, H, W, dtype, "contiguous"), _weight(ci, co, m1, m2, dtype, H, W), "cpu", dtype)
+
+
+@needs_c
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matches_reference_on_strided_inputs(layout, dtype):
+    B, ci, co, H, W, m1, m2 = 2, 3, 4, 20, 18, 4, 6
+    w = _weight(ci, co, m1, m2, dtype, H, W)
+    w = torch.cat([w, w], dim=1)[:, ::2]  # a non-contiguous weight too
+    assert not w.is_contiguous()
+    _compare(_x(B, ci, H, W, dtype, layout), w, "cpu", dtype)
+
+
+@needs_c
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), ci=st.integers(1, 4), co=st.integers(1, 4), H=st.integers(2, 72),
+       W=st.integers(1, 72), data=st.data())
+def test_cpu_matches_reference_property(B, ci, co, H, W, data):
+    m1 = data.draw(st.integers(1, H // 2), label="m1")
+    m2 = data.draw(st.integers(1, W // 2 + 1), label="m2")
+    dtype = torch.float64
+    _compare(_x(B, ci, H, W, dtype, "contiguous"), _weight(ci, co, m1, m2, dtype, H, W), "cpu", dtype)
+
+
+@needs_c
+def test_gradcheck():
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, 3, dtype=torch.complex128, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: ik.spectral_conv2d(x, w, backend="cpu"), (x, w))
+
+
+@needs_c
+def test_only_the_needed_gradients_are_returned():
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    w = torch.randn(2, 2, 4, 3, dtype=torch.complex64)
+    ik.spectral_conv2d(x, w, backend="cpu").sum().backward()
+    assert x.grad is not None and w.grad is None
+    x2 = x.detach()
+    w2 = w.clone().requires_grad_()
+    ik.spectral_conv2d(x2, w2, backend="cpu").sum().backward()
+    assert w2.grad is not None and x2.grad is None
+
+
+@needs_c
+def test_opcheck():
+    x = torch.randn(2, 3, 10, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 4, 3, dtype=torch.complex128, requires_grad=True)
+    torch.library.opcheck(torch.ops.irno.spectral_conv2d.default, (x, w))
+    gy = torch.randn(2, 2, 10, 9, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.irno.spectral_conv2d_backward.default, (gy, x.detach(), w.detach()))
+
+
+@needs_c
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 3, 12, 10, requires_grad=True)
+    w = torch.randn(3, 4, 6, 4, dtype=torch.complex64, requires_grad=True)
+
+    def layer(x, w):
+        return torch.nn.functional.gelu(ik.spectral_conv2d(x, w, (3, 4)) + x.mean(1, keepdim=True))
+
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, w)
+    want = layer(x, w)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (x, w), g), torch.autograd.grad(want, (x, w), g)):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+def _xw(B=2, ci=3, co=4, H=8, W=8, m1=2, m2=3, dtype=torch.float32, cdtype=torch.complex64):
+    return torch.randn(B, ci, H, W, dtype=dtype), torch.randn(ci, co, 2 * m1, m2, dtype=cdtype)
+
+
+X, WT = _xw()
+BAD = [
+    ("x-rank", lambda: ik.spectral_conv2d(X[0], WT), ValueError, r"x: expected a 4-D tensor, got shape \(3, 8, 8\)"),
+    ("x-type", lambda: ik.spectral_conv2d(X.numpy(), WT), TypeError, "x: expected a torch.Tensor, got ndarray"),
+    ("x-dtype", lambda: ik.spectral_conv2d(X.half(), WT), ValueError, "x: expected dtype .* got torch.float16"),
+    ("x-empty", lambda: ik.spectral_conv2d(X[:0], WT), ValueError, r"x: expected a non-empty tensor, got shape \(0,"),
+    ("w-rank", lambda: ik.spectral_conv2d(X, WT[0]), ValueError, "weight: expected a 4-D tensor"),
+    ("w-real", lambda: ik.spectral_conv2d(X, WT.real), TypeError,
+     "weight: expected a complex tensor .*torch.complex64.*, got torch.float32"),
+    ("w-precision", lambda: ik.spectral_conv2d(X, WT.to(torch.complex128)), ValueError,
+     "weight: expected dtype torch.complex64 .*float32.*, got torch.complex128"),
+    ("w-channels", lambda: ik.spectral_conv2d(X, torch.randn(5, 4, 4, 3, dtype=torch.complex64)), ValueError,
+     r"weight: expected C_in = 3 .* got shape \(5, 4, 4, 3\)"),
+    ("w-odd-rows", lambda: ik.spectral_conv2d(X, torch.randn(3, 4, 5, 3, dtype=torch.complex64)), ValueError,
+     "weight: expected an even size 2\\*m1"),
+    ("w-m1", lambda: ik.spectral_conv2d(X, torch.randn(3, 4, 10, 3, dtype=torch.complex64)), ValueError,
+     r"weight: 2\*m1 = 10 modes along H need H >= 10, got x with H = 8"),
+    ("w-m2", lambda: ik.spectral_conv2d(X, torch.randn(3, 4, 4, 6, dtype=torch.complex64)), ValueError,
+     r"weight: m2 = 6 modes along W need m2 <= W//2\+1 = 5"),
+    ("w-device", lambda: ik.spectral_conv2d(X, WT.to("meta")), RuntimeError,
+     "weight: expected a tensor on cpu .* got meta"),
+    ("w-empty", lambda: ik.spectral_conv2d(X, WT[:, :0]), ValueError, "weight: expected a non-empty tensor"),
+    ("modes", lambda: ik.spectral_conv2d(X, WT, (3, 3)), ValueError,
+     r"modes: expected \(m1, m2\) = \(2, 3\) .* got \(3, 3\)"),
+    ("modes-int", lambda: ik.spectral_conv2d(X, WT, 2), ValueError, r"modes: expected \(m1, m2\) = \(2, 3\)"),
+    ("modes-type", lambda: ik.spectral_conv2d(X, WT, 2.5), TypeError, r"modes: expected an int or a pair"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_name_the_argument(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@needs_c
+def test_compiled_ops_check_their_arguments():
+    """Direct torch.ops calls (no wrapper) raise RuntimeError naming the argument, never crash."""
+    op, bwd = torch.ops.irno.spectral_conv2d, torch.ops.irno.spectral_conv2d_backward
+    with pytest.raises(RuntimeError, match="x: expected a 4-D tensor"):
+        op(X[0], WT)
+    with pytest.raises(RuntimeError, match="weight: expected dtype ComplexFloat"):
+        op(X, WT.real.contiguous())
+    with pytest.raises(RuntimeError, match="weight: expected C_in = 3"):
+        op(X, torch.randn(5, 4, 4, 3, dtype=torch.complex64))
+    with pytest.raises(RuntimeError, match="weight: 2\\*m1 = 10 modes along H need H >= 10"):
+        op(X, torch.randn(3, 4, 10, 3, dtype=torch.complex64))
+    with pytest.raises(RuntimeError, match="weight: m2 = 6 modes along W"):
+        op(X, torch.randn(3, 4, 4, 6, dtype=torch.complex64))
+    with pytest.raises(RuntimeError, match="x: expected a non-empty tensor"):
+        op(X[:0], WT)
+    with pytest.raises(RuntimeError, match=r"grad_y: expected shape \(2, 4, 8, 8\)"):
+        bwd(torch.randn(2, 3, 8, 8), X, WT)
+    with pytest.raises(RuntimeError, match="grad_y: expected dtype Float"):
+        bwd(torch.randn(2, 4, 8, 8, dtype=torch.float64), X, WT)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------------
+@needs_c
+def test_forced_backends_agree():
+    x, w = _xw(H=12, W=10)
+    torch.testing.assert_close(ik.spectral_conv2d(x, w, backend="cpu"),
+                               ik.spectral_conv2d(x, w, backend="reference"), rtol=1e-4, atol=1e-5)
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    from irno_kernels import spectral_conv as mod
+
+    calls = []
+    ref = mod.spectral_conv2d_ref
+    monkeypatch.setattr(mod, "spectral_conv2d_ref", lambda x, w: calls.append(1) or ref(x, w))
+    x, w = _xw()
+    monkeypatch.setenv("IRNO_BACKEND", "reference")
+    mod.spectral_conv2d(x, w)
+    assert calls == [1]
+    if ik.HAS_C:
+        monkeypatch.setenv("IRNO_BACKEND", "cpu")
+        mod.spectral_conv2d(x, w)
+        assert calls == [1]
+    monkeypatch.setenv("IRNO_BACKEND", "fast")
+    with pytest.raises(ValueError, match="IRNO_BACKEND: expected one of"):
+        mod.spectral_conv2d(x, w)
+
+
+def test_forward_mode_ad_uses_the_reference():
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = _xw(dtype=torch.float64, cdtype=torch.complex128)
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = ik.spectral_conv2d(fwAD.make_dual(x, t), w)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, spectral_conv2d_ref(t, w))  # linear in x
+        if ik.HAS_C:
+            with pytest.raises(RuntimeError, match="no forward-mode AD formula"):
+                ik.spectral_conv2d(fwAD.make_dual(x, t), w, backend="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# neuraloperator weights
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fft_norm_is_neuraloperators_default():
+    assert ik.FFT_NORM == "forward"
+    neuralop = pytest.importorskip("neuralop")
+    import inspect
+
+    default = inspect.signature(neuralop.layers.spectral_convolution.SpectralConv).parameters["fft_norm"].default
+    assert default == ik.FFT_NORM
+
+
+def _neuralop_layout_forward(x, w):
+    """neuraloperator's dense 2-D SpectralConv forward (no bias, all stored modes used), written
+    from its layout rules: rfft2, fftshift along H, the n1 rows centred on frequency 0 (row j is
+    frequency j - n1//2) and the first n2//2+1 columns mixed, fftshift back, irfft2."""
+    H, W = x.shape[-2:]
+    n1, c2 = w.shape[-2:]
+    X = torch.fft.fftshift(torch.fft.rfft2(x, norm="forward"), dim=-2)
+    out = torch.zeros(x.shape[0], w.shape[1], H, W // 2 + 1, dtype=X.dtype)
+    rows = slice(H // 2 - n1 // 2, H // 2 - n1 // 2 + n1)
+    out[:, :, rows, :c2] = torch.einsum("bixy,ioxy->boxy", X[:, :, rows, :c2], w)
+    return torch.fft.irfft2(torch.fft.fftshift(out, dim=-2), s=(H, W), norm="forward")
+
+
+@pytest.mark.parametrize("n1,n2", [(8, 10), (7, 10), (6, 7)])
+def test_converter_matches_neuraloperator_layout(n1, n2):
+    x = torch.randn(2, 3, 16, 14, dtype=torch.float64)
+    theirs = torch.randn(3, 4, n1, n2 // 2 + 1, dtype=torch.complex128)
+    ours = ik.weight_from_neuralop(theirs)
+    assert ours.shape == (3, 4, 2 * ((n1 + 1) // 2), n2 // 2 + 1)
+    torch.testing.assert_close(spectral_conv2d_ref(x, ours), _neuralop_layout_forward(x, theirs))
+    torch.testing.assert_close(ik.weight_to_neuralop(ours, (n1, n2)), theirs)
+
+
+def test_converter_to_neuralop_pads_and_refuses_to_drop_modes():
+    w = torch.randn(2, 3, 4, 3, dtype=torch.complex64)  # m1 = 2, m2 = 3
+    wide = ik.weight_to_neuralop(w, (8, 8))  # frequencies -4..3, 5 columns: zeros around w
+    assert wide.shape == (2, 3, 8, 5)
+    x = torch.randn(1, 2, 16, 16)
+    torch.testing.assert_close(_neuralop_layout_forward(x, wide), spectral_conv2d_ref(x, w))
+    with pytest.raises(ValueError, match=r"n_modes: \(3, 4\)"):
+        ik.weight_to_neuralop(w, (3, 4))  # no room for frequency -2 nor column 2
+    with pytest.raises(ValueError, match="n_modes: expected two positive ints"):
+        ik.weight_to_neuralop(w, 8)
+    with pytest.raises(TypeError, match="weight: expected a torch.Tensor"):
+        ik.weight_from_neuralop([1, 2])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script inside tensorly-torch
+@pytest.mark.parametrize("n_modes", [(8, 10), (7, 9)])
+def test_converter_against_neuraloperator(n_modes):
+    spectral_convolution = pytest.importorskip("neuralop.layers.spectral_convolution")
+    conv = spectral_convolution.SpectralConv(3, 4, n_modes=n_modes, bias=False)
+    x = torch.randn(2, 3, 32, 22)  # even H: neuraloperator 2.0.0 mis-shifts odd H (fftshift twice)
+    with torch.no_grad():
+        ours = ik.weight_from_neuralop(conv.weight)
+        torch.testing.assert_close(ik.spectral_conv2d(x, ours), conv(x), rtol=1e-4, atol=1e-5)
+        back = spectral_convolution.SpectralConv(3, 4, n_modes=n_modes, bias=False)
+        back.weight.to_tensor().copy_(ik.weight_to_neuralop(ours, n_modes))
+        torch.testing.assert_close(back(x), conv(x))
