@@ -77,3 +77,23 @@ def test_two_process_gloo_training_stays_in_sync(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the job learned something: the loss went down
     assert r0["history"][-1]["loss"] < r0["history"][0]["loss"]
+
+
+def test_time_budget_stops_mid_epoch_with_a_cosine_over_the_budget():
+    from torch.utils.data import TensorDataset
+
+    from irno.train import Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    data = TensorDataset(torch.randn(400, 1, 8, 8), torch.randn(400, 1, 8, 8))
+
+    def slow_loss(m, x, y, epoch):
+        time.sleep(0.01)
+        return torch.nn.functional.mse_loss(m(x), y), {}
+
+    cfg = TrainConfig(epochs=5, batch_size=4, lr=1e-2, lr_min=1e-4, time_budget_s=0.3, progress=False)
+    tr = Trainer(model, slow_loss, data, config=cfg)
+    hist = tr.fit()
+    assert len(hist) == 1 and tr.global_step < tr.steps_per_epoch  # stopped inside the first epoch
+    assert hist[0]["lr"] < 0.2 * cfg.lr  # the schedule ran (almost) to its end with the time

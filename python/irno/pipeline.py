@@ -48,7 +48,8 @@ DEFAULTS: dict = {
         "K": 6,
         "refiner": {"kind": "unet", "width": 16, "depth": 4, "padding": "periodic"},
         "loss": {"beta_s": 1.0, "beta_fp": 0.01, "fp_warmup_epochs": 5, "spectral_mode": "magnitude",
-                 "f0": 0.5, "lam_min": 1.0, "lam_max": 2.0},
+                 "f0": 0.5, "lam_min": 1.0, "lam_max": 2.0,
+                 "deep_steps": 0, "beta_deep": 0.0},  # irno's stability term (pipeline.deep_state_loss)
         "checkpoint": False,
         "train": {"epochs": 10, "batch_size": 16, "lr": 3e-4, "weight_decay": 1e-5, "lr_min": 1e-6,
                   "grad_clip": 1.0, "time_budget_s": None, "patience": None},
@@ -327,11 +328,32 @@ def _irno_loss(spec: dict):
                     lam_max=lc.get("lam_max", 2.0), f0=lc.get("f0", 0.5),
                     spectral_mode=lc.get("spectral_mode", "magnitude"))
 
+    deep_steps, beta_deep = int(lc.get("deep_steps", 0)), float(lc.get("beta_deep", 0.0))
+
     def loss(model, x, y, epoch):
-        total, parts = crit(model, x, y, epoch=epoch)
-        return total, {k: v for k, v in parts.items() if k in ("mse", "spec", "fp")}
+        traj = model(x, steps=spec["K"], return_trajectory=True)
+        total, parts = crit(model, x, y, epoch=epoch, trajectory=traj)
+        out = {k: v for k, v in parts.items() if k in ("mse", "spec", "fp")}
+        if deep_steps and beta_deep:
+            deep = deep_state_loss(model, x, y, traj[-1], deep_steps)
+            total = total + beta_deep * deep
+            out["deep"] = deep.detach()
+        return total, out
 
     return loss
+
+
+def deep_state_loss(model, x: torch.Tensor, y: torch.Tensor, h_K: torch.Tensor, extra_steps: int) -> torch.Tensor:
+    """An irno addition to the published loss, for stability beyond K (off by default).
+
+    From h_K (detached) the iteration runs ``extra_steps`` more steps without gradients, to a state
+    h_{K+n} of the kind inference meets after K; one step from there is trained toward y:
+    MSE(h_{K+n} + alpha * Phi(x, h_{K+n}), y). It teaches Phi to keep moving toward y, not away from
+    it, at states beyond the unrolled horizon, at the cost of n no-grad steps and one step with grad.
+    """
+    with torch.no_grad():
+        h = model.refine(x, h_K.detach(), steps=extra_steps)
+    return torch.nn.functional.mse_loss(model.update(x, h), y)
 
 
 def train_irno(cfg: dict, base: torch.nn.Module, data: dict | None = None, resume: bool = False):
@@ -391,7 +413,8 @@ def _sample_fields(model, ds, device, steps: int) -> dict:
     x, y = ds[0]
     with torch.no_grad():
         traj = model(x[None].to(device), steps=steps, return_trajectory=True)
-    return {"x": x, "y": y, "trajectory": torch.stack([h[0].cpu() for h in traj])}
+    return {"x": x, "y": y, "trajectory": torch.stack([h[0].cpu() for h in traj]),
+            "field_names": list(getattr(ds, "channel_names", []))}
 
 
 def demo(cfg: dict, resume: bool = False) -> Path:

@@ -45,7 +45,8 @@ class TrainConfig:
     lr_min: float = 1e-6
     grad_clip: float = 1.0
     seed: int = 0
-    time_budget_s: float | None = None  # stop after the epoch in which this much time has passed
+    time_budget_s: float | None = None  # stop when this much training time has passed (mid-epoch);
+    # with a budget, the cosine schedule runs over the budget's seconds instead of over the epochs
     patience: int | None = None  # stop after this many epochs without a better validation score
     monitor: str = "val_loss"  # key of the validation dict that decides "best" (lower is better)
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps inside an epoch (0: epoch ends)
@@ -193,7 +194,7 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
             record = {"epoch": self.epoch, "elapsed_s": round(self.elapsed, 2), "skipped": self.skipped,
-                      "lr": self.scheduler.get_last_lr()[0], **train_parts}
+                      "lr": self.optimizer.param_groups[0]["lr"], **train_parts}
             if self.val_fn is not None and self.rank == 0:
                 self.model.eval()
                 record.update(self.val_fn(self.model))
@@ -211,6 +212,24 @@ class Trainer:
 
     def _out_of_budget(self) -> bool:
         return self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s
+
+    def _budget_spent(self, epoch_start: float) -> bool:
+        if not self.cfg.time_budget_s:
+            return False
+        spent = self.elapsed + time.perf_counter() - epoch_start >= self.cfg.time_budget_s
+        if self.world > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(spent)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            spent = bool(flag[0])
+        return spent
+
+    def _set_time_lr(self, epoch_start: float) -> None:
+        """With a time budget the cosine schedule runs over the budget's seconds, not over epochs, so the
+        learning rate reaches lr_min when the time is up whatever the speed of the machine."""
+        frac = min(1.0, (self.elapsed + time.perf_counter() - epoch_start) / self.cfg.time_budget_s)
+        lr = self.cfg.lr_min + 0.5 * (self.cfg.lr - self.cfg.lr_min) * (1 + math.cos(math.pi * frac))
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
 
     def _track_best(self, record: dict) -> bool:
         score = record.get(self.cfg.monitor, record.get("loss"))
@@ -239,8 +258,12 @@ class Trainer:
                 break
             if i < self.step_in_epoch:  # done before an interruption
                 continue
+            if self._budget_spent(t0):
+                break  # the time budget ends the run mid-epoch
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             frac = self.epoch + i / self.steps_per_epoch
+            if self.cfg.time_budget_s:
+                self._set_time_lr(t0)
             loss, parts = self.loss_fn(self.model, x, y, frac)
             finite = torch.isfinite(loss.detach())
             if self.world > 1:  # every rank skips together
@@ -262,12 +285,13 @@ class Trainer:
                 count += 1
             else:
                 self.skipped += 1
-            self.scheduler.step()
+            if not self.cfg.time_budget_s:
+                self.scheduler.step()
             self.global_step += 1
             self.step_in_epoch = i + 1
             seen += x.shape[0] * self.world
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4g}", samples_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4g}", samples_s=f"{seen / (time.perf_counter() - t0):.1f}")
             if self.cfg.checkpoint_every and self.step_in_epoch % self.cfg.checkpoint_every == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:
                 self.save("last")
