@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from irno import cli, pipeline
 
 TINY = [

@@ -80,9 +80,8 @@ def test_two_process_gloo_training_stays_in_sync(tmp_path):
 
 
 def test_time_budget_stops_mid_epoch_with_a_cosine_over_the_budget():
-    from torch.utils.data import TensorDataset
-
     from irno.train import Trainer
+    from torch.utils.data import TensorDataset
 
     torch.manual_seed(0)
     model = torch.nn.Conv2d(1, 1, 3, padding=1)

@@ -344,7 +344,8 @@ def _simulate(config, trajectories, initial, device, dtype, progress, batch_size
     batch_size = max(1, int(batch_size))
     chunks = list(range(0, w0.shape[0], batch_size))
     total = (spin + (config.n_frames - 1) * every) * len(chunks)
-    with torch.no_grad(), tqdm(total=total, disable=None if progress else True, desc="navier-stokes", unit="step") as bar:
+    quiet = None if progress else True  # None: tqdm stays silent when stderr is not a terminal
+    with torch.no_grad(), tqdm(total=total, disable=quiet, desc="navier-stokes", unit="step") as bar:
         for start in chunks:
             sl = slice(start, start + batch_size)
             w_hat = solver.to_spectral(w0[sl]) * solver.dealias
