@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     time_budget_s: float | None = None  # stop when this much training time has passed (mid-epoch);
     # with a budget, the cosine schedule runs over the budget's seconds instead of over the epochs
+    decay_fraction: float = 0.3  # with a time budget: the final share of it over which the lr decays
     patience: int | None = None  # stop after this many epochs without a better validation score
     monitor: str = "val_loss"  # key of the validation dict that decides "best" (lower is better)
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps inside an epoch (0: epoch ends)
@@ -224,10 +225,13 @@ class Trainer:
         return spent
 
     def _set_time_lr(self, epoch_start: float) -> None:
-        """With a time budget the cosine schedule runs over the budget's seconds, not over epochs, so the
-        learning rate reaches lr_min when the time is up whatever the speed of the machine."""
+        """With a time budget the schedule runs over the budget's seconds, not over epochs, so the
+        learning rate reaches lr_min when the time is up whatever the speed of the machine: constant for
+        the first ``1 - decay_fraction`` of the budget, then a cosine down to lr_min."""
         frac = min(1.0, (self.elapsed + time.perf_counter() - epoch_start) / self.cfg.time_budget_s)
-        lr = self.cfg.lr_min + 0.5 * (self.cfg.lr - self.cfg.lr_min) * (1 + math.cos(math.pi * frac))
+        d = min(max(self.cfg.decay_fraction, 1e-6), 1.0)
+        t = max(0.0, (frac - (1 - d)) / d)
+        lr = self.cfg.lr_min + 0.5 * (self.cfg.lr - self.cfg.lr_min) * (1 + math.cos(math.pi * t))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
