@@ -9,7 +9,7 @@ BUILD_DEPS := setuptools wheel numpy pybind11 ninja "cmake>=4"
 TEST_DEPS  := pytest hypothesis ruff neuraloperator
 PYTEST_ARGS ?=
 
-.PHONY: all venv build test demo lint bench clean
+.PHONY: all venv build test demo showcase lint bench clean
 
 all: test
 
@@ -34,7 +34,12 @@ build: venv
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the main job on built-in data; the report lands in runs/demo/report.md
 demo: build
+	$(PY) -m irno demo --config configs/demo.yaml
+
+# a short tour of the compiled ops (reference vs fastest backend)
+showcase: build
 	$(PY) -m irno.showcase
 
 lint: venv
