@@ -75,3 +75,9 @@ def test_super_resolution_base_upsamples():
     assert base(torch.randn(2, 1, 8, 8)).shape == (2, 1, 32, 32)
     wdsr = pipeline.build_base({"model": "wdsr", "kwargs": {"n_resblocks": 1, "n_features": 4}}, 1, 1, scale=4)
     assert wdsr(torch.randn(2, 1, 8, 8)).shape == (2, 1, 32, 32)
+
+
+def test_overrides_parse_numbers_and_lists():
+    cfg = pipeline.load_config(None, ["irno.train.lr=2e-3", "base.kwargs.n_modes=[8, 8]", "irno.K=3"])
+    assert cfg["irno"]["train"]["lr"] == 2e-3 and cfg["irno"]["K"] == 3
+    assert cfg["base"]["kwargs"]["n_modes"] == [8, 8]

@@ -83,7 +83,13 @@ def set_dotted(cfg: dict, assignment: str) -> None:
         if not isinstance(node.get(p), dict):
             node[p] = {}
         node = node[p]
-    node[parts[-1]] = yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string: take numbers as numbers
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
