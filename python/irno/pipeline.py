@@ -248,6 +248,12 @@ def _train_config(spec: dict, seed: int):
     from irno.train import TrainConfig
 
     t = {k: v for k, v in spec.items() if k in TrainConfig.__dataclass_fields__}
+    for k in ("lr", "weight_decay", "lr_min", "grad_clip", "time_budget_s", "decay_fraction"):
+        if isinstance(t.get(k), str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                t[k] = float(t[k])
+            except ValueError:
+                raise ValueError(f"train.{k}: expected a number, got {t[k]!r}") from None
     return TrainConfig(seed=seed, monitor="val_vrmse", **t)
 
 
