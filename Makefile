@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # a CPU build of torch (fast to install); a torch already importable by $(PYTHON) is reused instead
 TORCH_SPEC ?= torch==2.13.0
 BUILD_DEPS := setuptools wheel numpy pybind11 ninja "cmake>=4"
-TEST_DEPS  := pytest hypothesis ruff neuraloperator
+TEST_DEPS  := pytest hypothesis ruff neuraloperator triton
 PYTEST_ARGS ?=
 
 .PHONY: all venv build test demo showcase lint bench clean
