@@ -94,6 +94,10 @@ def residual_update(h: torch.Tensor, phi: torch.Tensor, alpha: float, *, backend
     """h + alpha * phi, differentiable.  h, phi: (B, C, *spatial) -> (B, C, *spatial)."""
     alpha = _check_residual(h, phi, alpha)
     impl = resolve("residual_update", h.device, backend, (h, phi))
+    if impl == "cpu" and backend is None and torch.is_grad_enabled() and (h.requires_grad or phi.requires_grad):
+        # under autograd on CPU, ATen's add is as fast as the kernel and skips the Python-level
+        # backward of a custom op: the automatic choice takes it (a forced "cpu" still runs the kernel)
+        impl = "reference"
     if impl == "reference":
         return residual_update_ref(h, phi, alpha)
     if impl == "triton":

@@ -242,3 +242,19 @@ def test_inplace_every_backend_on_strided_h(backend):
     ik.residual_update_(h, z[:, :3], 0.3, backend=backend)
     ik.refine_update_(h, z, w, b, 0.2, backend=backend)
     torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("co", [1, 3, 4, 11])
+def test_refine_update_both_cpu_paths_in_and_out_of_place(co):
+    """Few output channels take the fused loop, many take a batched GEMM: both match the reference."""
+    h, z = torch.randn(2, co, 13, 17, dtype=torch.float64), torch.randn(2, 6, 13, 17, dtype=torch.float64)
+    w, b = torch.randn(co, 6, dtype=torch.float64), torch.randn(co, dtype=torch.float64)
+    want = ik.refine_update_ref(h, z, w, b, 0.3)
+    torch.testing.assert_close(ik.refine_update(h, z, w, b, 0.3, backend="cpu"), want)
+    hc = h.clone()
+    ik.refine_update_(hc, z, w, b, 0.3, backend="cpu")
+    torch.testing.assert_close(hc, want)
+    ht = h.transpose(-1, -2).contiguous().transpose(-1, -2)  # strided h, in place
+    ik.refine_update_(ht, z, w, None, 0.3, backend="cpu")
+    torch.testing.assert_close(ht, ik.refine_update_ref(h, z, w, None, 0.3))
