@@ -27,6 +27,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on shared cores: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tol(dtype):
     """(rtol, atol) used to compare a kernel with its reference in ``dtype``."""
     return {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-5),

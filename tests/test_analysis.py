@@ -20,14 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import irno_kernels
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear_irno(A, alpha=0.2, cx=1):

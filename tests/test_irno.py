@@ -9,14 +9,7 @@ from irno import FNO, IRNO, WDSR, FNORefiner, UNetRefiner
 from irno.irno import resample
 from torch import nn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base():

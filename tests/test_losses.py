@@ -17,14 +17,7 @@ from irno.losses import (
     spectral_lambda,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spectral_loss_by_hand(p, y, lam, f0=0.5, mode="magnitude"):

@@ -26,14 +26,7 @@ from torch import nn
 
 import irno_kernels
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on shared cores: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spectral_ref(x, w):

@@ -20,12 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CALIBRATION = [0.158, 0.121, 0.101, 0.095, 0.099, 0.108, 0.118, 0.127, 0.136, 0.150, 0.170]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_results(vrmse=CALIBRATION, K=4, fields=("vorticity",), n_samples=8, R=23, seed=0) -> dict:
