@@ -1,4 +1,5 @@
-"""CI check for the CUDA build: every op implemented in a csrc/*.cu file is registered for CUDA.
+"""CI check for the CUDA build: every op of a TORCH_LIBRARY_IMPL(irno, CUDA, m) block in csrc/*.cu or
+csrc/*_cuda.cpp (the host code of the CUDA ops) is registered for the CUDA dispatch key.
 
 Usage: python check_cuda_ops.py CSRC_DIR   (run outside the repository, with the CUDA build installed)
 """
@@ -20,14 +21,14 @@ csrc = Path(sys.argv[1])
 impl = re.compile(r'TORCH_LIBRARY_IMPL\(irno,\s*CUDA,\s*m\)\s*\{(.*?)\n\}', re.S)
 name = re.compile(r'm\.impl\("([A-Za-z0-9_]+)"')
 missing, found = [], []
-for cu in sorted(csrc.glob("*.cu")):
+for cu in sorted([*csrc.glob("*.cu"), *csrc.glob("*_cuda.cpp")]):
     for block in impl.findall(cu.read_text()):
         for op in name.findall(block):
             ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"irno::{op}", "CUDA")
             (found if ok else missing).append(f"{cu.name}:{op}")
 print("CUDA kernels registered:", ", ".join(found) or "none")
 if not found:
-    sys.exit("no TORCH_LIBRARY_IMPL(irno, CUDA, ...) block found in any .cu file")
+    sys.exit("no TORCH_LIBRARY_IMPL(irno, CUDA, ...) block found in any .cu or _cuda.cpp file")
 if missing:
-    sys.exit(f"ops implemented in .cu files but not registered for CUDA: {missing}")
+    sys.exit(f"ops with a CUDA implementation in csrc but not registered for CUDA: {missing}")
 print("backends:", irno_kernels.backends())

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
 namespace irno {
@@ -66,6 +67,104 @@ inline void check_refine_args(const at::Tensor& h, const at::Tensor& z, const at
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == h.size(1), "bias: expected shape (", h.size(1),
                 ",), got ", bias->sizes());
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// spectral_conv2d and the spectral ops. `low_precision` also admits bfloat16/float16 fields: the
+// CUDA kernels store them in 16 bits and compute in float32 (with a complex64 weight); the CPU
+// kernels take float32/float64 only.
+// ------------------------------------------------------------------------------------------------
+inline bool is_low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+inline void check_field_dtype(const at::Tensor& t, const char* name, bool low_precision) {
+  const auto st = t.scalar_type();
+  const bool ok = st == at::kFloat || st == at::kDouble || (low_precision && is_low_precision(st));
+  TORCH_CHECK(ok, name, ": expected dtype ", low_precision ? "float32, float64, bfloat16 or float16" : "float32 or float64",
+              ", got ", st);
+}
+
+// x (B, C_in, H, W) real; weight (C_in, C_out, 2*m1, m2) complex, the complex dtype of x's precision
+struct SpectralConvShape {
+  int64_t B, Ci, Co, H, W, m1, m2;
+  int64_t K1() const { return 2 * m1; }
+  int64_t M() const { return 2 * m1 * m2; }
+};
+
+inline SpectralConvShape check_spectral_conv_args(const at::Tensor& x, const at::Tensor& weight,
+                                                  bool low_precision = false) {
+  check_defined_nonempty(x, "x");
+  check_defined_nonempty(weight, "weight");
+  TORCH_CHECK(x.dim() == 4, "x: expected a 4-D tensor (B, C_in, H, W), got shape ", x.sizes());
+  check_field_dtype(x, "x", low_precision);
+  const auto want = is_low_precision(x.scalar_type()) ? at::kComplexFloat : c10::toComplexType(x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == want, "weight: expected dtype ", want, " (the complex dtype of x's ",
+              x.scalar_type(), "), got ", weight.scalar_type());
+  check_same_device(x, "x", weight, "weight");
+  TORCH_CHECK(weight.dim() == 4, "weight: expected a 4-D tensor (C_in, C_out, 2*m1, m2), got shape ",
+              weight.sizes());
+  SpectralConvShape s{x.size(0), x.size(1), weight.size(1), x.size(2), x.size(3), weight.size(2) / 2, weight.size(3)};
+  TORCH_CHECK(weight.size(0) == s.Ci, "weight: expected C_in = ", s.Ci, " (x.shape[1]) along dim 0, got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(2) % 2 == 0, "weight: expected an even size 2*m1 along dim 2, got ", weight.size(2));
+  TORCH_CHECK(weight.size(2) <= s.H, "weight: 2*m1 = ", weight.size(2), " modes along H need H >= ",
+              weight.size(2), ", got x with H = ", s.H);
+  TORCH_CHECK(s.m2 <= s.W / 2 + 1, "weight: m2 = ", s.m2, " modes along W need m2 <= W//2+1 = ", s.W / 2 + 1,
+              " (x has W = ", s.W, ")");
+  return s;
+}
+
+// grad_y of spectral_conv2d: (B, C_out, H, W), x's dtype and device
+inline void check_spectral_conv_grad(const at::Tensor& grad_y, const at::Tensor& x, const SpectralConvShape& s) {
+  check_defined_nonempty(grad_y, "grad_y");
+  check_same_dtype(x, "x", grad_y, "grad_y");
+  check_same_device(x, "x", grad_y, "grad_y");
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.B && grad_y.size(1) == s.Co && grad_y.size(2) == s.H &&
+                  grad_y.size(3) == s.W,
+              "grad_y: expected shape (", s.B, ", ", s.Co, ", ", s.H, ", ", s.W,
+              ") = (B, C_out, H, W) of the output, got ", grad_y.sizes());
+}
+
+// a (B, C, H, W) field of the radial spectrum and the spectral loss
+inline void check_field(const at::Tensor& t, const char* name, bool low_precision = false) {
+  check_defined_nonempty(t, name);
+  check_dim(t, 4, name);
+  check_field_dtype(t, name, low_precision);
+}
+
+enum class LossMode { kMagnitude, kError };
+
+inline LossMode parse_loss_mode(c10::string_view mode) {
+  if (mode == "magnitude") return LossMode::kMagnitude;
+  if (mode == "error") return LossMode::kError;
+  TORCH_CHECK(false, "mode: expected \"magnitude\" or \"error\", got \"", std::string(mode), "\"");
+}
+
+inline void check_loss_args(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
+                            bool low_precision = false) {
+  check_field(pred, "pred", low_precision);
+  check_field(target, "target", low_precision);
+  check_same_device(pred, "pred", target, "target");
+  check_same_dtype(pred, "pred", target, "target");
+  check_same_shape(pred, "pred", target, "target");
+  TORCH_CHECK(std::isfinite(lam) && lam >= 0, "lam: expected a finite number >= 0, got ", lam);
+  TORCH_CHECK(std::isfinite(f0) && f0 > 0, "f0: expected a finite number > 0, got ", f0);
+}
+
+// grad of radial_spectrum: (B, C, R), x's dtype and device
+inline void check_radial_grad(const at::Tensor& grad, const at::Tensor& x, int64_t R) {
+  check_defined_nonempty(grad, "grad");
+  check_same_device(x, "x", grad, "grad");
+  check_same_dtype(x, "x", grad, "grad");
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == x.size(1) && grad.size(2) == R,
+              "grad: expected shape (", x.size(0), ", ", x.size(1), ", ", R,
+              ") = (B, C, R) of x's radial spectrum, got ", grad.sizes());
+}
+
+// grad of spectral_loss: one element on pred's device
+inline void check_loss_grad(const at::Tensor& grad, const at::Tensor& pred) {
+  check_defined_nonempty(grad, "grad");
+  TORCH_CHECK(grad.numel() == 1, "grad: expected a 0-D tensor (the loss is a scalar), got shape ", grad.sizes());
+  check_same_device(pred, "pred", grad, "grad");
 }
 
 }  // namespace irno

@@ -1,7 +1,8 @@
 // The schema table of irno: every op of the extension is declared here, once.
 // Implementations register per dispatch key beside their kernels:
-//   CPU  -> csrc/<op>.cpp      (TORCH_LIBRARY_IMPL(irno, CPU, m))
-//   CUDA -> csrc/<op>.cu       (TORCH_LIBRARY_IMPL(irno, CUDA, m))
+//   CPU  -> csrc/<op>.cpp                            (TORCH_LIBRARY_IMPL(irno, CPU, m))
+//   CUDA -> csrc/<op>.cu, or, where the op's host code calls ATen (FFTs), csrc/<op>_cuda.cpp
+//           beside the kernels in csrc/<op>.cu       (TORCH_LIBRARY_IMPL(irno, CUDA, m))
 // Fake (meta) implementations and autograd formulas live in irno_kernels/<op>.py.
 // The exact semantics of each op are fixed in the pure-PyTorch references (irno_kernels/*_ref).
 #include <torch/library.h>
@@ -24,7 +25,7 @@
 #endif
 
 TORCH_LIBRARY(irno, m) {
-  // -- spectral convolution (csrc/spectral_conv.cpp) ------------------------------------------
+  // -- spectral convolution (csrc/spectral_conv.cpp, csrc/spectral_conv{.cu,_cuda.cpp}) --------
   // y = irfft2(Mix(rfft2(x))); x (B,Cin,H,W) real, weight (Cin,Cout,2*m1,m2) complex
   m.def("spectral_conv2d(Tensor x, Tensor weight) -> Tensor");
   // (grad_x, grad_weight) of spectral_conv2d for one grad_y (B,Cout,H,W)
@@ -38,7 +39,7 @@ TORCH_LIBRARY(irno, m) {
   m.def("refine_update(Tensor h, Tensor z, Tensor weight, Tensor? bias, float alpha) -> Tensor");
   // the same, written into h in place (inference; no autograd)
   m.def("refine_update_(Tensor(a!) h, Tensor z, Tensor weight, Tensor? bias, float alpha) -> ()");
-  // -- spectra and the spectral loss (csrc/spectrum.cpp) --------------------------------------
+  // -- spectra and the spectral loss (csrc/spectrum.cpp, csrc/spectrum{.cu,_cuda.cpp}) --------
   // energy of rfft2(x, norm="ortho") per radial shell: (B,C,H,W) -> (B,C,R)
   m.def("radial_spectrum(Tensor x) -> Tensor");
   // grad_x of radial_spectrum for one grad (B,C,R)

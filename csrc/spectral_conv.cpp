@@ -50,34 +50,9 @@
 namespace irno {
 namespace {
 
-struct Shape {
-  int64_t B, Ci, Co, H, W, m1, m2;
-  int64_t K1() const { return 2 * m1; }
-  int64_t M() const { return 2 * m1 * m2; }
-};
+using Shape = SpectralConvShape;
 
-Shape check_args(const at::Tensor& x, const at::Tensor& weight) {
-  check_defined_nonempty(x, "x");
-  check_defined_nonempty(weight, "weight");
-  TORCH_CHECK(x.dim() == 4, "x: expected a 4-D tensor (B, C_in, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "x: expected dtype float32 or float64, got ", x.scalar_type());
-  const auto want = c10::toComplexType(x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == want, "weight: expected dtype ", want, " (the complex dtype of x's ",
-              x.scalar_type(), "), got ", weight.scalar_type());
-  check_same_device(x, "x", weight, "weight");
-  TORCH_CHECK(weight.dim() == 4, "weight: expected a 4-D tensor (C_in, C_out, 2*m1, m2), got shape ",
-              weight.sizes());
-  Shape s{x.size(0), x.size(1), weight.size(1), x.size(2), x.size(3), weight.size(2) / 2, weight.size(3)};
-  TORCH_CHECK(weight.size(0) == s.Ci, "weight: expected C_in = ", s.Ci, " (x.shape[1]) along dim 0, got shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(2) % 2 == 0, "weight: expected an even size 2*m1 along dim 2, got ", weight.size(2));
-  TORCH_CHECK(weight.size(2) <= s.H, "weight: 2*m1 = ", weight.size(2), " modes along H need H >= ",
-              weight.size(2), ", got x with H = ", s.H);
-  TORCH_CHECK(s.m2 <= s.W / 2 + 1, "weight: m2 = ", s.m2, " modes along W need m2 <= W//2+1 = ", s.W / 2 + 1,
-              " (x has W = ", s.W, ")");
-  return s;
-}
+Shape check_args(const at::Tensor& x, const at::Tensor& weight) { return check_spectral_conv_args(x, weight); }
 
 // ---------------------------------------------------------------------------------------------
 // which transform serves each axis
@@ -479,13 +454,7 @@ at::Tensor spectral_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight) {
 std::tuple<at::Tensor, at::Tensor> spectral_conv2d_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                                                 const at::Tensor& weight) {
   const Shape s = check_args(x, weight);
-  check_defined_nonempty(grad_y, "grad_y");
-  check_same_dtype(x, "x", grad_y, "grad_y");
-  check_same_device(x, "x", grad_y, "grad_y");
-  TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.B && grad_y.size(1) == s.Co && grad_y.size(2) == s.H &&
-                  grad_y.size(3) == s.W,
-              "grad_y: expected shape (", s.B, ", ", s.Co, ", ", s.H, ", ", s.W,
-              ") = (B, C_out, H, W) of the output, got ", grad_y.sizes());
+  check_spectral_conv_grad(grad_y, x, s);
   const std::vector<double> inv_n(s.m2, 1.0 / static_cast<double>(s.H * s.W));
   const at::Tensor G = analysis(grad_y, s, s.Co, multiplicities(s));
   const at::Tensor X = analysis(x, s, s.Ci, inv_n);

@@ -39,34 +39,6 @@ constexpr int64_t kChunkEntries = 1 << 14;
 // below this many images a radial spectrum also splits each image into row blocks
 constexpr int64_t kMinImagesPerTask = 16;
 
-enum class LossMode { kMagnitude, kError };
-
-// ------------------------------------------------------------------------------------------------
-// argument checks
-// ------------------------------------------------------------------------------------------------
-void check_field(const at::Tensor& t, const char* name) {
-  check_defined_nonempty(t, name);
-  check_dim(t, 4, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              ": expected dtype float32 or float64, got ", t.scalar_type());
-}
-
-LossMode parse_mode(c10::string_view mode) {
-  if (mode == "magnitude") return LossMode::kMagnitude;
-  if (mode == "error") return LossMode::kError;
-  TORCH_CHECK(false, "mode: expected \"magnitude\" or \"error\", got \"", std::string(mode), "\"");
-}
-
-void check_loss_args(const at::Tensor& pred, const at::Tensor& target, double lam, double f0) {
-  check_field(pred, "pred");
-  check_field(target, "target");
-  check_same_device(pred, "pred", target, "target");
-  check_same_dtype(pred, "pred", target, "target");
-  check_same_shape(pred, "pred", target, "target");
-  TORCH_CHECK(std::isfinite(lam) && lam >= 0, "lam: expected a finite number >= 0, got ", lam);
-  TORCH_CHECK(std::isfinite(f0) && f0 > 0, "f0: expected a finite number > 0, got ", f0);
-}
-
 // ------------------------------------------------------------------------------------------------
 // frequency tables (the arithmetic mirrors torch.fft.fftfreq / rfftfreq in float64, so the shell
 // of every entry is the reference's bit for bit)
@@ -255,14 +227,9 @@ at::Tensor radial_spectrum_cpu(const at::Tensor& x) {
 // dE[r]/dF = 2 c F on shell r; with the adjoint's 1/c the column factor cancels: G' = 2 g[r] F.
 at::Tensor radial_spectrum_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
   check_field(x, "x");
-  check_defined_nonempty(grad, "grad");
-  check_same_device(x, "x", grad, "grad");
-  check_same_dtype(x, "x", grad, "grad");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Wr = W / 2 + 1;
   const int64_t R = num_shells(H, W);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == C && grad.size(2) == R,
-              "grad: expected shape (", B, ", ", C, ", ", R, ") = (B, C, R) of x's radial spectrum, got ",
-              grad.sizes());
+  check_radial_grad(grad, x, R);
   const at::Tensor g = grad.contiguous();
   at::Tensor F = spectrum_of(x);  // overwritten with the gradient spectrum
   const std::vector<int32_t> shell = shell_table(H, W);
@@ -323,7 +290,7 @@ double loss_sum(const c10::complex<T>* P, const c10::complex<T>* Y, const double
 at::Tensor spectral_loss_cpu(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
                              c10::string_view mode) {
   check_loss_args(pred, target, lam, f0);
-  const LossMode m = parse_mode(mode);
+  const LossMode m = parse_loss_mode(mode);
   const int64_t B = pred.size(0), C = pred.size(1), H = pred.size(2), W = pred.size(3), Wr = W / 2 + 1;
   std::vector<double> w;
   const double wsum = weight_table(H, W, lam, f0, w);
@@ -368,10 +335,8 @@ void loss_grad_spectrum(c10::complex<T>* S, const c10::complex<T>* other, const 
 at::Tensor spectral_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                                       double lam, double f0, c10::string_view mode, bool wrt_target) {
   check_loss_args(pred, target, lam, f0);
-  const LossMode m = parse_mode(mode);
-  check_defined_nonempty(grad, "grad");
-  TORCH_CHECK(grad.numel() == 1, "grad: expected a 0-D tensor (the loss is a scalar), got shape ", grad.sizes());
-  check_same_device(pred, "pred", grad, "grad");
+  const LossMode m = parse_loss_mode(mode);
+  check_loss_grad(grad, pred);
   const int64_t B = pred.size(0), C = pred.size(1), H = pred.size(2), W = pred.size(3), Wr = W / 2 + 1;
   std::vector<double> w;
   const double wsum = weight_table(H, W, lam, f0, w);

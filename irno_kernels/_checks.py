@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 COMPLEX_OF = {
     torch.float32: torch.complex64,
     torch.float64: torch.complex128,
@@ -65,3 +66,13 @@ def finite_scalar(name: str, value) -> float:
     if v != v or v in (float("inf"), float("-inf")):
         raise ValueError(f"{name}: expected a finite number, got {v}")
     return v
+
+
+def low_precision_backend(name: str, t: torch.Tensor, backend: str) -> None:
+    """bfloat16/float16 fields of the spectral ops run on the CUDA kernels only (stored in 16 bits,
+    computed in float32): the references and the other kernels take float32/float64."""
+    if t.dtype in LOW_PRECISION and backend != "cuda":
+        raise ValueError(
+            f"{name}: expected dtype in ['torch.float32', 'torch.float64'] for the {backend!r} backend "
+            f"(bfloat16 and float16 run on CUDA tensors with the 'cuda' backend), got {t.dtype}"
+        )

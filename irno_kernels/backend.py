@@ -54,6 +54,15 @@ _KERNELS = frozenset(
 )
 _TRITON_OPS: frozenset[str] | None = None
 
+# Under torch.autocast the compiled kernels would see a mix of dtypes chosen by the ops they call
+# inside (e.g. a bf16 matmul in the CPU spectral mixing); they are fp32 kernels, so autocast runs them
+# in float32 with autocast off, as it does for its own fp32-list ops. Explicit bf16/fp16 inputs
+# outside autocast still reach the CUDA kernels' low-precision paths.
+if HAS_C:
+    for _op in OPS:
+        for _dev in ("cpu", "cuda"):
+            torch.library.register_autocast(f"irno::{_op}", _dev, torch.float32)
+
 
 def _has_kernel(op: str, key: str) -> bool:
     return (op, key) in _KERNELS

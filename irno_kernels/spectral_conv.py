@@ -34,8 +34,6 @@ __all__ = [
 #: normalisation of the forward/inverse FFT pair; neuraloperator's SpectralConv default
 FFT_NORM = "forward"
 
-_REAL_DTYPES = (torch.float32, torch.float64)
-
 
 # ---------------------------------------------------------------------------------------------
 # reference (the specification)
@@ -61,7 +59,7 @@ def spectral_conv2d_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # argument checks
 # ---------------------------------------------------------------------------------------------
 def _check(x, weight, modes) -> None:
-    _checks.tensor("x", x, ndim=4, dtypes=_REAL_DTYPES)
+    _checks.tensor("x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)  # 16-bit: see _checks.low_precision_backend
     _checks.tensor("weight", weight, ndim=4, dtypes=None)
     _checks.same_device(x=x, weight=weight)
     want = _checks.COMPLEX_OF[x.dtype]
@@ -100,12 +98,15 @@ def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor, modes: int | Sequence
     """Spectral convolution y = irfft2(Mix(rfft2(x))), differentiable in x and weight.
 
     x: (B, C_in, H, W) float32/float64; weight: (C_in, C_out, 2*m1, m2) complex64/complex128
-    (the complex dtype of x's precision). ``modes``, when given, is (m1, m2) (or one int for both)
-    and must match the weight's shape; it only guards against a weight of the wrong layout.
+    (the complex dtype of x's precision). On CUDA tensors the "cuda" backend also takes bfloat16 /
+    float16 x with a complex64 weight (computed in float32, y in x's dtype). ``modes``, when given,
+    is (m1, m2) (or one int for both) and must match the weight's shape; it only guards against a
+    weight of the wrong layout.
     Returns (B, C_out, H, W). ``backend`` forces "reference", "cpu", "cuda" or "triton".
     """
     _check(x, weight, modes)
     impl = resolve("spectral_conv2d", x.device, backend, (x, weight))
+    _checks.low_precision_backend("x", x, impl)
     if impl == "reference":
         return spectral_conv2d_ref(x, weight)
     if impl == "triton":

@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 LOSS_MODES = ("magnitude", "error")
-_DTYPES = (torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +148,7 @@ def _check_lam_f0(lam, f0) -> tuple[float, float]:
 
 
 def _check_field(name: str, t) -> torch.Tensor:
-    _checks.tensor(name, t, ndim=4, dtypes=_DTYPES)
+    _checks.tensor(name, t, ndim=4, dtypes=_checks.FLOAT_DTYPES)  # 16-bit: see _checks.low_precision_backend
     return t
 
 
@@ -160,10 +159,12 @@ def radial_spectrum(x: torch.Tensor, *, backend: str | None = None) -> torch.Ten
     """Energy of rfft2(x, norm="ortho") per radial shell, differentiable.
 
     x: (B, C, H, W) float32/float64 -> (B, C, R), R = num_shells(H, W); the shells sum to
-    (x ** 2).sum((-2, -1)).
+    (x ** 2).sum((-2, -1)). On CUDA tensors the "cuda" backend also takes bfloat16/float16
+    (computed in float32, summed in float64, returned in x's dtype).
     """
     _check_field("x", x)
     impl = resolve("radial_spectrum", x.device, backend, (x,))
+    _checks.low_precision_backend("x", x, impl)
     if impl == "reference":
         return radial_spectrum_ref(x)
     if impl == "triton":
@@ -177,7 +178,8 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
                   mode: str = "magnitude", *, backend: str | None = None) -> torch.Tensor:
     """Progressive spectral loss (a 0-D tensor), differentiable in pred and target.
 
-    pred, target: (B, C, H, W), same shape, dtype (float32/float64) and device. lam >= 0 and
+    pred, target: (B, C, H, W), same shape, dtype (float32/float64; bfloat16/float16 on CUDA tensors
+    with the "cuda" backend) and device. lam >= 0 and
     f0 > 0 shape the weight w(f) = 1 + (|f| / f0) ** lam (normalised to mean 1); mode is
     "magnitude" (|P| - |Y|)^2 or "error" |P - Y|^2. See spectral_loss_ref for the definition.
     """
@@ -189,6 +191,7 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
     lam, f0 = _check_lam_f0(lam, f0)
     mode = _check_mode(mode)
     impl = resolve("spectral_loss", pred.device, backend, (pred, target))
+    _checks.low_precision_backend("pred", pred, impl)
     if impl == "reference":
         return spectral_loss_ref(pred, target, lam, f0, mode)
     if impl == "triton":

@@ -1,8 +1,10 @@
 """spectral_conv2d: the C++ kernel against the reference (forward and backward), gradcheck, opcheck,
-torch.compile, argument checks, backend forcing and the neuraloperator weight converters."""
+torch.compile, argument checks, backend forcing and the neuraloperator weight converters; the CUDA
+kernel against the float64 reference, in 16 bits, determinism, opcheck and CUDA graphs (marked gpu)."""
 
 import pytest
 import torch
+from conftest import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -304,3 +306,189 @@ def test_converter_against_neuraloperator(n_modes):
         back = spectral_convolution.SpectralConv(3, 4, n_modes=n_modes, bias=False)
         back.weight.to_tensor().copy_(ik.weight_to_neuralop(ours, n_modes))
         torch.testing.assert_close(back(x), conv(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (csrc/spectral_conv.cu): marked gpu, skipped without a CUDA device
+# ---------------------------------------------------------------------------------------------
+# (B, C_in, C_out, H, W, m1, m2)
+CUDA_SHAPES = [
+    (3, 5, 5, 37, 50, 8, 12),  # odd and non-power-of-two sizes; B not a multiple of the batch tile (4)
+    (2, 4, 6, 128, 384, 16, 20),  # non-power-of-two, C_out not a multiple of the weight-grad tile (4)
+    (2, 11, 11, 256, 256, 16, 16),
+    (5, 3, 2, 16, 24, 8, 13),  # 2*m1 == H, m2 == W//2+1 (Nyquist column kept)
+    (2, 2, 3, 6, 1, 3, 1),  # W == 1
+    (4, 64, 64, 64, 64, 12, 12),  # wide channels
+]
+
+
+def _cuda_x(B, ci, H, W, dtype=torch.float32, layout="contiguous"):
+    if layout == "transposed":
+        return torch.randn(B, ci, W, H, device="cuda").transpose(2, 3).to(dtype)
+    if layout == "sliced":
+        return torch.randn(B, 2 * ci, H, W + 3, device="cuda").to(dtype)[:, ::2, :, 1 : W + 1]
+    x = torch.randn(B, ci, H, W, device="cuda").to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _run(fn, x, w, g):
+    """(y, grad_x, grad_w) of fn at (x, w) for grad_y = g."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    y = fn(x, w)
+    return (y.detach(), *torch.autograd.grad(y, (x, w), g))
+
+
+def _cuda(x, w):
+    return ik.spectral_conv2d(x, w, backend="cuda")
+
+
+def _run_ops(x, w, g):
+    """(y, grad_x, grad_w) from the compiled ops directly (no autograd leaf: works for conjugate views)."""
+    return (torch.ops.irno.spectral_conv2d(x, w), *torch.ops.irno.spectral_conv2d_backward(g, x, w))
+
+
+def _compare_cuda_fp32(x, w, direct=False):
+    """Forward and both gradients of the CUDA kernels (float32) against the float64 reference, one shared
+    grad_y; atol relative to the largest entry of the reference."""
+    g = torch.randn(x.shape[0], w.shape[1], *x.shape[2:], device="cuda", dtype=torch.float64)
+    got = _run_ops(x, w, g.float()) if direct else _run(_cuda, x, w, g.float())
+    want = _run(spectral_conv2d_ref, x.double(), w.resolve_conj().to(torch.complex128), g)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32 and got[2].dtype == torch.complex64
+    rtol, atol = tol(torch.float32)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=rtol, atol=atol * float(b.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matches_float64_reference(shape):
+    B, ci, co, H, W, m1, m2 = shape
+    _compare_cuda_fp32(_cuda_x(B, ci, H, W), _weight(ci, co, m1, m2, torch.float32, H, W).cuda())
+
+
+@pytest.mark.gpu
+def test_cuda_float64_matches_reference():
+    B, ci, co, H, W, m1, m2 = CUDA_SHAPES[0]
+    x = _cuda_x(B, ci, H, W, torch.float64)
+    w = _weight(ci, co, m1, m2, torch.float64, H, W).cuda()
+    g = torch.randn(B, co, H, W, device="cuda", dtype=torch.float64)
+    for a, b in zip(_run(_cuda, x, w, g), _run(spectral_conv2d_ref, x, w, g)):
+        _close(a, b, torch.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_cuda_strided_inputs_and_weights(layout):
+    B, ci, co, H, W, m1, m2 = CUDA_SHAPES[0]
+    x = _cuda_x(B, ci, H, W, layout=layout)
+    assert not x.is_contiguous()
+    w = _weight(ci, co, m1, m2, torch.float32, H, W).cuda()
+    _compare_cuda_fp32(x, torch.cat([w, w], dim=1)[:, ::2])  # a non-contiguous weight
+    wc = w.conj()  # a conjugate view: the kernel must read the conjugated values
+    assert wc.is_conj()
+    _compare_cuda_fp32(x, wc, direct=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [CUDA_SHAPES[0], CUDA_SHAPES[2]], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_low_precision_error_within_twice_torch(shape, dtype):
+    """16-bit x with a complex64 weight: the kernel's error against float64 (same rounded inputs) is at
+    most twice that of the reference run on the same inputs (torch's FFT has no bfloat16 and needs
+    powers of two for float16: it computes in float32 and stores the result in the 16-bit dtype)."""
+    B, ci, co, H, W, m1, m2 = shape
+    x = torch.randn(B, ci, H, W, device="cuda").to(dtype)
+    w = _weight(ci, co, m1, m2, torch.float32, H, W).cuda()
+    g = torch.randn(B, co, H, W, device="cuda").to(dtype)
+    ours = _run(_cuda, x, w, g)
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype and ours[2].dtype == torch.complex64
+    torch_lp = _run(spectral_conv2d_ref, x.float(), w, g.float())
+    torch_lp = (torch_lp[0].to(dtype), torch_lp[1].to(dtype), torch_lp[2])
+    exact = _run(spectral_conv2d_ref, x.double(), w.to(torch.complex128), g.double())
+    for name, o, lp, e in zip(("y", "grad_x", "grad_w"), ours, torch_lp, exact):
+        err_ours = (o.to(e.dtype) - e).abs().max().item()
+        err_torch = (lp.to(e.dtype) - e).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-5 * e.abs().max().item(), (name, err_ours, err_torch)
+
+
+@pytest.mark.gpu
+def test_cuda_low_precision_only_on_the_cuda_backend():
+    x = torch.randn(2, 3, 16, 16, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3, 4, 4, 3, device="cuda", dtype=torch.complex64)
+    assert ik.spectral_conv2d(x, w).dtype == torch.bfloat16  # auto picks the CUDA kernel
+    with pytest.raises(ValueError, match="x: expected dtype .*'reference' backend.* got torch.bfloat16"):
+        ik.spectral_conv2d(x, w, backend="reference")
+    with pytest.raises(RuntimeError, match="weight: expected dtype ComplexFloat"):
+        torch.ops.irno.spectral_conv2d(x, w.to(torch.complex128))
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic():
+    B, ci, co, H, W, m1, m2 = CUDA_SHAPES[1]
+    x = _cuda_x(B, ci, H, W)
+    w = _weight(ci, co, m1, m2, torch.float32, H, W).cuda()
+    g = torch.randn(B, co, H, W, device="cuda")
+    first, second = _run(_cuda, x, w, g), _run(_cuda, x, w, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # no atomics: the weight gradient sums the batch in order
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float64: the CPU opcheck
+def test_cuda_opcheck(dtype):
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    x = torch.randn(2, 3, 10, 9, device="cuda").to(dtype).requires_grad_()
+    w = torch.randn(3, 2, 4, 3, dtype=cdtype, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.irno.spectral_conv2d.default, (x, w))
+    gy = torch.randn(2, 2, 10, 9, device="cuda").to(dtype)
+    torch.library.opcheck(torch.ops.irno.spectral_conv2d_backward.default, (gy, x.detach(), w.detach()))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay_equals_eager():
+    """Warm up on a side stream, capture forward + backward, poison the outputs, replay, compare."""
+    x = torch.randn(2, 3, 64, 96, device="cuda", requires_grad=True)
+    w = (torch.randn(3, 4, 16, 12, dtype=torch.complex64, device="cuda") / 10).requires_grad_()
+    gy = torch.randn(2, 4, 64, 96, device="cuda")
+
+    def step():
+        y = ik.spectral_conv2d(x, w, backend="cuda")
+        return (y, *torch.autograd.grad(y, (x, w), gy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    eager = [t.clone() for t in step()]
+    for t in static:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for s, e in zip(static, eager):
+        torch.testing.assert_close(s, e, rtol=1e-6, atol=1e-6 * float(e.abs().max()))
+
+
+@needs_c
+def test_compiled_ops_run_in_float32_under_autocast():
+    """Autocast must not leak bf16 into the fp32 kernels (the CPU mixing calls a matmul inside)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 15, 12, generator=g, requires_grad=True)
+    w = torch.randn(3, 4, 6, 4, dtype=torch.complex64, generator=g)
+    h = torch.randn(2, 4, 15, 12, generator=g)
+    want = ik.spectral_conv2d(x, w, backend="cpu")
+    want_loss = ik.spectral_loss(want, h, 0.7, backend="cpu")
+    (gx_want,) = torch.autograd.grad(want_loss, x)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = ik.spectral_conv2d(x, w, backend="cpu")
+        loss = ik.spectral_loss(y, h, 0.7, backend="cpu")
+        u = ik.residual_update(h, y, 0.5, backend="cpu")
+    assert y.dtype == u.dtype == loss.dtype == torch.float32
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(loss, want_loss)
+    (gx,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(gx, gx_want)

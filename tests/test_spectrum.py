@@ -1,5 +1,6 @@
 """radial_spectrum and spectral_loss: hand-computed cases, Parseval, C++ vs the reference (forward
-and backward), gradcheck, opcheck, torch.compile, bad inputs and backend choice."""
+and backward), gradcheck, opcheck, torch.compile, bad inputs and backend choice; the CUDA kernels
+against the float64 reference, in 16 bits, determinism, opcheck and CUDA graphs (marked gpu)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -491,3 +493,244 @@ def test_forward_mode_ad_uses_the_reference():
     if HAS_CPU_KERNEL:
         with fwAD.dual_level(), pytest.raises(RuntimeError, match="no forward-mode AD formula"):
             radial_spectrum(fwAD.make_dual(pred, tangent), backend="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (csrc/spectrum.cu): marked gpu, skipped without a CUDA device
+# ---------------------------------------------------------------------------------------------
+CUDA_SHAPES = [
+    (3, 5, 37, 50),  # odd and non-power-of-two sizes
+    (2, 4, 128, 384),
+    (2, 11, 256, 256),
+    (2, 3, 33, 47),
+    (3, 2, 16, 17),
+    (2, 1, 3, 8),  # non-square: shells of irrational radius
+    (1, 1, 2, 2),
+    (2, 1, 1, 5),
+    (1, 1, 2, 17000),  # R = 8501 > 6144 shells: the radial kernel bins in shell windows
+]
+CUDA_LOSS_PARAMS = [(1.0, 0.5), (1.6, 0.5), (2.0, 0.2), (0.0, 1.0)]
+
+
+def cuda_field(shape, dtype=torch.float32, layout="contiguous"):
+    """A random (B, C, H, W) CUDA field, contiguous or a strided view of the requested layout."""
+    B, C, H, W = shape
+    if layout == "transposed":
+        t = torch.randn(B, C, W, H, device="cuda").transpose(-1, -2)
+    elif layout == "sliced":
+        t = torch.randn(B, 2 * C, H, W + 3, device="cuda")[:, ::2, :, 1 : W + 1]
+    elif layout == "channels_last":
+        t = torch.randn(B, C, H, W, device="cuda").contiguous(memory_format=torch.channels_last)
+    else:
+        t = torch.randn(B, C, H, W, device="cuda")
+    return t.to(dtype)
+
+
+def _radial_run(fn, x, g):
+    """(E, grad_x) of fn at x for grad_E = g."""
+    x = x.detach().requires_grad_()
+    E = fn(x)
+    return E.detach(), torch.autograd.grad(E, x, g)[0]
+
+
+def _loss_run(fn, p, t, g):
+    """(loss, grad_pred, grad_target) of fn at (p, t) for grad_loss = g."""
+    p, t = p.detach().requires_grad_(), t.detach().requires_grad_()
+    L = fn(p, t)
+    return (L.detach(), *torch.autograd.grad(L, (p, t), g))
+
+
+def _cuda_radial(x):
+    return radial_spectrum(x, backend="cuda")
+
+
+def _cuda_loss(lam, f0, mode):
+    return lambda p, t: spectral_loss(p, t, lam, f0, mode, backend="cuda")
+
+
+def _ref_loss(lam, f0, mode):
+    return lambda p, t: spectral_loss_ref(p, t, lam, f0, mode)
+
+
+def _close_fp32(got, want):
+    """float32 results against float64 ones: conftest's float32 rtol, atol relative to the largest entry."""
+    rtol, atol = tol(torch.float32)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=rtol, atol=atol * max(float(b.abs().max()), 1e-30))
+
+
+def _radial_grad(x, dtype=torch.float64):
+    B, C, H, W = x.shape
+    return torch.randn(B, C, num_shells(H, W), device="cuda", dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_radial_spectrum_matches_float64_reference(shape):
+    x = cuda_field(shape)
+    g = _radial_grad(x)
+    got = _radial_run(_cuda_radial, x, g.float())
+    assert got[0].dtype == torch.float32 and got[0].shape[-1] == num_shells(*shape[2:])
+    _close_fp32(got, _radial_run(sp.radial_spectrum_ref, x.double(), g))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_float64_shells_exact(shape):
+    """float64: every entry lands in the reference's shell (a misplaced entry would move O(1) energy)."""
+    x = cuda_field(shape, torch.float64)
+    g = _radial_grad(x)
+    for a, b in zip(_radial_run(_cuda_radial, x, g), _radial_run(sp.radial_spectrum_ref, x, g)):
+        close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_spectral_loss_matches_float64_reference(shape, mode):
+    p, t = cuda_field(shape), cuda_field(shape)
+    g = torch.tensor(0.7, device="cuda", dtype=torch.float64)
+    for lam, f0 in CUDA_LOSS_PARAMS:
+        got = _loss_run(_cuda_loss(lam, f0, mode), p, t, g.float())
+        assert got[0].shape == () and got[0].dtype == torch.float32
+        _close_fp32(got, _loss_run(_ref_loss(lam, f0, mode), p.double(), t.double(), g))
+    got = _loss_run(_cuda_loss(1.6, 0.5, mode), p.double(), t.double(), g)
+    for a, b in zip(got, _loss_run(_ref_loss(1.6, 0.5, mode), p.double(), t.double(), g)):
+        close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_cuda_strided_inputs(layout):
+    shape = CUDA_SHAPES[0]
+    x, y = cuda_field(shape, layout=layout), cuda_field(shape, layout=layout)
+    assert not x.is_contiguous()
+    g = _radial_grad(x)
+    _close_fp32(_radial_run(_cuda_radial, x, g.float()), _radial_run(sp.radial_spectrum_ref, x.double(), g))
+    g = torch.tensor(1.3, device="cuda", dtype=torch.float64)
+    for mode in MODES:
+        _close_fp32(
+            _loss_run(_cuda_loss(1.6, 0.5, mode), x, y, g.float()),
+            _loss_run(_ref_loss(1.6, 0.5, mode), x.double(), y.double(), g),
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [CUDA_SHAPES[0], CUDA_SHAPES[2]], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_low_precision_error_within_twice_torch(shape, dtype):
+    """16-bit fields: the kernels' error against float64 (same rounded inputs) is at most twice that of
+    the reference run on the same inputs (torch's FFT has no bfloat16 and needs powers of two for
+    float16: it computes in float32 and stores the results in the 16-bit dtype)."""
+
+    def check(ours, torch_lp, exact):
+        for o, lp, e in zip(ours, torch_lp, exact):
+            assert o.dtype == dtype
+            err_ours = (o.double() - e).abs().max().item()
+            err_torch = (lp.to(dtype).double() - e).abs().max().item()
+            assert err_ours <= 2 * err_torch + 1e-5 * e.abs().max().item(), (err_ours, err_torch)
+
+    x, y = cuda_field(shape, dtype), cuda_field(shape, dtype)
+    g = _radial_grad(x, dtype)
+    check(
+        _radial_run(_cuda_radial, x, g),
+        _radial_run(sp.radial_spectrum_ref, x.float(), g.float()),
+        _radial_run(sp.radial_spectrum_ref, x.double(), g.double()),
+    )
+    g = torch.tensor(0.7, device="cuda").to(dtype)
+    for mode in MODES:
+        check(
+            _loss_run(_cuda_loss(1.6, 0.5, mode), x, y, g),
+            _loss_run(_ref_loss(1.6, 0.5, mode), x.float(), y.float(), g.float()),
+            _loss_run(_ref_loss(1.6, 0.5, mode), x.double(), y.double(), g.double()),
+        )
+
+
+@pytest.mark.gpu
+def test_cuda_low_precision_only_on_the_cuda_backend():
+    x, y = cuda_field((2, 3, 16, 16), torch.bfloat16), cuda_field((2, 3, 16, 16), torch.bfloat16)
+    assert radial_spectrum(x).dtype == torch.bfloat16  # auto picks the CUDA kernel
+    assert spectral_loss(x, y, 1.6).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"x: expected dtype .*'reference' backend.* got torch.bfloat16"):
+        radial_spectrum(x, backend="reference")
+    with pytest.raises(ValueError, match=r"pred: expected dtype .*'reference' backend.* got torch.bfloat16"):
+        spectral_loss(x, y, 1.6, backend="reference")
+
+
+@pytest.mark.gpu
+def test_cuda_deterministic():
+    """Two runs are bitwise equal: fixed-shape partials added in order, no atomics."""
+    x, y = cuda_field(CUDA_SHAPES[2]), cuda_field(CUDA_SHAPES[2])
+    g = _radial_grad(x, torch.float32)
+    for a, b in zip(_radial_run(_cuda_radial, x, g), _radial_run(_cuda_radial, x, g)):
+        assert torch.equal(a, b)
+    g = torch.tensor(0.7, device="cuda")
+    for mode in MODES:
+        fn = _cuda_loss(1.6, 0.5, mode)
+        for a, b in zip(_loss_run(fn, x, y, g), _loss_run(fn, x, y, g)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_spectral_loss_magnitude_grad_at_zero_modes(dtype):
+    # every rfft2 entry of cos(2 pi x / 4) on a 4x4 grid but one is 0, where |P| has no derivative
+    row = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=dtype, device="cuda")
+    zeros = row.expand(4, 4).reshape(1, 1, 4, 4).repeat(2, 1, 1, 1)
+    other = cuda_field((2, 1, 4, 4), dtype)
+    g = torch.tensor(1.0, dtype=dtype, device="cuda")
+    for p, t in [(zeros, other), (other, zeros), (torch.zeros_like(other), other)]:
+        got = _loss_run(_cuda_loss(1.6, 0.5, "magnitude"), p, t, g)
+        for a, b in zip(got, _loss_run(_ref_loss(1.6, 0.5, "magnitude"), p, t, g)):
+            close(a, b)
+            assert torch.isfinite(a).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float64: the CPU opcheck
+def test_cuda_opcheck(dtype):
+    x, y = cuda_field((2, 2, 7, 10), dtype), cuda_field((2, 2, 7, 10), dtype)
+    g_r = _radial_grad(x, dtype)
+    g = torch.tensor(0.5, device="cuda").to(dtype)
+    ops = torch.ops.irno
+    torch.library.opcheck(ops.radial_spectrum, (x.clone().requires_grad_(),))
+    torch.library.opcheck(ops.radial_spectrum_backward, (g_r, x))
+    for mode in MODES:
+        torch.library.opcheck(
+            ops.spectral_loss, (x.clone().requires_grad_(), y.clone().requires_grad_(), 1.6, 0.5, mode)
+        )
+        for wrt_target in (False, True):
+            torch.library.opcheck(ops.spectral_loss_backward, (g, x, y, 1.6, 0.5, mode, wrt_target))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay_equals_eager():
+    """Warm up on a side stream, capture forward + backward of both ops, poison the outputs, replay."""
+    x = cuda_field((2, 3, 64, 96)).requires_grad_()
+    y = cuda_field((2, 3, 64, 96))
+    gr = _radial_grad(x, torch.float32)
+
+    def step():
+        E = radial_spectrum(x, backend="cuda")
+        loss = spectral_loss(x, y, 1.6, 0.5, "magnitude", backend="cuda") + spectral_loss(
+            x, y, 1.0, 0.5, "error", backend="cuda"
+        )
+        return (E, loss, *torch.autograd.grad((E, loss), (x,), (gr, torch.ones_like(loss))))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    eager = [t.clone() for t in step()]
+    for t in static:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for s, e in zip(static, eager):
+        torch.testing.assert_close(s, e, rtol=1e-6, atol=1e-6 * float(e.abs().max()))

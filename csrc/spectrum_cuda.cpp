@@ -1,0 +1,198 @@
+// CUDA implementation of radial_spectrum, spectral_loss and their backward (semantics:
+// irno_kernels/spectrum.py, radial_spectrum_ref / spectral_loss_ref): argument checks, the FFTs
+// (cuFFT through ATen, norm "ortho"), the launches of the one-pass kernels of csrc/spectrum.cu, and
+// the registration for the CUDA dispatch key. Compiled in CUDA builds only (CMakeLists.txt: *_cuda.cpp).
+//
+// Backward applies the adjoint of rfft2 like the CPU kernels (csrc/spectrum.cpp): the kernels write
+// the gradient with respect to the spectrum with the conjugate-pair columns halved, over the spectrum
+// itself, and irfft2(norm="ortho") maps it back to the grid.
+//
+// bfloat16/float16 fields are stored in 16 bits and computed in float32 (FFTs on float32 copies,
+// sums in float64); the results are rounded to the input dtype at the end. Everything runs on the
+// current stream; the loss gradient's scale stays on the device (no .item()), scratch memory comes
+// from PyTorch's caching allocator: the ops can be captured in a CUDA graph.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/fft_irfft2.h>
+#include <ATen/ops/fft_rfft2.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/complex.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "checks.h"
+#include "spectrum_cuda.h"
+
+namespace irno {
+namespace {
+
+template <typename T>
+const T* real_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr<c10::complex<T>>());
+}
+
+template <typename T>
+T* real_ptr_mut(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr<c10::complex<T>>());
+}
+
+// the dtype the kernels compute in: float64 for float64 fields, float32 for the others
+at::ScalarType compute_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor in_compute_dtype(const at::Tensor& t) {
+  return t.scalar_type() == compute_dtype(t) ? t : t.to(compute_dtype(t));
+}
+
+// rfft2(norm="ortho") of a field already in its compute dtype, contiguous (the kernels index it);
+// a fresh tensor, which the backward kernels overwrite
+at::Tensor spectrum_of(const at::Tensor& x) {
+  return at::fft_rfft2(x, c10::nullopt, {-2, -1}, "ortho").contiguous();
+}
+
+at::Tensor adjoint_rfft2(const at::Tensor& G, int64_t H, int64_t W, at::ScalarType dtype) {
+  at::Tensor out = at::fft_irfft2(G, at::IntArrayRef({H, W}), {-2, -1}, "ortho");
+  return out.scalar_type() == dtype ? out.contiguous() : out.to(dtype).contiguous();
+}
+
+// R = 1 + the shell of the corner frequency, as num_shells() in irno_kernels/spectrum.py
+int64_t num_shells(int64_t H, int64_t W) {
+  const double L = static_cast<double>(std::max(H, W));
+  const double fy = static_cast<double>(H / 2) * (1.0 / static_cast<double>(H));
+  const double fx = static_cast<double>(W / 2) * (1.0 / static_cast<double>(W));
+  return 1 + static_cast<int64_t>(std::nearbyint(L * std::sqrt(fy * fy + fx * fx)));
+}
+
+cuda::SpectrumShape shape_of(const at::Tensor& x, int64_t R) {
+  cuda::SpectrumShape s;
+  s.planes = x.size(0) * x.size(1);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.R = R;
+  return s;
+}
+
+// the kernels index the entries of one spectrum with 32-bit integers
+void check_launch_limits(const at::Tensor& x, const char* name) {
+  const int64_t entries = x.size(2) * (x.size(3) / 2 + 1);
+  TORCH_CHECK(entries <= (int64_t{1} << 30), name, ": the CUDA kernels take at most 2^30 spectrum entries ",
+              "H*(W//2+1) per channel, got shape ", x.sizes());
+}
+
+at::Tensor workspace(int64_t doubles, const at::Tensor& like) {
+  return at::empty({doubles}, like.options().dtype(at::kDouble));
+}
+
+// ------------------------------------------------------------------------------------------------
+// radial spectrum
+// ------------------------------------------------------------------------------------------------
+at::Tensor radial_spectrum_cuda(const at::Tensor& x) {
+  check_field(x, "x", /*low_precision=*/true);
+  check_launch_limits(x, "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  const cuda::SpectrumShape s = shape_of(x, num_shells(x.size(2), x.size(3)));
+  const at::Tensor F = spectrum_of(in_compute_dtype(x));
+  at::Tensor work = workspace(cuda::radial_workspace(s), x);
+  at::Tensor out = at::empty({x.size(0), x.size(1), s.R}, x.options().dtype(compute_dtype(x)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (compute_dtype(x) == at::kDouble) {
+    cuda::radial_spectrum(real_ptr<double>(F), work.mutable_data_ptr<double>(), out.mutable_data_ptr<double>(), s,
+                          stream);
+  } else {
+    cuda::radial_spectrum(real_ptr<float>(F), work.mutable_data_ptr<double>(), out.mutable_data_ptr<float>(), s,
+                          stream);
+  }
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+at::Tensor radial_spectrum_backward_cuda(const at::Tensor& grad, const at::Tensor& x) {
+  check_field(x, "x", /*low_precision=*/true);
+  const cuda::SpectrumShape s = shape_of(x, num_shells(x.size(2), x.size(3)));
+  check_radial_grad(grad, x, s.R);
+  check_launch_limits(x, "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor F = spectrum_of(in_compute_dtype(x));  // overwritten with the gradient spectrum
+  const at::Tensor g = in_compute_dtype(grad).resolve_neg().contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (compute_dtype(x) == at::kDouble) {
+    cuda::radial_spectrum_grad(real_ptr_mut<double>(F), g.const_data_ptr<double>(), s, stream);
+  } else {
+    cuda::radial_spectrum_grad(real_ptr_mut<float>(F), g.const_data_ptr<float>(), s, stream);
+  }
+  return adjoint_rfft2(F, s.H, s.W, x.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------------
+// spectral loss
+// ------------------------------------------------------------------------------------------------
+at::Tensor spectral_loss_cuda(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
+                              c10::string_view mode) {
+  check_loss_args(pred, target, lam, f0, /*low_precision=*/true);
+  const LossMode m = parse_loss_mode(mode);
+  check_launch_limits(pred, "pred");
+  c10::cuda::CUDAGuard guard(pred.device());
+  const cuda::SpectrumShape s = shape_of(pred, 0);
+  const at::Tensor p = in_compute_dtype(pred), t = in_compute_dtype(target);
+  // F(p - y) = F(p) - F(y): the error mode needs one transform, not two
+  const at::Tensor P = spectrum_of(m == LossMode::kError ? p.sub(t) : p);
+  const at::Tensor Y = m == LossMode::kMagnitude ? spectrum_of(t) : at::Tensor();
+  at::Tensor work = workspace(cuda::loss_workspace(s), pred);
+  at::Tensor out = at::empty({}, pred.options().dtype(compute_dtype(pred)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (compute_dtype(pred) == at::kDouble) {
+    cuda::spectral_loss(real_ptr<double>(P), Y.defined() ? real_ptr<double>(Y) : nullptr, lam, f0,
+                        work.mutable_data_ptr<double>(), out.mutable_data_ptr<double>(), s, stream);
+  } else {
+    cuda::spectral_loss(real_ptr<float>(P), Y.defined() ? real_ptr<float>(Y) : nullptr, lam, f0,
+                        work.mutable_data_ptr<double>(), out.mutable_data_ptr<float>(), s, stream);
+  }
+  return out.scalar_type() == pred.scalar_type() ? out : out.to(pred.scalar_type());
+}
+
+at::Tensor spectral_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                                       double lam, double f0, c10::string_view mode, bool wrt_target) {
+  check_loss_args(pred, target, lam, f0, /*low_precision=*/true);
+  const LossMode m = parse_loss_mode(mode);
+  check_loss_grad(grad, pred);
+  check_launch_limits(pred, "pred");
+  c10::cuda::CUDAGuard guard(pred.device());
+  const cuda::SpectrumShape s = shape_of(pred, 0);
+  const double sign = (m == LossMode::kError && wrt_target) ? -1.0 : 1.0;
+  const at::Tensor p = in_compute_dtype(pred), t = in_compute_dtype(target);
+  at::Tensor S;  // overwritten with the gradient spectrum
+  at::Tensor other;
+  if (m == LossMode::kError) {
+    S = spectrum_of(p.sub(t));
+  } else {
+    S = spectrum_of(wrt_target ? t : p);
+    other = spectrum_of(wrt_target ? p : t);
+  }
+  // the incoming gradient stays on the device: read by the kernels, never by the host
+  const at::Tensor g = grad.reshape({1}).to(at::kDouble).resolve_neg().contiguous();
+  at::Tensor work = workspace(cuda::loss_workspace(s), pred);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (compute_dtype(pred) == at::kDouble) {
+    cuda::spectral_loss_grad(real_ptr_mut<double>(S), other.defined() ? real_ptr<double>(other) : nullptr,
+                             g.const_data_ptr<double>(), sign, lam, f0, work.mutable_data_ptr<double>(), s, stream);
+  } else {
+    cuda::spectral_loss_grad(real_ptr_mut<float>(S), other.defined() ? real_ptr<float>(other) : nullptr,
+                             g.const_data_ptr<double>(), sign, lam, f0, work.mutable_data_ptr<double>(), s, stream);
+  }
+  return adjoint_rfft2(S, s.H, s.W, pred.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(irno, CUDA, m) {
+  m.impl("radial_spectrum", &radial_spectrum_cuda);
+  m.impl("radial_spectrum_backward", &radial_spectrum_backward_cuda);
+  m.impl("spectral_loss", &spectral_loss_cuda);
+  m.impl("spectral_loss_backward", &spectral_loss_backward_cuda);
+}
+
+}  // namespace irno
