@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from irno.models import (
     FNO,
     TFNO,
@@ -20,7 +21,7 @@ from irno.models import (
     WDSRBlock,
     tucker_ranks,
 )
-from irno.models._layers import conv_padding_mode, crop, make_skip, pad_to_multiple
+from irno.models._layers import Conv2d, circular_pad2d, conv_padding_mode, crop, make_skip, pad_to_multiple
 from irno.models.fno import effective_modes
 from torch import nn
 
@@ -278,7 +279,8 @@ def test_unet_recipe_and_parameter_count():
     widths = [b.net[0].out_channels for b in u.down] + [u.bottleneck.net[0].out_channels]
     assert widths == [16, 32, 64, 128, 256]
     block = u.down[0].net
-    assert [type(m) for m in block] == [nn.Conv2d, ChannelLayerNorm, nn.GELU] * 2
+    assert [type(m) for m in block] == [Conv2d, ChannelLayerNorm, nn.GELU] * 2
+    assert all(isinstance(m, nn.Conv2d) for m in block[::3])
     convs3 = [m for m in u.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(convs3) == 2 * 4 + 2 + 4 * 3 and all(m.padding_mode == "circular" for m in convs3)
     assert u.out_conv.kernel_size == (1, 1) and torch.all(u.out_conv.bias == 0)
@@ -365,3 +367,59 @@ def test_spectral_conv_half_precision_input():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), conv(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
     assert conv(x.double()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# periodic padding with a folded backward, and the fused channel LayerNorm
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,p", [((2, 3, 5, 7), 1), ((1, 2, 3, 3), 3), ((4, 6, 6), 2), ((1, 1, 9, 4), 4)])
+def test_circular_pad2d_matches_f_pad_and_gradchecks(shape, p):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(circular_pad2d(x, p), F.pad(x, (p,) * 4, mode="circular"))
+    torch.autograd.gradcheck(lambda t: circular_pad2d(t, p), (x,))
+    torch.autograd.gradgradcheck(lambda t: circular_pad2d(t, p), (x,))
+    torch.autograd.gradcheck(lambda t: circular_pad2d(t, p), (x,), check_forward_ad=True, check_backward_ad=False)
+
+
+def test_circular_pad2d_channels_last_and_errors():
+    x = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    out = circular_pad2d(x, 1)
+    assert torch.equal(out, F.pad(x, (1,) * 4, mode="circular"))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert circular_pad2d(x, 0) is x
+    with pytest.raises(ValueError, match="p:"):
+        circular_pad2d(torch.randn(1, 1, 2, 5), 3)
+
+
+def test_periodic_conv2d_equals_nn_conv2d_forward_and_backward():
+    torch.manual_seed(0)
+    ours = Conv2d(3, 4, 3, padding=1, padding_mode="circular").double()
+    ref = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular").double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    a, b = ours(x), ref(x2)
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    # a grid smaller than the halo falls back to nn.Conv2d's own padding (which then raises as it does)
+    small = Conv2d(1, 1, 5, padding=2, padding_mode="zeros")
+    assert small(torch.randn(1, 1, 1, 1)).shape == (1, 1, 1, 1)
+
+
+def test_channel_layer_norm_matches_definition():
+    torch.manual_seed(0)
+    ln = ChannelLayerNorm(5).double()
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).square().mean(1, keepdim=True)
+    ref = (x - mean) / torch.sqrt(var + ln.eps) * ln.weight.view(1, -1, 1, 1) + ln.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(ln(x), ref)
+    torch.autograd.gradcheck(ln, (x,))
+    assert ln(torch.randn(2, 5, 8, dtype=torch.float64)).shape == (2, 5, 8)  # any number of spatial dims

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "PADDING_MODES", "conv_padding_mode", "pad_mode", "pad_to_multiple", "crop",
+    "PADDING_MODES", "conv_padding_mode", "pad_mode", "pad_to_multiple", "crop", "circular_pad2d", "Conv2d",
     "ChannelMLP", "SoftGating", "make_skip", "GridEmbedding2D", "ChannelLayerNorm",
 ]
 
@@ -61,6 +61,76 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, padding: str) -> tuple[torch
     if mode == "reflect" and (ph >= H or pw >= W):
         mode = "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode), (H, W)
+
+
+def _wrap_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(..., H, W) -> (..., H + 2p, W + 2p), periodic; one write of the interior plus the halos."""
+    H, W = x.shape[-2:]
+    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((*x.shape[:-2], H + 2 * p, W + 2 * p), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out[..., p:p + H, p:p + W] = x
+    out[..., :p, p:p + W] = x[..., H - p:, :]
+    out[..., p + H:, p:p + W] = x[..., :p, :]
+    out[..., :, :p] = out[..., :, W:W + p]
+    out[..., :, p + W:] = out[..., :, p:2 * p]
+    return out
+
+
+def _wrap_fold(g: torch.Tensor, p: int) -> torch.Tensor:
+    """The adjoint of :func:`_wrap_pad`: (..., H + 2p, W + 2p) -> (..., H, W), halos added back."""
+    H, W = g.shape[-2] - 2 * p, g.shape[-1] - 2 * p
+    cols = g[..., :, p:p + W].clone()
+    cols[..., :, W - p:] += g[..., :, :p]
+    cols[..., :, :p] += g[..., :, p + W:]
+    out = cols[..., p:p + H, :].clone()
+    out[..., H - p:, :] += cols[..., :p, :]
+    out[..., :p, :] += cols[..., p + H:, :]
+    return out
+
+
+class _CircularPad2d(torch.autograd.Function):
+    """Periodic padding whose backward folds the halos back in place of ATen's composite backward
+    (which zero-fills a full-size gradient for each of the pieces it stitches together: about a
+    quarter of the U-Net refiner's training step on CPU)."""
+
+    @staticmethod
+    def forward(x, p):
+        return _wrap_pad(x, p)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.p = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _wrap_fold(g, ctx.p), None
+
+    @staticmethod
+    def jvp(ctx, t, _):
+        return _wrap_pad(t, ctx.p)
+
+
+def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Pad the last two dims of x by p on every side, periodically: same values as
+    ``F.pad(x, (p, p, p, p), mode="circular")``, with a cheaper backward. p <= H and p <= W."""
+    H, W = x.shape[-2:]
+    if p == 0:
+        return x
+    if p > H or p > W:
+        raise ValueError(f"p: periodic padding of {p} needs a grid of at least {p} x {p}, got {H} x {W}")
+    return _CircularPad2d.apply(x, p)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state-dict keys) whose periodic padding uses
+    :func:`circular_pad2d`; every other padding mode is ``nn.Conv2d``'s own."""
+
+    def _conv_forward(self, input, weight, bias):
+        ph, pw = self.padding if isinstance(self.padding, tuple) else (None, None)
+        if self.padding_mode == "circular" and ph == pw and isinstance(ph, int) and ph <= min(input.shape[-2:]):
+            return F.conv2d(circular_pad2d(input, ph), weight, bias, self.stride, 0, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
 
 
 def crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -156,7 +226,9 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=1, keepdim=True)
-        var = (x - mean).square().mean(dim=1, keepdim=True)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        # F.layer_norm over the last dim of a channels-last view: one fused kernel each way (and fp32
+        # statistics under autocast), several times faster than composing it from reductions
+        perm = (0, *range(2, x.dim()), 1)
+        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        y = F.layer_norm(x.permute(perm), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(inv)

@@ -3,7 +3,8 @@
     depth 4, base width 16: encoder widths 16-32-64-128, bottleneck 256
     block   = 2 x (3x3 conv -> LayerNorm over channels -> GELU)
     down    = 2x2 max-pool
-    up      = bilinear x2 upsampling -> 3x3 conv (halves the width), concat with the skip, block
+    up      = bilinear x2 upsampling (periodic at the edges for periodic nets) -> 3x3 conv (halves
+              the width), concat with the skip, block
     output  = 1x1 conv, xavier-uniform gain 0.1, zero bias (Phi starts near 0: h_1 ~ h_0)
 
 Boundaries are a keyword (periodic as in the released code, zero or replicate for open domains).
@@ -17,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from irno.models._layers import ChannelLayerNorm, conv_padding_mode, crop, pad_to_multiple
+from irno.models._layers import ChannelLayerNorm, Conv2d, circular_pad2d, conv_padding_mode, crop, pad_to_multiple
 
-__all__ = ["UNetRefiner", "ConvBlock"]
+__all__ = ["UNetRefiner", "ConvBlock", "periodic_coordinates"]
 
 
 class ConvBlock(nn.Module):
@@ -29,12 +30,22 @@ class ConvBlock(nn.Module):
         super().__init__()
         layers = []
         for a in (cin, cout):
-            layers += [nn.Conv2d(a, cout, kernel_size, padding=kernel_size // 2, padding_mode=padding_mode),
+            layers += [Conv2d(a, cout, kernel_size, padding=kernel_size // 2, padding_mode=padding_mode),
                        ChannelLayerNorm(cout), nn.GELU()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(x)
+
+
+def periodic_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4, H, W): sin and cos of 2 pi i / H, then of 2 pi j / W, in x's dtype."""
+    B, _, H, W = x.shape
+    ti = torch.arange(H, device=x.device, dtype=torch.float32) * (2 * torch.pi / H)
+    tj = torch.arange(W, device=x.device, dtype=torch.float32) * (2 * torch.pi / W)
+    rows = torch.stack([ti.sin(), ti.cos()])[:, :, None].expand(2, H, W)
+    cols = torch.stack([tj.sin(), tj.cos()])[:, None, :].expand(2, H, W)
+    return torch.cat([rows, cols]).to(x.dtype).expand(B, 4, H, W)
 
 
 class UNetRefiner(nn.Module):
@@ -48,22 +59,26 @@ class UNetRefiner(nn.Module):
         padding: boundary of the 3x3 convs and of the alignment padding: 'periodic' (default, as the
             released code), 'zero', 'replicate' or 'reflect'.
         out_gain: xavier-uniform gain of the output 1x1 conv (0.1); its bias starts at 0.
+        positional: append 4 coordinate channels sin/cos(2 pi i / H), sin/cos(2 pi j / W) to the input
+            (False, as the released code). A periodic U-Net cannot otherwise tell where it is, so a
+            fixed spatial pattern (a forcing term, a wall) must be inferred from the fields.
 
     ``forward_features(x)`` -> (B, width, H, W) is the input of ``out_conv`` (the 1x1 output conv),
     so ``forward(x) == out_conv(forward_features(x))``; IRNO fuses ``out_conv`` into the update.
     """
 
     def __init__(self, in_channels: int, out_channels: int, depth: int = 4, width: int = 16,
-                 padding: str = "periodic", out_gain: float = 0.1):
+                 padding: str = "periodic", out_gain: float = 0.1, positional: bool = False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth: expected >= 1, got {depth}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.depth, self.width, self.padding = depth, width, padding
+        self.positional = bool(positional)
         mode = conv_padding_mode(padding)
         widths = [width * 2 ** i for i in range(depth + 1)]  # last one is the bottleneck
         self.down = nn.ModuleList()
-        cin = in_channels
+        cin = in_channels + (4 if self.positional else 0)
         for w in widths[:-1]:
             self.down.append(ConvBlock(cin, w, mode))
             cin = w
@@ -71,7 +86,7 @@ class UNetRefiner(nn.Module):
         self.up_convs = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(depth)):
-            self.up_convs.append(nn.Conv2d(widths[i + 1], widths[i], 3, padding=1, padding_mode=mode))
+            self.up_convs.append(Conv2d(widths[i + 1], widths[i], 3, padding=1, padding_mode=mode))
             self.up_blocks.append(ConvBlock(2 * widths[i], widths[i], mode))
         self.out_conv = nn.Conv2d(width, out_channels, 1)
         nn.init.xavier_uniform_(self.out_conv.weight, gain=out_gain)
@@ -79,6 +94,10 @@ class UNetRefiner(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, width, H, W): the features the output 1x1 conv reads."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if self.positional:
+            x = torch.cat([x, periodic_coordinates(x)], dim=1)
         x, size = pad_to_multiple(x, 2 ** self.depth, self.padding)
         skips = []
         for block in self.down:
@@ -87,9 +106,18 @@ class UNetRefiner(nn.Module):
             x = F.max_pool2d(x, 2)
         x = self.bottleneck(x)
         for up_conv, block, skip in zip(self.up_convs, self.up_blocks, reversed(skips)):
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = self._upsample(x)
             x = block(torch.cat([skip, up_conv(x)], dim=1))
         return crop(x, size)
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """Bilinear x2. With periodic boundaries the edge pixels interpolate across the wrap (a 1-pixel
+        periodic halo, upsampled and cropped), so the whole net commutes with periodic shifts by
+        multiples of 2^depth; otherwise the edges clamp, as ``F.interpolate`` does."""
+        if self.padding in ("periodic", "circular") and min(x.shape[-2:]) >= 1:
+            up = F.interpolate(circular_pad2d(x, 1), scale_factor=2, mode="bilinear", align_corners=False)
+            return up[..., 2:-2, 2:-2]
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, out_channels, H, W)."""
