@@ -246,3 +246,84 @@ def test_tfno_base_reuses_its_cached_weight_during_training():
     m(x).sum().backward()
     m(x).sum().backward()
     assert [c.n_reconstructions for c in base.convs] == [1, 1]  # frozen base: rebuilt once, then cached
+
+
+# ---------------------------------------------------------------------------------------------
+# the refiner under autocast (refiner_dtype) and pick_refiner_dtype
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
+def test_refiner_dtype_bf16_keeps_base_and_iterate_in_fp32(fused):
+    torch.manual_seed(0)
+    base = FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    ref = IRNO(base, UNetRefiner(3, 1, depth=2, width=8, out_gain=1.0), K=3, fused=fused)
+    amp = IRNO(base, UNetRefiner(3, 1, depth=2, width=8, out_gain=1.0), K=3, fused=fused,
+               refiner_dtype=torch.bfloat16)
+    amp.refiner.load_state_dict(ref.refiner.state_dict())
+    x = torch.randn(2, 2, 16, 12)
+    traj_ref = ref(x, return_trajectory=True)
+    traj = amp(x, return_trajectory=True)
+    assert torch.equal(traj[0], traj_ref[0])  # h_0 is the base's fp32 answer, untouched by autocast
+    assert all(h.dtype == torch.float32 for h in traj)
+    for a, b in zip(traj[1:], traj_ref[1:]):
+        assert not torch.equal(a, b)  # the refiner did run in bf16 ...
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())  # ... close to fp32
+    loss = traj[-1].square().mean() + amp.phi(x, traj[-1]).square().mean()
+    loss.backward()
+    grads = [p.grad for p in amp.refiner.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert amp.phi(x, traj[0]).dtype == torch.float32
+    with torch.no_grad():  # the in-place inference path under autocast
+        torch.testing.assert_close(amp(x), traj[-1].detach(), rtol=1e-5, atol=1e-6)
+    assert "refiner_dtype=torch.bfloat16" in repr(amp)
+
+
+def test_contraction_estimate_runs_a_bf16_refiner_in_fp32():
+    """Forward-mode AD (the contraction estimate's JVPs) bypasses the refiner's autocast."""
+    from irno.analysis import contraction_factor
+
+    torch.manual_seed(0)
+    base = FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    ref = IRNO(base, UNetRefiner(3, 1, depth=2, width=8, out_gain=1.0), K=3)
+    amp = IRNO(base, UNetRefiner(3, 1, depth=2, width=8, out_gain=1.0), K=3, refiner_dtype=torch.bfloat16)
+    amp.refiner.load_state_dict(ref.refiner.state_dict())
+    x, h = torch.randn(2, 2, 16, 12), torch.randn(2, 1, 16, 12)
+    for kind in ("norm", "radius"):
+        q_ref = contraction_factor(ref, x, h, n_iter=5, kind=kind, method="forward")
+        q_amp = contraction_factor(amp, x, h, n_iter=5, kind=kind, method="forward")
+        torch.testing.assert_close(q_amp, q_ref, rtol=1e-2, atol=0)  # norm: its vjp half runs in bf16
+
+
+def test_pick_refiner_dtype_and_bad_values():
+    from irno import pick_refiner_dtype
+
+    assert pick_refiner_dtype("cpu", "bf16") is torch.bfloat16
+    assert pick_refiner_dtype("cpu", "fp16") is torch.float16
+    assert pick_refiner_dtype("cpu", "off") is None and pick_refiner_dtype("cpu", None) is None
+    assert pick_refiner_dtype("cpu", torch.bfloat16) is torch.bfloat16
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert pick_refiner_dtype("cpu", "auto") is (torch.bfloat16 if amx else None)
+    with pytest.raises(ValueError, match="refiner_dtype"):
+        pick_refiner_dtype("cpu", "int8")
+    with pytest.raises(ValueError, match="refiner_dtype"):
+        IRNO(nn.Identity(), nn.Identity(), refiner_dtype=torch.float64)
+
+
+def test_unet_positional_channels_are_periodic_and_checked():
+    from irno.models.unet import periodic_coordinates
+
+    torch.manual_seed(0)
+    u = UNetRefiner(3, 1, depth=2, width=8, positional=True)
+    assert u.down[0].net[0].in_channels == 3 + 4
+    x = torch.randn(2, 3, 12, 20)
+    assert u(x).shape == (2, 1, 12, 20)
+    c = periodic_coordinates(x)
+    assert c.shape == (2, 4, 12, 20)
+    torch.testing.assert_close(c[0, 0, :, 0], torch.sin(2 * torch.pi * torch.arange(12) / 12))
+    torch.testing.assert_close(c[0, 3, 0, :], torch.cos(2 * torch.pi * torch.arange(20) / 20))
+    # a periodic shift of the input does not commute with the net any more (it sees where it is),
+    # while without positional channels a periodic U-Net is shift-equivariant
+    plain = UNetRefiner(3, 1, depth=2, width=8, out_gain=1.0)
+    shift = (4, 8)  # multiples of 2^depth keep the pooling grid aligned
+    torch.testing.assert_close(plain(x.roll(shift, (2, 3))), plain(x).roll(shift, (2, 3)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="x: expected"):
+        u(torch.randn(2, 5, 12, 20))

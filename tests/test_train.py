@@ -91,8 +91,31 @@ def test_time_budget_stops_mid_epoch_with_a_cosine_over_the_budget():
         time.sleep(0.01)
         return torch.nn.functional.mse_loss(m(x), y), {}
 
-    cfg = TrainConfig(epochs=5, batch_size=4, lr=1e-2, lr_min=1e-4, time_budget_s=0.3, progress=False)
+    cfg = TrainConfig(epochs=5, batch_size=4, lr=1e-2, lr_min=1e-4, time_budget_s=0.6, progress=False)
     tr = Trainer(model, slow_loss, data, config=cfg)
     hist = tr.fit()
     assert len(hist) == 1 and tr.global_step < tr.steps_per_epoch  # stopped inside the first epoch
     assert hist[0]["lr"] < 0.2 * cfg.lr  # the schedule ran (almost) to its end with the time
+
+
+def test_step_budget_stops_at_max_steps_with_the_same_schedule_shape():
+    from irno.train import Trainer
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    data = TensorDataset(torch.randn(40, 1, 8, 8), torch.randn(40, 1, 8, 8))
+    lrs = []
+
+    def loss(m, x, y, epoch):
+        lrs.append(tr.optimizer.param_groups[0]["lr"])
+        return torch.nn.functional.mse_loss(m(x), y), {}
+
+    cfg = TrainConfig(epochs=10, batch_size=4, lr=1e-2, lr_min=1e-4, max_steps=25, decay_fraction=0.4,
+                      progress=False)
+    tr = Trainer(model, loss, data, config=cfg)
+    hist = tr.fit()
+    assert tr.global_step == 25 and len(lrs) == 25 and len(hist) == 3  # 10 steps per epoch: stops mid-epoch 3
+    assert lrs[:15] == [cfg.lr] * 15  # constant for the first 60% of the steps
+    assert all(a > b for a, b in zip(lrs[15:], lrs[16:]))  # then a cosine down
+    assert lrs[-1] < 0.05 * cfg.lr

@@ -8,6 +8,7 @@ x~ is x resampled to h's grid when the grids differ (super-resolution); cat is a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 import irno_kernels
 
-__all__ = ["IRNO", "resample"]
+__all__ = ["IRNO", "resample", "pick_refiner_dtype"]
 
 
 def resample(x: torch.Tensor, size: tuple[int, int], mode: str | Callable = "bicubic") -> torch.Tensor:
@@ -32,6 +33,30 @@ def resample(x: torch.Tensor, size: tuple[int, int], mode: str | Callable = "bic
         return mode(x, size)
     kw = {} if mode in ("nearest", "area", "nearest-exact") else {"align_corners": False}
     return F.interpolate(x, size=tuple(size), mode=mode, **kw)
+
+
+def pick_refiner_dtype(device: str | torch.device, choice: str | torch.dtype | None = "auto") -> torch.dtype | None:
+    """The refiner's autocast dtype for a setting: 'auto', 'bf16', 'fp16', 'off'/'fp32'/None, or a dtype.
+
+    'auto' takes bfloat16 where it is fast: a CUDA device with bf16 support, or a CPU with AMX tiles
+    (bf16 matrix units; there the U-Net's convolutions run about 1.5x faster). Elsewhere None.
+    """
+    if isinstance(choice, torch.dtype) or choice is None:
+        return choice
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "off": None, "fp32": None, "float32": None, "none": None}
+    key = str(choice).lower()
+    if key in names:
+        return names[key]
+    if key != "auto":
+        raise ValueError(f"refiner_dtype: expected 'auto', 'bf16', 'fp16' or 'off', got {choice!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if dev.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return torch.bfloat16 if amx is not None and amx() else None
+    return None
 
 
 def _is_fusable(refiner: nn.Module) -> bool:
@@ -61,6 +86,10 @@ class IRNO(nn.Module):
             refiner exposes ``forward_features`` and a 1x1 ``out_conv``; otherwise, or with False,
             ``irno_kernels.residual_update`` on Phi's output.
         refiner_kwargs: keywords for the default UNetRefiner (e.g. ``padding="zero"``).
+        refiner_dtype: run Phi under ``torch.autocast`` to this dtype (``torch.bfloat16`` or
+            ``torch.float16``; None: no autocast of its own). Only the refiner's layers run in low
+            precision (master weights stay fp32); the base, the iterate h and the update keep h's
+            dtype, so h_0 is exactly the base's answer. See :func:`irno.pick_refiner_dtype`.
 
     ``model.train()`` never puts a frozen base in train mode.
     """
@@ -68,10 +97,14 @@ class IRNO(nn.Module):
     def __init__(self, base: nn.Module, refiner: nn.Module | None = None, alpha: float = 0.2, K: int = 6,
                  freeze_base: bool = True, *, in_channels: int | None = None,
                  out_channels: int | None = None, resample_mode: str | Callable = "bicubic",
-                 checkpoint: bool = False, fused: bool = True, refiner_kwargs: dict | None = None):
+                 checkpoint: bool = False, fused: bool = True, refiner_kwargs: dict | None = None,
+                 refiner_dtype: torch.dtype | None = None):
         super().__init__()
         if K < 0:
             raise ValueError(f"K: expected >= 0, got {K}")
+        if refiner_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"refiner_dtype: expected None, torch.bfloat16 or torch.float16, got {refiner_dtype!r}")
+        self.refiner_dtype = refiner_dtype
         self.base = base
         self.alpha, self.K = float(alpha), int(K)
         self.freeze_base = freeze_base
@@ -127,7 +160,15 @@ class IRNO(nn.Module):
         """The correction Phi(x, h): x (B, Cx, h, w), h (B, Cy, H, W) -> (B, Cy, H, W). The refiner's
         own forward (no fused update), so forward-mode AD goes through it wherever the refiner's
         ops support it."""
-        return self.refiner(torch.cat([self.condition(x, h), h], dim=1))
+        with self._refiner_autocast(h):
+            return self.refiner(torch.cat([self.condition(x, h), h], dim=1)).to(h.dtype)
+
+    def _refiner_autocast(self, h: torch.Tensor):
+        # Forward-mode AD (the contraction estimate's JVPs) runs Phi in full precision: autocast does
+        # not cast the tangents of dual tensors, so a low-precision conv would see mixed dtypes.
+        if self.refiner_dtype is None or torch.autograd.forward_ad._current_level >= 0:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=h.device.type, dtype=self.refiner_dtype)
 
     def update(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The map G(h) = h + alpha * Phi(x, h) in plain PyTorch (for analysis)."""
@@ -140,7 +181,8 @@ class IRNO(nn.Module):
         """
         inp = torch.cat([xr, h], dim=1)
         if self.uses_fused_update:
-            z = self.refiner.forward_features(inp)
+            with self._refiner_autocast(h):
+                z = self.refiner.forward_features(inp)
             conv = self.refiner.out_conv
             weight, bias = conv.weight, conv.bias
             if z.dtype != h.dtype or weight.dtype != h.dtype:  # e.g. features in bf16 under autocast
@@ -148,7 +190,8 @@ class IRNO(nn.Module):
                 bias = None if bias is None else bias.to(h.dtype)
             fn = irno_kernels.refine_update_ if inplace else irno_kernels.refine_update
             return fn(h, z, weight, bias, self.alpha)
-        phi = self.refiner(inp)
+        with self._refiner_autocast(h):
+            phi = self.refiner(inp)
         fn = irno_kernels.residual_update_ if inplace else irno_kernels.residual_update
         return fn(h, phi.to(h.dtype), self.alpha)
 
@@ -189,6 +232,15 @@ class IRNO(nn.Module):
         """
         return self.refine(x, self.base_forward(x), steps, return_trajectory)
 
+    def graphed(self, example_x: torch.Tensor | None, steps: int | None = None, **kw):
+        """A :class:`irno.GraphedIRNO` replaying this model's inference as CUDA graphs; captures for
+        ``example_x`` now when it is given (and on CUDA). ``kw``: tol, chunk, max_graphs, warmup."""
+        from irno.graphed import GraphedIRNO
+
+        g = GraphedIRNO(self, steps, **kw)
+        return g if example_x is None else g.capture(example_x)
+
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, K={self.K}, freeze_base={self.freeze_base}, "
-                f"fused={self.uses_fused_update}, checkpoint={self.checkpoint}")
+                f"fused={self.uses_fused_update}, checkpoint={self.checkpoint}"
+                + (f", refiner_dtype={self.refiner_dtype}" if self.refiner_dtype is not None else ""))

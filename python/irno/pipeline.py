@@ -49,8 +49,10 @@ DEFAULTS: dict = {
         "refiner": {"kind": "unet", "width": 16, "depth": 4, "padding": "periodic"},
         "loss": {"beta_s": 1.0, "beta_fp": 0.01, "fp_warmup_epochs": 5, "spectral_mode": "magnitude",
                  "f0": 0.5, "lam_min": 1.0, "lam_max": 2.0,
-                 "deep_steps": 0, "beta_deep": 0.0},  # irno's stability term (pipeline.deep_state_loss)
+                 "deep_steps": 0, "beta_deep": 0.0,  # irno's stability terms (pipeline.deep_state_loss
+                 "beta_rest": 0.0},  # and the resting term mean(Phi(x, h_K)^2), h_K detached)
         "checkpoint": False,
+        "refiner_dtype": "auto",  # autocast of Phi: auto (bf16 on CUDA / AMX CPUs) | bf16 | fp16 | off
         "train": {"epochs": 10, "batch_size": 16, "lr": 3e-4, "weight_decay": 1e-5, "lr_min": 1e-6,
                   "grad_clip": 1.0, "time_budget_s": None, "patience": None},
     },
@@ -218,8 +220,8 @@ def build_base(spec: dict, in_channels: int, out_channels: int, scale: int = 1) 
     raise ValueError(f"base.model: expected 'fno', 'tfno' or 'wdsr', got {kind!r}")
 
 
-def build_irno(spec: dict, base: torch.nn.Module, in_channels: int, out_channels: int):
-    from irno import IRNO
+def build_irno(spec: dict, base: torch.nn.Module, in_channels: int, out_channels: int, device="cpu"):
+    from irno import IRNO, pick_refiner_dtype
     from irno.models import FNORefiner, UNetRefiner
 
     r = dict(spec.get("refiner") or {})
@@ -234,7 +236,8 @@ def build_irno(spec: dict, base: torch.nn.Module, in_channels: int, out_channels
     else:
         raise ValueError(f"irno.refiner.kind: expected 'unet' or 'fno', got {kind!r}")
     return IRNO(base, refiner, alpha=spec["alpha"], K=spec["K"], in_channels=in_channels, out_channels=out_channels,
-                checkpoint=bool(spec.get("checkpoint", False)))
+                checkpoint=bool(spec.get("checkpoint", False)),
+                refiner_dtype=pick_refiner_dtype(device, spec.get("refiner_dtype", "auto")))
 
 
 def _param_count(m: torch.nn.Module, trainable: bool = False) -> int:
@@ -341,6 +344,7 @@ def _irno_loss(spec: dict):
                     spectral_mode=lc.get("spectral_mode", "magnitude"))
 
     deep_steps, beta_deep = int(lc.get("deep_steps", 0)), float(lc.get("beta_deep", 0.0))
+    beta_rest = float(lc.get("beta_rest", 0.0))
 
     def loss(model, x, y, epoch):
         traj = model(x, steps=spec["K"], return_trajectory=True)
@@ -350,6 +354,11 @@ def _irno_loss(spec: dict):
             deep = deep_state_loss(model, x, y, traj[-1], deep_steps)
             total = total + beta_deep * deep
             out["deep"] = deep.detach()
+        if beta_rest:
+            # irno addition: Phi should rest where the unrolled iteration ends, so steps past K stay put
+            rest = model.phi(x, traj[-1].detach()).square().mean()
+            total = total + beta_rest * rest
+            out["rest"] = rest.detach()
         return total, out
 
     return loss
@@ -376,7 +385,7 @@ def train_irno(cfg: dict, base: torch.nn.Module, data: dict | None = None, resum
     device = _setup(cfg)
     data = data or datasets(cfg)
     cin, cout = _channels(data["train"])
-    model = build_irno(cfg["irno"], base, cin, cout).to(device)
+    model = build_irno(cfg["irno"], base, cin, cout, device=device).to(device)
     run = Path(cfg["run_dir"])
     meta = {"kind": "irno", "base": cfg["base"], "irno": cfg["irno"], "in_channels": cin, "out_channels": cout,
             "normalization": data["train"].normalization.to_dict() if data["train"].normalization else None,
@@ -401,7 +410,7 @@ def load_irno(folder: str | Path, device="cpu"):
 
     sd, meta = load_checkpoint(folder, map_location=device)
     base = build_base(meta["base"], meta["in_channels"], meta["out_channels"], _scale(meta))
-    model = build_irno(meta["irno"], base, meta["in_channels"], meta["out_channels"]).to(device)
+    model = build_irno(meta["irno"], base, meta["in_channels"], meta["out_channels"], device=device).to(device)
     model.load_state_dict(sd)
     return model, meta
 

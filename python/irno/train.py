@@ -47,7 +47,9 @@ class TrainConfig:
     seed: int = 0
     time_budget_s: float | None = None  # stop when this much training time has passed (mid-epoch);
     # with a budget, the cosine schedule runs over the budget's seconds instead of over the epochs
-    decay_fraction: float = 0.3  # with a time budget: the final share of it over which the lr decays
+    max_steps: int | None = None  # a budget in optimiser steps instead of seconds (same lr schedule:
+    # constant, then a cosine over the last decay_fraction); reproducible whatever the machine's speed
+    decay_fraction: float = 0.3  # with a budget: the final share of it over which the lr decays
     patience: int | None = None  # stop after this many epochs without a better validation score
     monitor: str = "val_loss"  # key of the validation dict that decides "best" (lower is better)
     checkpoint_every: int = 0  # also checkpoint every N optimiser steps inside an epoch (0: epoch ends)
@@ -211,10 +213,18 @@ class Trainer:
                 break
         return self.history
 
+    @property
+    def _budgeted(self) -> bool:
+        return bool(self.cfg.time_budget_s) or bool(self.cfg.max_steps)
+
     def _out_of_budget(self) -> bool:
+        if self.cfg.max_steps and self.global_step >= self.cfg.max_steps:
+            return True
         return self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s
 
     def _budget_spent(self, epoch_start: float) -> bool:
+        if self.cfg.max_steps and self.global_step >= self.cfg.max_steps:
+            return True  # the same step on every rank
         if not self.cfg.time_budget_s:
             return False
         spent = self.elapsed + time.perf_counter() - epoch_start >= self.cfg.time_budget_s
@@ -225,10 +235,13 @@ class Trainer:
         return spent
 
     def _set_time_lr(self, epoch_start: float) -> None:
-        """With a time budget the schedule runs over the budget's seconds, not over epochs, so the
+        """With a budget (seconds, or steps with max_steps) the schedule runs over it, not over epochs, so the
         learning rate reaches lr_min when the time is up whatever the speed of the machine: constant for
         the first ``1 - decay_fraction`` of the budget, then a cosine down to lr_min."""
-        frac = min(1.0, (self.elapsed + time.perf_counter() - epoch_start) / self.cfg.time_budget_s)
+        if self.cfg.max_steps:
+            frac = min(1.0, self.global_step / self.cfg.max_steps)
+        else:
+            frac = min(1.0, (self.elapsed + time.perf_counter() - epoch_start) / self.cfg.time_budget_s)
         d = min(max(self.cfg.decay_fraction, 1e-6), 1.0)
         t = max(0.0, (frac - (1 - d)) / d)
         lr = self.cfg.lr_min + 0.5 * (self.cfg.lr - self.cfg.lr_min) * (1 + math.cos(math.pi * t))
@@ -266,7 +279,7 @@ class Trainer:
                 break  # the time budget ends the run mid-epoch
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             frac = self.epoch + i / self.steps_per_epoch
-            if self.cfg.time_budget_s:
+            if self._budgeted:
                 self._set_time_lr(t0)
             loss, parts = self.loss_fn(self.model, x, y, frac)
             finite = torch.isfinite(loss.detach())
@@ -289,7 +302,7 @@ class Trainer:
                 count += 1
             else:
                 self.skipped += 1
-            if not self.cfg.time_budget_s:
+            if not self._budgeted:
                 self.scheduler.step()
             self.global_step += 1
             self.step_in_epoch = i + 1
