@@ -34,6 +34,7 @@ class Case:
     fast: Callable  # fast(*args, backend=...)
     nbytes: Callable[[str], int]  # bytes that must move for "fwd" / "fwdbwd"
     grad_args: tuple[int, ...]  # indices of args that take gradients in "fwdbwd"
+    compile: bool = False  # also time torch.compile(reference) here (each compile costs seconds)
 
 
 def _es(dtype):
@@ -110,6 +111,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device == "cuda":
         out = [spectral_conv_case(16, 64, 256, 256, 16), spectral_conv_case(4, 32, 128, 384, 16),
                spectral_conv_case(16, 32, 64, 64, 12)]
+        out[0].compile = True
         fields = [(16, 4, 128, 384), (16, 11, 256, 256), (16, 1, 64, 64)]
     else:
         out = [spectral_conv_case(8, 32, 64, 64, 12), spectral_conv_case(4, 32, 128, 128, 16),
@@ -117,9 +119,11 @@ def cases(device: str, quick: bool) -> list[Case]:
         fields = [(16, 1, 64, 64), (8, 4, 128, 384), (4, 11, 256, 256)]
     if quick:
         out, fields = out[:1], fields[:1]
-    for B, C, H, W in fields:
+    for i, (B, C, H, W) in enumerate(fields):
         out += [refine_case(B, C, 16, H, W), residual_case(B, C, H, W), loss_case(B, C, H, W, "magnitude"),
                 loss_case(B, C, H, W, "error"), radial_case(B, C, H, W)]
+        if i == 0:
+            out[-2].compile = True  # spectral_loss[error] at the first field shape
     return out
 
 
@@ -132,6 +136,8 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
         for prov in providers:
             base = case.op.split("[")[0]
             if prov in ("cpu", "cuda", "triton") and not ik.available(base, prov, device):
+                continue
+            if prov == "compile" and not case.compile:
                 continue
             if prov == "reference":
                 fn = case.ref
@@ -172,7 +178,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads (pinned, reported)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(reference) (default on cuda)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(reference) on every case (on cuda it is timed on the "
+                        "first spectral_conv2d and spectral_loss cases by default)")
     p.add_argument("--quick", action="store_true", help="one shape per op")
     p.add_argument("--ops", default="", help="comma-separated op names to keep (default: all)")
     p.add_argument("--modes", default="fwd,fwdbwd")
@@ -185,18 +193,24 @@ def main(argv=None):
     providers = ["reference", "cpu", "cuda", "triton"]
     if a.compile or a.device == "cuda":
         providers.append("compile")
+    all_cases = cases(a.device, a.quick)
+    if a.compile:
+        for c in all_cases:
+            c.compile = True
     bw = copy_bandwidth(a.device) if a.device == "cuda" else None
     if bw:
         print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s")
     keep = [s for s in a.ops.split(",") if s]
-    rows = []
-    for case in cases(a.device, a.quick):
+    n = 0
+    for case in all_cases:
         if keep and not any(case.op.startswith(k) for k in keep):
             continue
-        rows += run_case(case, a.device, providers, a.modes.split(","), bw, env)
+        rows = run_case(case, a.device, providers, a.modes.split(","), bw, env)
+        if a.csv:  # after every case, so a run cut short keeps what it measured
+            write_csv(a.csv, rows)
+        n += len(rows)
     if a.csv:
-        write_csv(a.csv, rows)
-        print(f"wrote {len(rows)} rows to {a.csv}")
+        print(f"wrote {n} rows to {a.csv}")
 
 
 if __name__ == "__main__":
