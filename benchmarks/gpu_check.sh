@@ -25,11 +25,19 @@ IRNO_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 \
   "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1
 rc=$?
 log "build rc=$rc in $(( $(date +%s) - t0 )) s"
-if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit $rc; fi
+if [ $rc -ne 0 ]; then
+  # keep the run useful: without the CUDA kernels the Triton kernels and the benchmarks still run
+  grep -E "error|Error" "$OUT/build.log" | head -20
+  log "CUDA build failed: building without CUDA kernels (IRNO_CUDA=0) to test the rest"
+  IRNO_CUDA=0 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >> "$OUT/build.log" 2>&1 || exit 1
+fi
 "$PY" -c "import irno_kernels as ik; print(ik.build_info()); print(ik.backends())" 2>&1 | tee -a "$OUT/device.txt"
 
 log "pytest -m gpu"
-timeout 130 "$PY" -m pytest -m gpu -q --no-header -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/pytest_gpu.log"
+timeout 130 "$PY" -m pytest -m gpu -q --no-header --tb=short -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
+log "pytest rc=$? (124: timeout)"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | cut -c1-220 | head -20
+tail -n 2 "$OUT/pytest_gpu.log"
 
 log "op benchmarks"
 rm -f "$OUT/bench_ops.csv"
@@ -50,12 +58,17 @@ try:
     rows = list(csv.DictReader(open(sys.argv[1])))
 except OSError:
     sys.exit("no benchmark rows")
-print(f"{'op':26s} {'shape':24s} {'mode':6s} {'provider':9s} {'ms':>9s} {'GB/s':>8s} {'roof':>5s} {'x ref':>6s}")
+# one line per (op, shape, mode): the reference's time, then each provider's speed-up (roofline fraction)
+lines = {}
 for r in rows:
-    if r["provider"] == "reference":
-        continue
-    print(f"{r['op']:26s} {r['shape']:24s} {r['mode']:6s} {r['provider']:9s} {float(r['median_ms']):9.3f} "
-          f"{float(r['GB_s']):8.1f} {r['roofline_frac']:>5s} {r['speedup_vs_ref']:>6s}")
+    key = (r["op"], r["shape"], r["mode"])
+    lines.setdefault(key, []).append(r)
+print(f"{'op':22s} {'shape':22s} {'mode':6s} {'ref ms':>8s}  provider: x ref (fraction of copy bandwidth)")
+for (op, shape, mode), rs in lines.items():
+    ref = [r for r in rs if r["provider"] == "reference"]
+    parts = [f"{r['provider']} x{r['speedup_vs_ref']} ({r['roofline_frac']})" for r in rs if r["provider"] != "reference"]
+    ref_ms = f"{float(ref[0]['median_ms']):8.3f}" if ref else "       -"
+    print(f"{op[:22]:22s} {shape[:22]:22s} {mode:6s} {ref_ms}  " + ", ".join(parts))
 PYEOF
 
 log "summary: IRNO end to end, speed-up over plain PyTorch (K=6; err = rel. L2 vs plain)"
@@ -81,4 +94,4 @@ for v in ("plain", "irno", "graphed", "graphed+bf16"):
         fits.append(f"{v} {np.polyfit(s, t, 1)[0]:.3f}")
 print("ms per step (fit over the steps sweep): " + ", ".join(fits))
 PYEOF
-tail -3 "$OUT/pytest_gpu.log"
+
