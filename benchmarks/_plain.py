@@ -59,6 +59,10 @@ class PlainSpectralConv(nn.Module):
         out_ft = torch.zeros(B, self.cout, H, W // 2 + 1, dtype=torch.cfloat, device=x.device)
         out_ft[:, :, :m1, :m2] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, :m1, :m2], self.weights1)
         out_ft[:, :, -m1:, :m2] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, -m1:, :m2], self.weights2)
+        # column 0 made Hermitian along H: irfft2 of a non-Hermitian column differs between cuFFT and
+        # pocketfft; this is the Re(ifft2) reading that irno's op defines (irno_kernels.hermitian_edges)
+        col = out_ft[..., 0].clone()
+        out_ft[..., 0] = 0.5 * (col + torch.roll(torch.flip(col, [-1]), 1, -1).conj())
         return torch.fft.irfft2(out_ft, s=(H, W), norm="forward")
 
 

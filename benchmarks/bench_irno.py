@@ -9,8 +9,8 @@ Variants, side by side in one run on one device (DESIGN section 7):
     irno          the project's eager IRNO: its ops, in-place updates at inference
     graphed       irno.GraphedIRNO: base + K steps replayed as one CUDA graph (training: the whole
                   step, forward + backward + clip + Adam, captured as one graph)
-    graphed+bf16  the same with the refiner in bf16 (IRNO(refiner_dtype=torch.bfloat16): Phi under
-                  autocast, the base, h and the updates in fp32)
+    graphed+bf16  the same with the refiner in bf16 and NHWC (IRNO(refiner_dtype=torch.bfloat16,
+                  channels_last=True): Phi under autocast, the base, h and the updates in fp32)
 
 Before timing, each fp32 variant's output (inference) or loss and gradients (training) must agree
 with plain's (relative L2 error, TF32 off for the check); bf16's error is recorded, not checked.
@@ -138,9 +138,10 @@ def gflop_infer(model: IRNO, case: Case, steps: int) -> float:
 # inference
 # ---------------------------------------------------------------------------------------------
 def with_bf16_refiner(model: IRNO) -> IRNO:
-    """The same IRNO (shared modules and weights) with its refiner run in bf16."""
+    """The same IRNO (shared modules and weights) with its refiner run in bf16, channels-last."""
     twin = copy.copy(model)
     twin.refiner_dtype = torch.bfloat16
+    twin.channels_last = True
     return twin
 
 
@@ -168,9 +169,10 @@ def infer_fns(model: IRNO, plain: PlainIRNO, graphed: GraphedIRNO, graphed_bf16:
 # training
 # ---------------------------------------------------------------------------------------------
 def project_loss(model: IRNO, x, y, K: int, bf16: bool, device: str):
-    """The IRNO objective on the project's ops (irno.IRNOLoss); bf16: the refiner runs in bf16
-    (``model.refiner_dtype``), the trajectory and the loss stay fp32."""
+    """The IRNO objective on the project's ops (irno.IRNOLoss); bf16: the refiner runs in bf16 and
+    channels-last (``model.refiner_dtype``, ``model.channels_last``), the trajectory and loss in fp32."""
     model.refiner_dtype = torch.bfloat16 if bf16 else None
+    model.channels_last = bf16
     return IRNOLoss(K, beta_fp=BETA_FP)(model, x, y)[0]
 
 

@@ -6,7 +6,9 @@
 //             grad_w = c(ky) * sum_b conj(X) * Gy
 //
 // spectral_mix reads the kept modes straight from the rfft2 output and writes the whole output
-// spectrum, the zero modes included, so there is no zero-fill pass, no gathered copy and no scatter.
+// spectrum, the zero modes included, so there is no zero-fill pass, no gathered copy and no scatter;
+// a second small kernel then makes the self-conjugate columns Hermitian, so that cuFFT's irfft2 reads
+// the spectrum as Re(ifft2) does (the op's definition), whatever algorithm it picks for the size.
 // One thread owns one entry (kx, ky) of one output channel for a tile of kBatchTile batch entries:
 // every weight value it loads serves the whole tile. Threads of a warp take consecutive ky, so the
 // spectra and the weight are read and written in coalesced runs. The contraction over channels runs
@@ -152,6 +154,41 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The self-conjugate rfft columns (ky = 0, and ky = W/2 for an even W when kept) made Hermitian along
+// H, in place: S[kx] <- (S[kx] + conj(S[-kx])) / 2 and S[-kx] <- conj(S[kx]) (semantics:
+// hermitian_edges in irno_kernels/spectral_conv.py). One thread per pair (kx, -kx), kx = 0 .. H/2, of
+// one column of one plane; the pairs are disjoint, so the update is race-free.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    hermitian_edges_kernel(T* __restrict__ S, int64_t n_planes, int64_t H, int64_t Wr, int64_t n_cols, int64_t col1) {
+  using V = typename Vec2<T>::type;
+  const int64_t half = H / 2 + 1;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= n_planes * n_cols * half) return;
+  const int64_t k = t % half;
+  const int64_t c = (t / half) % n_cols;
+  const int64_t plane = t / (half * n_cols);
+  V* col = reinterpret_cast<V*>(S) + plane * H * Wr + (c == 0 ? 0 : col1);
+  const int64_t kn = (H - k) % H;
+  const V a = col[k * Wr];
+  const V b = col[kn * Wr];
+  const T re = T(0.5) * (a.x + b.x);
+  const T im = T(0.5) * (a.y - b.y);
+  col[k * Wr] = make_vec2<T>(re, im);
+  col[kn * Wr] = make_vec2<T>(re, -im);
+}
+
+template <typename T>
+void hermitian(T* S, int64_t n_planes, const MixShape& s, cudaStream_t stream) {
+  const bool nyquist = s.W % 2 == 0 && s.W / 2 > 0 && s.W / 2 < s.m2;
+  const int64_t n_cols = nyquist ? 2 : 1;
+  const int64_t n = n_planes * n_cols * (s.H / 2 + 1);
+  if (n == 0) return;
+  const unsigned blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
+  hermitian_edges_kernel<T><<<blocks, kThreads, 0, stream>>>(S, n_planes, s.H, s.Wr, n_cols, s.W / 2);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void mix(const T* a, const T* w, T* out, const MixShape& s, bool adjoint, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((s.H * s.Wr + kThreads - 1) / kThreads), static_cast<unsigned>(s.n_out),
@@ -162,6 +199,7 @@ void mix(const T* a, const T* w, T* out, const MixShape& s, bool adjoint, cudaSt
     spectral_mix_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, w, out, s);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  hermitian<T>(out, s.B * s.n_out, s, stream);
 }
 
 template <typename T>

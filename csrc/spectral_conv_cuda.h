@@ -19,6 +19,8 @@ struct MixShape {
 // out[b, p] = sum_q a[b, q] * weight[q, p]        (adjoint = false: q over C_in, p over C_out)
 // out[b, p] = sum_q a[b, q] * conj(weight[p, q])  (adjoint = true:  q over C_out, p over C_in)
 // on the kept modes (rows 0..m1-1 and H-m1..H-1, columns 0..m2-1); every other entry of out is 0.
+// Then the self-conjugate columns of out (ky = 0; ky = W/2 when W is even and m2 = W/2 + 1) are
+// replaced by their Hermitian part along H (hermitian_edges in irno_kernels/spectral_conv.py).
 void spectral_mix(const float* a, const float* weight, float* out, const MixShape& s, bool adjoint,
                   cudaStream_t stream);
 void spectral_mix(const double* a, const double* weight, double* out, const MixShape& s, bool adjoint,

@@ -38,6 +38,30 @@ FFT_NORM = "forward"
 # ---------------------------------------------------------------------------------------------
 # reference (the specification)
 # ---------------------------------------------------------------------------------------------
+def hermitian_edges(S: torch.Tensor, W: int, m2: int | None = None) -> torch.Tensor:
+    """The rfft2 spectrum S (..., H, W//2+1) with its self-conjugate columns made Hermitian along H.
+
+    Columns ky = 0 and (for even W) ky = W/2 hold the Fourier coefficients of real rows, so a real
+    field has S[-kx, ky] = conj(S[kx, ky]) there. A mixed spectrum breaks that, and irfft2 of such
+    input is implementation-defined: pocketfft (CPU) returns Re(ifft2) of the one-sided spectrum,
+    cuFFT (e.g. 256 x 256) need not. Replacing those columns by their Hermitian part
+    (S[kx] + conj(S[-kx])) / 2 changes nothing under the Re(ifft2) reading and makes every FFT library
+    agree with it, and with the gradients autograd and the kernels compute. Only columns < m2 (the
+    kept ones; the rest are zero) are touched. Out of place; differentiable.
+    """
+    Wr = S.shape[-1]
+    m2 = Wr if m2 is None else m2
+    cols = [0] + ([W // 2] if W % 2 == 0 and 0 < W // 2 < min(m2, Wr) else [])
+    H = S.shape[-2]
+    flip = (-torch.arange(H, device=S.device)) % H
+    idx = torch.tensor(cols, device=S.device)
+    edge = S.index_select(-1, idx)
+    # conj_physical, not the lazy conj: the conjugate bit was seen dropped when this runs inside a
+    # custom op under AOT dispatch
+    edge = 0.5 * (edge + torch.conj_physical(edge.index_select(-2, flip)))
+    return S.index_copy(-1, idx, edge)
+
+
 def spectral_conv2d_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = irfft2(Mix(rfft2(x, norm=FFT_NORM)), s=(H, W), norm=FFT_NORM), in pure PyTorch.
 
@@ -52,7 +76,7 @@ def spectral_conv2d_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(B, weight.shape[1], H, W // 2 + 1, dtype=X.dtype, device=x.device)
     out[:, :, :m1, :m2] = torch.einsum("bixy,ioxy->boxy", X[:, :, :m1, :m2], weight[:, :, :m1])
     out[:, :, H - m1:, :m2] = torch.einsum("bixy,ioxy->boxy", X[:, :, H - m1:, :m2], weight[:, :, m1:])
-    return torch.fft.irfft2(out, s=(H, W), norm=FFT_NORM)
+    return torch.fft.irfft2(hermitian_edges(out, W, m2), s=(H, W), norm=FFT_NORM)
 
 
 # ---------------------------------------------------------------------------------------------

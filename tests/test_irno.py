@@ -277,6 +277,24 @@ def test_refiner_dtype_bf16_keeps_base_and_iterate_in_fp32(fused):
     assert "refiner_dtype=torch.bfloat16" in repr(amp)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_channels_last_refiner_input_changes_nothing_but_layout(fused):
+    torch.manual_seed(0)
+    base = FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    ref = IRNO(base, UNetRefiner(3, 1, depth=2, width=8, out_gain=1.0), K=3, fused=fused)
+    cl = IRNO(base, UNetRefiner(3, 1, depth=2, width=8, out_gain=1.0), K=3, fused=fused, channels_last=True)
+    cl.refiner.load_state_dict(ref.refiner.state_dict())
+    x = torch.randn(2, 2, 16, 12)
+    torch.testing.assert_close(cl(x), ref(x), rtol=1e-5, atol=1e-6)
+    ref(x).square().mean().backward()
+    cl(x).square().mean().backward()
+    for a, b in zip(cl.refiner.parameters(), ref.refiner.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(cl(x), ref(x), rtol=1e-5, atol=1e-6)  # in-place inference path
+    assert "channels_last=True" in repr(cl)
+
+
 def test_contraction_estimate_runs_a_bf16_refiner_in_fp32():
     """Forward-mode AD (the contraction estimate's JVPs) bypasses the refiner's autocast."""
     from irno.analysis import contraction_factor

@@ -492,3 +492,24 @@ def test_compiled_ops_run_in_float32_under_autocast():
     torch.testing.assert_close(loss, want_loss)
     (gx,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(gx, gx_want)
+
+
+@pytest.mark.parametrize("H, W, m2", [(16, 12, 4), (15, 9, 5), (16, 24, 13), (7, 2, 2), (6, 1, 1)])
+def test_hermitian_edges_defines_irfft2_of_a_mixed_spectrum(H, W, m2):
+    """The self-conjugate columns come out Hermitian along H; under pocketfft's Re(ifft2) reading
+    (CPU) irfft2 is unchanged, so the projection only pins down what other FFT libraries compute."""
+    from irno_kernels.spectral_conv import hermitian_edges
+
+    g = torch.Generator().manual_seed(H * 100 + W)
+    S = torch.randn(2, 3, H, W // 2 + 1, dtype=torch.complex128, generator=g)
+    S[..., m2:] = 0
+    P = hermitian_edges(S, W, m2)
+    flip = (-torch.arange(H)) % H
+    cols = [0] + ([W // 2] if W % 2 == 0 and 0 < W // 2 < m2 else [])
+    for c in cols:
+        torch.testing.assert_close(P[..., flip, c], P[..., c].conj())
+    others = [k for k in range(W // 2 + 1) if k not in cols]
+    assert torch.equal(P[..., others], S[..., others])
+    torch.testing.assert_close(torch.fft.irfft2(P, s=(H, W)), torch.fft.irfft2(S, s=(H, W)))
+    Sg = S[:1, :1].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: torch.view_as_real(hermitian_edges(t, W, m2)), (Sg,))

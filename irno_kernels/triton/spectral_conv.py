@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.spectral_conv import FFT_NORM
+from irno_kernels.spectral_conv import FFT_NORM, hermitian_edges
 from irno_kernels.triton._lib import INTERPRET, launch, pow2, register
 
 __all__ = ["spectral_conv2d"]
@@ -192,7 +192,7 @@ def _spectral_conv2d_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
     X = torch.fft.rfft2(x, norm=FFT_NORM).contiguous()
     S = torch.zeros((B, CO, H, W // 2 + 1), dtype=X.dtype, device=x.device)
     _mix_into(S, X, weight, m1, m2, conj_transpose=False)
-    return torch.fft.irfft2(S, s=(H, W), norm=FFT_NORM), X
+    return torch.fft.irfft2(hermitian_edges(S, W, m2), s=(H, W), norm=FFT_NORM), X
 
 
 def _backward_fake(grad, X, weight, need_x, need_w):
@@ -212,7 +212,7 @@ def _spectral_conv2d_backward_op(grad: torch.Tensor, X: torch.Tensor, weight: to
     if need_x:
         GX = torch.zeros((B, CI, H, Wr), dtype=X.dtype, device=X.device)
         _mix_into(GX, Gy, weight, m1, m2, conj_transpose=True)
-        gx = torch.fft.irfft2(GX, s=(H, W), norm="backward")
+        gx = torch.fft.irfft2(hermitian_edges(GX, W, m2), s=(H, W), norm="backward")
     else:
         gx = grad.new_empty((0,))
     if need_w:

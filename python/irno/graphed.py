@@ -331,6 +331,7 @@ class GraphedIRNO:
             mode,
             model.training,
             getattr(model, "refiner_dtype", None),
+            getattr(model, "channels_last", False),
         )
         entry = self._cache.get(key)
         if entry is not None:
