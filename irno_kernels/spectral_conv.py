@@ -51,10 +51,11 @@ def hermitian_edges(S: torch.Tensor, W: int, m2: int | None = None) -> torch.Ten
     """
     Wr = S.shape[-1]
     m2 = Wr if m2 is None else m2
-    cols = [0] + ([W // 2] if W % 2 == 0 and 0 < W // 2 < min(m2, Wr) else [])
+    n_cols = 2 if W % 2 == 0 and 0 < W // 2 < min(m2, Wr) else 1
     H = S.shape[-2]
+    # indices made on the device (no host-to-device copy, so this can run inside CUDA-graph capture)
     flip = (-torch.arange(H, device=S.device)) % H
-    idx = torch.tensor(cols, device=S.device)
+    idx = torch.arange(n_cols, device=S.device) * (W // 2)  # columns 0 (and W/2)
     edge = S.index_select(-1, idx)
     # conj_physical, not the lazy conj: the conjugate bit was seen dropped when this runs inside a
     # custom op under AOT dispatch

@@ -1,0 +1,86 @@
+"""Where the time of one IRNO inference call goes: torch.profiler over the eager project model at
+the end-to-end benchmark's 256x256 case (FNO base + K U-Net refiner steps), kernels grouped by name.
+
+    python benchmarks/profile_irno.py --device cuda --batch 16 --variant bf16
+    python benchmarks/profile_irno.py --device cpu --batch 1 --size 64     # a quick look on CPU
+
+Prints the top kernels by self device time and the share of the conv / norm / elementwise / FFT
+families, so the next optimisation targets what dominates rather than what is guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_irno import Case, build  # noqa: E402
+
+FAMILIES = {
+    "conv": ("conv", "cudnn", "implicit_gemm", "sm90_xmma", "gemm", "cutlass", "wgrad", "dgrad"),
+    "fft": ("fft", "spectral", "regular_fft", "vector_fft"),
+    "norm": ("layer_norm", "LayerNorm", "norm_kernel"),
+    "pool/upsample/pad": ("max_pool", "upsample", "pad", "circular"),
+    "copy/cat/layout": ("copy", "cat", "nchwToNhwc", "nhwcToNchw", "transpose", "CatArray"),
+}
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES.items():
+        if any(k.lower() in low for k in keys):
+            return fam
+    return "other (elementwise, update, ...)"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--K", type=int, default=6)
+    p.add_argument("--variant", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: refiner_dtype=bf16 and channels_last, as bench_irno's graphed+bf16")
+    p.add_argument("--top", type=int, default=15)
+    a = p.parse_args(argv)
+    case = Case("infer", a.batch, 4, 1, a.size, a.size, 16 if a.size >= 128 else 8, 64 if a.size >= 128 else 16)
+    model, _ = build(case, a.device, a.K)
+    model.eval()
+    if a.variant == "bf16":
+        model.refiner_dtype, model.channels_last = torch.bfloat16, True
+    x = torch.randn(case.B, case.cx, case.H, case.W, device=a.device)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                model(x)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+    dev = "cuda" if a.device == "cuda" else "cpu"
+    events = [e for e in prof.key_averages() if getattr(e, f"self_{dev}_time_total", 0) > 0]
+    if dev == "cpu":  # on CPU, operators rather than kernels
+        events = [e for e in events if e.key.startswith("aten::")]
+    total = sum(getattr(e, f"self_{dev}_time_total") for e in events) or 1.0
+    events.sort(key=lambda e: -getattr(e, f"self_{dev}_time_total"))
+    print(f"IRNO inference, {case.H}x{case.W} B{case.B}, K={a.K}, {a.variant}, {dev}: "
+          f"{total / 3 / 1e3:.2f} ms of {dev} time per call")
+    fams: dict[str, float] = {}
+    for e in events:
+        t = getattr(e, f"self_{dev}_time_total")
+        fams[family(e.key)] = fams.get(family(e.key), 0.0) + t
+    print("by family: " + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(fams.items(), key=lambda kv: -kv[1])))
+    for e in events[: a.top]:
+        t = getattr(e, f"self_{dev}_time_total")
+        print(f"  {t / total:6.1%} {t / 3 / 1e3:8.3f} ms  x{e.count // 3:<4d} {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
