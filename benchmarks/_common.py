@@ -13,6 +13,9 @@ import torch
 
 
 def git_commit() -> str:
+    """$IRNO_COMMIT if set (a copied tree may carry a stale .git), else the checkout's HEAD."""
+    if os.environ.get("IRNO_COMMIT"):
+        return os.environ["IRNO_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

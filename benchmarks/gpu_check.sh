@@ -16,7 +16,8 @@ log "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
   2>&1 | tee -a "$OUT/device.txt"
-git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$OUT/device.txt"
+# the device's copy of the tree may carry a stale .git: pass IRNO_COMMIT=<hash> to record the right one
+echo "commit ${IRNO_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee -a "$OUT/device.txt"
 
 log "build (IRNO_CUDA=1, arch of this device)"
 ARCH=$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
@@ -50,6 +51,10 @@ timeout 140 "$PY" benchmarks/bench_irno.py --device cuda --csv "$OUT/bench_irno.
   > "$OUT/bench_irno.log" 2>&1
 log "bench_irno rc=$? (1: a variant disagreed with plain or raised; 124: timeout)"
 grep -E "agreement|FAILED" "$OUT/bench_irno.log" | cut -c1-200 | head -12
+
+log "profile: where one eager inference call spends its time (256x256 B16, bf16 channels-last refiner)"
+timeout 60 "$PY" benchmarks/profile_irno.py --batch 16 --variant bf16 --top 10 2>&1 | grep -v -E "USDT|profiler_st" \
+  | tee -a "$OUT/bench_irno.log"
 
 log "summary (speed-up over the reference, median of CUDA-event timings)"
 "$PY" - "$OUT/bench_ops.csv" <<'PYEOF'

@@ -65,20 +65,26 @@ def main(argv=None) -> None:
             if a.device == "cuda":
                 torch.cuda.synchronize()
     dev = "cuda" if a.device == "cuda" else "cpu"
-    events = [e for e in prof.key_averages() if getattr(e, f"self_{dev}_time_total", 0) > 0]
+
+    def self_time(e) -> float:  # torch >= 2.4 names the accelerator's time "device"
+        if dev == "cpu":
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
     if dev == "cpu":  # on CPU, operators rather than kernels
         events = [e for e in events if e.key.startswith("aten::")]
-    total = sum(getattr(e, f"self_{dev}_time_total") for e in events) or 1.0
-    events.sort(key=lambda e: -getattr(e, f"self_{dev}_time_total"))
+    total = sum(self_time(e) for e in events) or 1.0
+    events.sort(key=lambda e: -self_time(e))
     print(f"IRNO inference, {case.H}x{case.W} B{case.B}, K={a.K}, {a.variant}, {dev}: "
           f"{total / 3 / 1e3:.2f} ms of {dev} time per call")
     fams: dict[str, float] = {}
     for e in events:
-        t = getattr(e, f"self_{dev}_time_total")
+        t = self_time(e)
         fams[family(e.key)] = fams.get(family(e.key), 0.0) + t
     print("by family: " + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(fams.items(), key=lambda kv: -kv[1])))
     for e in events[: a.top]:
-        t = getattr(e, f"self_{dev}_time_total")
+        t = self_time(e)
         print(f"  {t / total:6.1%} {t / 3 / 1e3:8.3f} ms  x{e.count // 3:<4d} {e.key[:90]}")
 
 
