@@ -379,6 +379,10 @@ def test_circular_pad2d_matches_f_pad_and_gradchecks(shape, p):
     torch.autograd.gradcheck(lambda t: circular_pad2d(t, p), (x,))
     torch.autograd.gradgradcheck(lambda t: circular_pad2d(t, p), (x,))
     torch.autograd.gradcheck(lambda t: circular_pad2d(t, p), (x,), check_forward_ad=True, check_backward_ad=False)
+    with torch.no_grad():  # the no-grad path (ATen's pad, or the copies for other layouts) agrees
+        assert torch.equal(circular_pad2d(x, p), F.pad(x, (p,) * 4, mode="circular"))
+        xt = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, not contiguous
+        assert torch.equal(circular_pad2d(xt, p), F.pad(x, (p,) * 4, mode="circular"))
 
 
 def test_circular_pad2d_channels_last_and_errors():

@@ -119,6 +119,10 @@ def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
         return x
     if p > H or p > W:
         raise ValueError(f"p: periodic padding of {p} needs a grid of at least {p} x {p}, got {H} x {W}")
+    if not (x.requires_grad and torch.is_grad_enabled()) and torch.autograd.forward_ad._current_level < 0:
+        # nothing to differentiate: skip the autograd.Function (its Python costs more than the copies
+        # on small grids); ATen's circular pad is one C++ call for the usual NCHW layout
+        return F.pad(x, (p, p, p, p), mode="circular") if x.is_contiguous() else _wrap_pad(x, p)
     return _CircularPad2d.apply(x, p)
 
 
