@@ -1,4 +1,5 @@
-"""Time each irno op side by side: reference vs C++ (cpu) / CUDA / Triton / torch.compile(reference).
+"""Time each irno op side by side: reference vs C++ (cpu) / CUDA / Triton / torch.compile(reference),
+and for spectral_conv2d the truncated-DFT route ("dft": matrix products, no FFT).
 
 For every case it prints the median time, the achieved bandwidth from an explicit count of the
 bytes the op must move, the fraction of the measured copy bandwidth (the memory roofline) and the
@@ -135,7 +136,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
         ref_t = None
         for prov in providers:
             base = case.op.split("[")[0]
-            if prov in ("cpu", "cuda", "triton") and not ik.available(base, prov, device):
+            if prov in ("cpu", "cuda", "triton", "dft") and not ik.available(base, prov, device):
                 continue
             if prov == "compile" and not case.compile:
                 continue
@@ -190,7 +191,7 @@ def main(argv=None):
     torch.manual_seed(0)
     env = environment(a.device)
     print("env:", env)
-    providers = ["reference", "cpu", "cuda", "triton"]
+    providers = ["reference", "cpu", "cuda", "triton", "dft"]
     if a.compile or a.device == "cuda":
         providers.append("compile")
     all_cases = cases(a.device, a.quick)

@@ -5,6 +5,9 @@ Backends, in order of preference per device:
     CUDA tensors: "cuda" (CUDA kernels in _C) > "triton" > "reference"
     CPU tensors:  "cpu"  (C++ kernels in _C)  > "reference"
 
+and, on request only, "dft" for spectral_conv2d: the truncated DFT as matrix products in PyTorch
+(irno_kernels/spectral_dft.py), on any device.
+
 "reference" is the pure-PyTorch specification of each op and is always there. A backend is forced
 for one call with the ``backend=`` keyword of every op, or for the whole process with the
 environment variable ``IRNO_BACKEND`` (read at each call, so tests can set it). Forcing a backend
@@ -18,7 +21,9 @@ import warnings
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "dft")
+#: ops with a "dft" implementation (pure PyTorch matrix products; never the automatic choice yet)
+DFT_OPS = ("spectral_conv2d",)
 ENV_VAR = "IRNO_BACKEND"
 
 #: public op name -> name of the compiled op in torch.ops.irno
@@ -90,6 +95,8 @@ def available(op: str, backend: str, device: torch.device | str) -> bool:
         return device.type == "cpu" and _has_kernel(op, "CPU")
     if backend == "cuda":
         return device.type == "cuda" and _has_kernel(op, "CUDA")
+    if backend == "dft":
+        return op in DFT_OPS
     if backend == "triton":
         interp = os.environ.get("TRITON_INTERPRET") == "1"
         ok_device = device.type == "cuda" or (device.type == "cpu" and interp)
@@ -123,7 +130,7 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
             raise ValueError(f"{src}: expected one of {('auto',) + BACKENDS}, got {forced!r}")
         if not available(op, forced, device):
             raise RuntimeError(_absent_message(op, forced, device))
-        if dual and forced != "reference":
+        if dual and forced not in ("reference", "dft"):
             raise RuntimeError(f"irno backend {forced!r} has no forward-mode AD formula for {op}; use "
                                f"backend='reference' (or the automatic choice) under torch.autograd.forward_ad")
         return forced
@@ -146,6 +153,8 @@ def _absent_message(op: str, backend: str, device: torch.device) -> str:
         return f"{where}: the 'cuda' backend takes CUDA tensors only"
     if backend == "cuda":
         return f"{where}: _C was compiled without CUDA kernels for it; rebuild with IRNO_CUDA=1 ({_BUILD_HINT})"
+    if backend == "dft":
+        return f"{where}: the 'dft' backend serves {', '.join(DFT_OPS)} only"
     if backend == "triton":
         if not _triton_ops():
             return f"{where}: triton is not installed or irno_kernels.triton has no kernels"

@@ -127,13 +127,18 @@ def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor, modes: int | Sequence
     float16 x with a complex64 weight (computed in float32, y in x's dtype). ``modes``, when given,
     is (m1, m2) (or one int for both) and must match the weight's shape; it only guards against a
     weight of the wrong layout.
-    Returns (B, C_out, H, W). ``backend`` forces "reference", "cpu", "cuda" or "triton".
+    Returns (B, C_out, H, W). ``backend`` forces "reference", "cpu", "cuda", "triton" or "dft" (the
+    truncated DFT as matrix products, :mod:`irno_kernels.spectral_dft`).
     """
     _check(x, weight, modes)
     impl = resolve("spectral_conv2d", x.device, backend, (x, weight))
     _checks.low_precision_backend("x", x, impl)
     if impl == "reference":
         return spectral_conv2d_ref(x, weight)
+    if impl == "dft":
+        from irno_kernels.spectral_dft import spectral_conv2d_dft
+
+        return spectral_conv2d_dft(x, weight)
     if impl == "triton":
         from irno_kernels.triton import spectral_conv2d as tr
 

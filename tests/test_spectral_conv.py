@@ -513,3 +513,47 @@ def test_hermitian_edges_defines_irfft2_of_a_mixed_spectrum(H, W, m2):
     torch.testing.assert_close(torch.fft.irfft2(P, s=(H, W)), torch.fft.irfft2(S, s=(H, W)))
     Sg = S[:1, :1].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: torch.view_as_real(hermitian_edges(t, W, m2)), (Sg,))
+
+
+# ---------------------------------------------------------------------------------------------
+# the truncated-DFT route (backend="dft", irno_kernels/spectral_dft.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 5, 4, 37, 50, 8, 12), (2, 3, 2, 16, 24, 8, 13), (2, 2, 3, 6, 1, 3, 1),
+                                   (1, 3, 3, 15, 9, 7, 5), (2, 4, 3, 40, 64, 4, 33)])
+def test_dft_route_matches_reference_forward_and_backward(shape):
+    B, ci, co, H, W, m1, m2 = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(B, ci, H, W, dtype=torch.float64, generator=g)
+    w = torch.randn(ci, co, 2 * m1, m2, dtype=torch.complex128, generator=g)
+    gy = torch.randn(B, co, H, W, dtype=torch.float64, generator=g)
+    for dtype, cdtype, rtol in ((torch.float64, torch.complex128, 1e-10), (torch.float32, torch.complex64, 2e-5)):
+        xs, ws = x.to(dtype).requires_grad_(), w.to(cdtype).requires_grad_()
+        got = ik.spectral_conv2d(xs, ws, backend="dft")
+        want = spectral_conv2d_ref(x.requires_grad_(), w.requires_grad_())
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * scale)
+        ga = torch.autograd.grad(got, (xs, ws), gy.to(dtype))
+        gb = torch.autograd.grad(want, (x, w), gy)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a.to(b.dtype), b, rtol=rtol, atol=rtol * float(b.abs().max()))
+        x, w = x.detach(), w.detach()
+
+
+def test_dft_route_gradcheck_forward_ad_and_autocast():
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, 4, dtype=torch.complex128, requires_grad=True)
+    fn = lambda a, b: ik.spectral_conv2d(a, b, backend="dft")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradcheck(fn, (x, w), check_forward_ad=True, check_backward_ad=False)
+    xf, wf = x.detach().float(), w.detach().to(torch.complex64)
+    with torch.autocast("cpu", torch.bfloat16):  # runs in fp32 regardless
+        y = ik.spectral_conv2d(xf, wf, backend="dft")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, spectral_conv2d_ref(xf, wf), rtol=1e-5, atol=1e-5)
+
+
+def test_dft_backend_serves_the_spectral_layer_only():
+    h = torch.randn(1, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="'dft' backend serves spectral_conv2d only"):
+        ik.residual_update(h, h, 0.5, backend="dft")
+    assert ik.backends()["spectral_conv2d"]["cpu"] != "dft"  # never the automatic choice

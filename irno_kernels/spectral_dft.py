@@ -1,0 +1,95 @@
+"""The spectral convolution as a truncated DFT: matrix products over the kept modes only.
+
+Same function as :func:`irno_kernels.spectral_conv2d_ref` (irfft2 read as Re(ifft2), DESIGN 3.1),
+computed without any FFT: a layer keeps 2*m1 x m2 modes of an H x W grid, and when those are few the
+forward transform restricted to them and the inverse transform from them are skinny GEMMs, which
+cuBLAS runs on tensor cores (TF32/bf16 when PyTorch allows it, fp32 otherwise) while an FFT must pass
+over the whole grid several times. Five products per call, all in PyTorch:
+
+    T  = x (N*H, W) @ [cos | -sin] (W, 2*m2)                along W: kept rfft columns 0..m2-1
+    X  = E (2*m1, H) @ T (N, H, m2), / (H*W)                along H: kept rows 0..m1-1, -m1..-1
+    S  = Mix(X)                                             the same einsum as the reference
+    S' = E^H (H, 2*m1) @ S (N, 2*m1, m2)                    back along H
+    y  = [Re S' | Im S'] (N*H, 2*m2) @ [c*cos ; -c*sin]     back along W; c = 1 on column 0 and the
+                                                            Nyquist column of an even W, else 2
+
+The last line is irfft along W of a one-sided spectrum under the Re(ifft2) reading, which is the
+op's definition (see :func:`irno_kernels.spectral_conv.hermitian_edges`). Autograd differentiates the
+products exactly, and forward-mode AD works. The DFT matrices are built on the device with torch ops
+(so a first call may happen inside CUDA-graph capture) and cached per (H, W, m1, m2, dtype, device).
+
+Selected with ``spectral_conv2d(..., backend="dft")``. It is not the automatic choice anywhere yet:
+on CPU the C++ kernel (which takes the same GEMM route when it pays, csrc/spectral_conv.cpp) is
+faster; on CUDA it waits for a GPU measurement against the FFT route (benchmarks/bench_ops.py times
+it as provider "dft").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["spectral_conv2d_dft", "dft_matrices"]
+
+_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_CACHE_MAX = 32
+
+
+def _real_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.complex128 else torch.float32
+
+
+def dft_matrices(H: int, W: int, m1: int, m2: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """(fw, eh, eh_inv, iw): fw (W, 2*m2) real [cos | -sin] of the kept W-frequencies; eh (2*m1, H)
+    complex forward rows for frequencies 0..m1-1, -m1..-1, scaled by 1/(H*W); eh_inv (H, 2*m1) complex
+    inverse; iw (2*m2, W) real [c*cos ; -c*sin]. Angles are reduced modulo the period in integers
+    before the trigonometry, so large grids keep full accuracy."""
+    key = (H, W, m1, m2, dtype, torch.device(device))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    wdt = torch.float64  # built in float64, rounded once
+    w = torch.arange(W, device=device, dtype=torch.int64)
+    ky = torch.arange(m2, device=device, dtype=torch.int64)
+    ang_w = (2 * math.pi / W) * ((ky[None, :] * w[:, None]) % W).to(wdt)  # (W, m2)
+    fw = torch.cat([torch.cos(ang_w), -torch.sin(ang_w)], dim=1)  # (W, 2*m2)
+    c = torch.full((m2,), 2.0, device=device, dtype=wdt)
+    c[0] = 1.0
+    if W % 2 == 0 and W // 2 < m2:
+        c[W // 2] = 1.0
+    iw = torch.cat([c[:, None] * torch.cos(ang_w).T, -c[:, None] * torch.sin(ang_w).T], dim=0)  # (2*m2, W)
+    h = torch.arange(H, device=device, dtype=torch.int64)
+    f = torch.cat([torch.arange(m1, device=device), torch.arange(-m1, 0, device=device)]).to(torch.int64)
+    ang_h = (2 * math.pi / H) * ((f[:, None] * h[None, :]) % H).to(wdt)  # (2*m1, H)
+    eh = torch.polar(torch.full_like(ang_h, 1.0 / (H * W)), -ang_h)  # forward, "forward" norm
+    eh_inv = torch.polar(torch.ones_like(ang_h), ang_h).T  # (H, 2*m1)
+    out = (fw.to(dtype), eh.to(cdtype), eh_inv.to(cdtype).contiguous(), iw.to(dtype))
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = out
+    return out
+
+
+def spectral_conv2d_dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = spectral_conv2d_ref(x, weight) by matrix products (module docstring).
+
+    x: (B, C_in, H, W) float32/float64; weight: (C_in, C_out, 2*m1, m2) complex64/complex128.
+    Returns (B, C_out, H, W). Arguments are checked by :func:`irno_kernels.spectral_conv2d`.
+    """
+    with torch.autocast(x.device.type, enabled=False):  # the products in x's precision, as specified
+        return _dft(x, weight)
+
+
+def _dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    B, Ci, H, W = x.shape
+    Co, m1, m2 = weight.shape[1], weight.shape[2] // 2, weight.shape[3]
+    fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, _real_dtype(weight), x.device)
+    T = torch.matmul(x.reshape(B * Ci * H, W), fw).view(B * Ci, H, 2, m2)
+    T = torch.complex(T[:, :, 0], T[:, :, 1])  # (N, H, m2)
+    X = torch.matmul(eh, T).view(B, Ci, 2 * m1, m2)  # kept modes, rows 0..m1-1 then -m1..-1
+    S = torch.einsum("bixy,ioxy->boxy", X, weight).reshape(B * Co, 2 * m1, m2)
+    Sp = torch.matmul(eh_inv, S)  # (N, H, m2)
+    y = torch.matmul(torch.cat([Sp.real, Sp.imag], dim=-1).reshape(B * Co * H, 2 * m2), iw)
+    return y.view(B, Co, H, W)
