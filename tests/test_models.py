@@ -391,6 +391,10 @@ def test_circular_pad2d_channels_last_and_errors():
     assert torch.equal(out, F.pad(x, (1,) * 4, mode="circular"))
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert circular_pad2d(x, 0) is x
+    big = torch.randn(2, 8, 96, 96).contiguous(memory_format=torch.channels_last)  # the large-tensor path
+    out = circular_pad2d(big, 1)
+    assert torch.equal(out, F.pad(big, (1,) * 4, mode="circular"))
+    assert out.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="p:"):
         circular_pad2d(torch.randn(1, 1, 2, 5), 3)
 

@@ -121,8 +121,15 @@ def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
         raise ValueError(f"p: periodic padding of {p} needs a grid of at least {p} x {p}, got {H} x {W}")
     if not (x.requires_grad and torch.is_grad_enabled()) and torch.autograd.forward_ad._current_level < 0:
         # nothing to differentiate: skip the autograd.Function (its Python costs more than the copies
-        # on small grids); ATen's circular pad is one C++ call for the usual NCHW layout
-        return F.pad(x, (p, p, p, p), mode="circular") if x.is_contiguous() else _wrap_pad(x, p)
+        # on small grids). NCHW: ATen's circular pad, one C++ call. Other layouts (the U-Net's
+        # activations are channels-last after its LayerNorm) keep their layout: two concatenations
+        # on small tensors, where per-op overhead rules, the five copies of _wrap_pad on large ones.
+        if x.is_contiguous():
+            return F.pad(x, (p, p, p, p), mode="circular")
+        if x.numel() < 1 << 17:
+            rows = torch.cat([x[..., H - p:, :], x, x[..., :p, :]], dim=-2)
+            return torch.cat([rows[..., W - p:], rows, rows[..., :p]], dim=-1)
+        return _wrap_pad(x, p)
     return _CircularPad2d.apply(x, p)
 
 
