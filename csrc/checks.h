@@ -4,9 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 namespace irno {
 
@@ -165,6 +167,30 @@ inline void check_loss_grad(const at::Tensor& grad, const at::Tensor& pred) {
   check_defined_nonempty(grad, "grad");
   TORCH_CHECK(grad.numel() == 1, "grad: expected a 0-D tensor (the loss is a scalar), got shape ", grad.sizes());
   check_same_device(pred, "pred", grad, "grad");
+}
+
+// the spectra saved by spectral_loss_spectra: contiguous (B, C, H, W/2+1) complex of pred's compute
+// precision on pred's device; magnitude mode needs both, error mode only spec_pred
+inline void check_saved_spectra(const c10::optional<at::Tensor>& spec_pred, const c10::optional<at::Tensor>& spec_target,
+                                const at::Tensor& pred, bool magnitude) {
+  if (!spec_pred.has_value()) {
+    TORCH_CHECK(!spec_target.has_value(), "spec_target: given without spec_pred");
+    return;
+  }
+  const auto want = pred.scalar_type() == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+  const std::vector<int64_t> shape{pred.size(0), pred.size(1), pred.size(2), pred.size(3) / 2 + 1};
+  auto check = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == want, name, ": expected dtype ", want, ", got ", t.scalar_type());
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, ": expected shape ", at::IntArrayRef(shape), ", got ",
+                t.sizes());
+    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+    check_same_device(pred, "pred", t, name);
+  };
+  check(*spec_pred, "spec_pred");
+  if (magnitude) {
+    TORCH_CHECK(spec_target.has_value(), "spec_target: required with spec_pred in magnitude mode");
+    check(*spec_target, "spec_target");
+  }
 }
 
 }  // namespace irno

@@ -46,10 +46,17 @@ TORCH_LIBRARY(irno, m) {
   m.def("radial_spectrum_backward(Tensor grad, Tensor x) -> Tensor");
   // weighted spectral loss (scalar); mode "magnitude" or "error"
   m.def("spectral_loss(Tensor pred, Tensor target, float lam, float f0, str mode) -> Tensor");
-  // gradient of spectral_loss w.r.t. pred (wrt_target=False) or target (wrt_target=True)
+  // the same loss and the spectra it read, kept for the backward: (loss, P, Y) with P = rfft2(pred)
+  // and Y = rfft2(target) (norm "ortho") in magnitude mode, P = rfft2(pred - target) and Y empty in
+  // error mode. The autograd of irno_kernels.spectral_loss uses this op, so that the backward
+  // transforms nothing but the gradient.
+  m.def("spectral_loss_spectra(Tensor pred, Tensor target, float lam, float f0, str mode) -> (Tensor, Tensor, Tensor)");
+  // gradient of spectral_loss w.r.t. pred (wrt_target=False) or target (wrt_target=True); with
+  // spec_pred / spec_target (the P and Y of spectral_loss_spectra) it reuses them instead of
+  // transforming pred and target again
   m.def(
       "spectral_loss_backward(Tensor grad, Tensor pred, Tensor target, float lam, float f0, "
-      "str mode, bool wrt_target) -> Tensor");
+      "str mode, bool wrt_target, Tensor? spec_pred=None, Tensor? spec_target=None) -> Tensor");
 }
 
 namespace {

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -287,8 +288,9 @@ double loss_sum(const c10::complex<T>* P, const c10::complex<T>* Y, const double
   return total;
 }
 
-at::Tensor spectral_loss_cpu(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
-                             c10::string_view mode) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_loss_spectra_cpu(const at::Tensor& pred,
+                                                                         const at::Tensor& target, double lam,
+                                                                         double f0, c10::string_view mode) {
   check_loss_args(pred, target, lam, f0);
   const LossMode m = parse_loss_mode(mode);
   const int64_t B = pred.size(0), C = pred.size(1), H = pred.size(2), W = pred.size(3), Wr = W / 2 + 1;
@@ -296,15 +298,20 @@ at::Tensor spectral_loss_cpu(const at::Tensor& pred, const at::Tensor& target, d
   const double wsum = weight_table(H, W, lam, f0, w);
   // F(p - y) = F(p) - F(y): the error mode needs one transform, not two
   const at::Tensor P = spectrum_of(m == LossMode::kError ? pred - target : pred);
-  const at::Tensor Y = m == LossMode::kMagnitude ? spectrum_of(target) : at::Tensor();
+  const at::Tensor Y = m == LossMode::kMagnitude ? spectrum_of(target) : P.new_empty({0});
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "spectral_loss_cpu", [&] {
     total = loss_sum<scalar_t>(P.const_data_ptr<c10::complex<scalar_t>>(),
-                               Y.defined() ? Y.const_data_ptr<c10::complex<scalar_t>>() : nullptr, w.data(),
-                               B * C, H, Wr);
+                               m == LossMode::kMagnitude ? Y.const_data_ptr<c10::complex<scalar_t>>() : nullptr,
+                               w.data(), B * C, H, Wr);
   });
   // mean over the B*C*H*Wr entries of w / mean(w) * e = total / (B*C * sum(w))
-  return at::scalar_tensor(total / (static_cast<double>(B * C) * wsum), pred.options());
+  return {at::scalar_tensor(total / (static_cast<double>(B * C) * wsum), pred.options()), P, Y};
+}
+
+at::Tensor spectral_loss_cpu(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
+                             c10::string_view mode) {
+  return std::get<0>(spectral_loss_spectra_cpu(pred, target, lam, f0, mode));
 }
 
 // Gradient of the loss with respect to the spectrum S of pred (or target), written over S.
@@ -333,10 +340,13 @@ void loss_grad_spectrum(c10::complex<T>* S, const c10::complex<T>* other, const 
 }
 
 at::Tensor spectral_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-                                      double lam, double f0, c10::string_view mode, bool wrt_target) {
+                                      double lam, double f0, c10::string_view mode, bool wrt_target,
+                                      const c10::optional<at::Tensor>& spec_pred,
+                                      const c10::optional<at::Tensor>& spec_target) {
   check_loss_args(pred, target, lam, f0);
   const LossMode m = parse_loss_mode(mode);
   check_loss_grad(grad, pred);
+  check_saved_spectra(spec_pred, spec_target, pred, m == LossMode::kMagnitude);
   const int64_t B = pred.size(0), C = pred.size(1), H = pred.size(2), W = pred.size(3), Wr = W / 2 + 1;
   std::vector<double> w;
   const double wsum = weight_table(H, W, lam, f0, w);
@@ -344,8 +354,12 @@ at::Tensor spectral_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const double scale = sign * 2.0 * grad.item<double>() / (static_cast<double>(B * C) * wsum);
   at::Tensor S;
   at::Tensor other;
+  const bool saved = spec_pred.has_value();  // the forward's spectra: S is a copy (it is overwritten)
   if (m == LossMode::kError) {
-    S = spectrum_of(pred - target);
+    S = saved ? spec_pred->clone() : spectrum_of(pred - target);
+  } else if (saved) {
+    S = (wrt_target ? *spec_target : *spec_pred).clone();
+    other = wrt_target ? *spec_pred : *spec_target;
   } else {
     S = spectrum_of(wrt_target ? target : pred);
     other = spectrum_of(wrt_target ? pred : target);
@@ -370,6 +384,7 @@ TORCH_LIBRARY_IMPL(irno, CPU, m) {
   m.impl("radial_spectrum", &radial_spectrum_cpu);
   m.impl("radial_spectrum_backward", &radial_spectrum_backward_cpu);
   m.impl("spectral_loss", &spectral_loss_cpu);
+  m.impl("spectral_loss_spectra", &spectral_loss_spectra_cpu);
   m.impl("spectral_loss_backward", &spectral_loss_backward_cpu);
 }
 

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <cstdint>
 
 #include "checks.h"
@@ -130,8 +131,9 @@ at::Tensor radial_spectrum_backward_cuda(const at::Tensor& grad, const at::Tenso
 // ------------------------------------------------------------------------------------------------
 // spectral loss
 // ------------------------------------------------------------------------------------------------
-at::Tensor spectral_loss_cuda(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
-                              c10::string_view mode) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_loss_spectra_cuda(const at::Tensor& pred,
+                                                                          const at::Tensor& target, double lam,
+                                                                          double f0, c10::string_view mode) {
   check_loss_args(pred, target, lam, f0, /*low_precision=*/true);
   const LossMode m = parse_loss_mode(mode);
   check_launch_limits(pred, "pred");
@@ -140,34 +142,46 @@ at::Tensor spectral_loss_cuda(const at::Tensor& pred, const at::Tensor& target, 
   const at::Tensor p = in_compute_dtype(pred), t = in_compute_dtype(target);
   // F(p - y) = F(p) - F(y): the error mode needs one transform, not two
   const at::Tensor P = spectrum_of(m == LossMode::kError ? p.sub(t) : p);
-  const at::Tensor Y = m == LossMode::kMagnitude ? spectrum_of(t) : at::Tensor();
+  const at::Tensor Y = m == LossMode::kMagnitude ? spectrum_of(t) : P.new_empty({0});
   at::Tensor work = workspace(cuda::loss_workspace(s), pred);
   at::Tensor out = at::empty({}, pred.options().dtype(compute_dtype(pred)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (compute_dtype(pred) == at::kDouble) {
-    cuda::spectral_loss(real_ptr<double>(P), Y.defined() ? real_ptr<double>(Y) : nullptr, lam, f0,
+    cuda::spectral_loss(real_ptr<double>(P), m == LossMode::kMagnitude ? real_ptr<double>(Y) : nullptr, lam, f0,
                         work.mutable_data_ptr<double>(), out.mutable_data_ptr<double>(), s, stream);
   } else {
-    cuda::spectral_loss(real_ptr<float>(P), Y.defined() ? real_ptr<float>(Y) : nullptr, lam, f0,
+    cuda::spectral_loss(real_ptr<float>(P), m == LossMode::kMagnitude ? real_ptr<float>(Y) : nullptr, lam, f0,
                         work.mutable_data_ptr<double>(), out.mutable_data_ptr<float>(), s, stream);
   }
-  return out.scalar_type() == pred.scalar_type() ? out : out.to(pred.scalar_type());
+  return {out.scalar_type() == pred.scalar_type() ? out : out.to(pred.scalar_type()), P, Y};
+}
+
+at::Tensor spectral_loss_cuda(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
+                              c10::string_view mode) {
+  return std::get<0>(spectral_loss_spectra_cuda(pred, target, lam, f0, mode));
 }
 
 at::Tensor spectral_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
-                                       double lam, double f0, c10::string_view mode, bool wrt_target) {
+                                       double lam, double f0, c10::string_view mode, bool wrt_target,
+                                       const c10::optional<at::Tensor>& spec_pred,
+                                       const c10::optional<at::Tensor>& spec_target) {
   check_loss_args(pred, target, lam, f0, /*low_precision=*/true);
   const LossMode m = parse_loss_mode(mode);
   check_loss_grad(grad, pred);
+  check_saved_spectra(spec_pred, spec_target, pred, m == LossMode::kMagnitude);
   check_launch_limits(pred, "pred");
   c10::cuda::CUDAGuard guard(pred.device());
   const cuda::SpectrumShape s = shape_of(pred, 0);
   const double sign = (m == LossMode::kError && wrt_target) ? -1.0 : 1.0;
   const at::Tensor p = in_compute_dtype(pred), t = in_compute_dtype(target);
-  at::Tensor S;  // overwritten with the gradient spectrum
+  at::Tensor S;  // overwritten with the gradient spectrum: a copy when it is the forward's
   at::Tensor other;
+  const bool saved = spec_pred.has_value();
   if (m == LossMode::kError) {
-    S = spectrum_of(p.sub(t));
+    S = saved ? spec_pred->clone() : spectrum_of(p.sub(t));
+  } else if (saved) {
+    S = (wrt_target ? *spec_target : *spec_pred).clone();
+    other = wrt_target ? *spec_pred : *spec_target;
   } else {
     S = spectrum_of(wrt_target ? t : p);
     other = spectrum_of(wrt_target ? p : t);
@@ -192,6 +206,7 @@ TORCH_LIBRARY_IMPL(irno, CUDA, m) {
   m.impl("radial_spectrum", &radial_spectrum_cuda);
   m.impl("radial_spectrum_backward", &radial_spectrum_backward_cuda);
   m.impl("spectral_loss", &spectral_loss_cuda);
+  m.impl("spectral_loss_spectra", &spectral_loss_spectra_cuda);
   m.impl("spectral_loss_backward", &spectral_loss_backward_cuda);
 }
 

@@ -64,7 +64,7 @@ _TRITON_OPS: frozenset[str] | None = None
 # in float32 with autocast off, as it does for its own fp32-list ops. Explicit bf16/fp16 inputs
 # outside autocast still reach the CUDA kernels' low-precision paths.
 if HAS_C:
-    for _op in OPS:
+    for _op in (*OPS, "spectral_loss_spectra"):
         for _dev in ("cpu", "cuda"):
             torch.library.register_autocast(f"irno::{_op}", _dev, torch.float32)
 

@@ -198,6 +198,9 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
         from irno_kernels.triton import spectral_loss as tr
 
         return tr(pred, target, lam, f0, mode)
+    if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
+        # the op that also returns the spectra it read: the backward reuses them (no second rfft2)
+        return torch.ops.irno.spectral_loss_spectra(pred, target, lam, f0, mode)[0]
     return torch.ops.irno.spectral_loss(pred, target, lam, f0, mode)
 
 
@@ -219,8 +222,17 @@ if HAS_C:
     def _spectral_loss_fake(pred, target, lam, f0, mode):
         return pred.new_empty(())
 
+    @torch.library.register_fake("irno::spectral_loss_spectra")
+    def _spectral_loss_spectra_fake(pred, target, lam, f0, mode):
+        B, C, H, W = pred.shape
+        cdtype = torch.complex128 if pred.dtype == torch.float64 else torch.complex64
+        P = pred.new_empty((B, C, H, W // 2 + 1), dtype=cdtype)
+        Y = pred.new_empty((B, C, H, W // 2 + 1) if mode == "magnitude" else (0,), dtype=cdtype)
+        return pred.new_empty(()), P, Y
+
     @torch.library.register_fake("irno::spectral_loss_backward")
-    def _spectral_loss_backward_fake(grad, pred, target, lam, f0, mode, wrt_target):
+    def _spectral_loss_backward_fake(grad, pred, target, lam, f0, mode, wrt_target, spec_pred=None,
+                                     spec_target=None):
         return torch.empty_like(pred, memory_format=torch.contiguous_format)
 
     def _radial_setup(ctx, inputs, output):
@@ -254,3 +266,27 @@ if HAS_C:
         return gp, gt, None, None, None
 
     torch.library.register_autograd("irno::spectral_loss", _loss_backward, setup_context=_loss_setup)
+
+    def _spectra_setup(ctx, inputs, output):
+        pred, target, lam, f0, mode = inputs
+        _, P, Y = output
+        ctx.mark_non_differentiable(P, Y)
+        ctx.lam, ctx.f0, ctx.mode = lam, f0, mode
+        ctx.save_for_backward(pred, target, P, Y)
+
+    def _spectra_backward(ctx, grad, _grad_P, _grad_Y):
+        pred, target, P, Y = ctx.saved_tensors
+        need_pred, need_target = ctx.needs_input_grad[:2]
+        args = (ctx.lam, ctx.f0, ctx.mode)
+        saved = (P, Y if ctx.mode == "magnitude" else None)
+        gp = gt = None
+        if need_pred or (need_target and ctx.mode == "error"):
+            gp = torch.ops.irno.spectral_loss_backward(grad, pred, target, *args, False, *saved)
+        if need_target:
+            if ctx.mode == "error":
+                gt = -gp  # |P - Y|^2 is symmetric: the target's gradient is the pred's, negated
+            else:
+                gt = torch.ops.irno.spectral_loss_backward(grad, pred, target, *args, True, *saved)
+        return (gp if need_pred else None), gt, None, None, None
+
+    torch.library.register_autograd("irno::spectral_loss_spectra", _spectra_backward, setup_context=_spectra_setup)

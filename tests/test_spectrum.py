@@ -290,6 +290,33 @@ def test_opcheck(dtype):
                                                   1.6, 0.5, mode))
         for wrt_target in (False, True):
             torch.library.opcheck(ops.spectral_loss_backward, (g, x, y, 1.6, 0.5, mode, wrt_target))
+        _, P, Y = ops.spectral_loss_spectra(x, y, 1.6, 0.5, mode)
+        torch.library.opcheck(ops.spectral_loss_spectra, (x.clone().requires_grad_(), y.clone().requires_grad_(),
+                                                          1.6, 0.5, mode))
+        saved = (P, Y if mode == "magnitude" else None)
+        for wrt_target in (False, True):
+            torch.library.opcheck(ops.spectral_loss_backward, (g, x, y, 1.6, 0.5, mode, wrt_target, *saved))
+            # reusing the forward's spectra gives the recomputed gradient, and leaves them intact
+            P0 = P.clone()
+            torch.testing.assert_close(ops.spectral_loss_backward(g, x, y, 1.6, 0.5, mode, wrt_target, *saved),
+                                       ops.spectral_loss_backward(g, x, y, 1.6, 0.5, mode, wrt_target))
+            assert torch.equal(P, P0)
+
+
+@needs_c
+def test_saved_spectra_are_checked():
+    x, y = field((2, 2, 7, 10), torch.float64, 1), field((2, 2, 7, 10), torch.float64, 2)
+    g = torch.tensor(1.0, dtype=torch.float64)
+    _, P, Y = torch.ops.irno.spectral_loss_spectra(x, y, 1.6, 0.5, "magnitude")
+    back = torch.ops.irno.spectral_loss_backward
+    with pytest.raises(RuntimeError, match="spec_target: required"):
+        back(g, x, y, 1.6, 0.5, "magnitude", False, P, None)
+    with pytest.raises(RuntimeError, match="spec_pred: expected shape"):
+        back(g, x, y, 1.6, 0.5, "magnitude", False, P[:, :, :-1].contiguous(), Y)
+    with pytest.raises(RuntimeError, match="spec_pred: expected dtype"):
+        back(g, x, y, 1.6, 0.5, "magnitude", False, P.to(torch.complex64), Y)
+    with pytest.raises(RuntimeError, match="spec_target: given without spec_pred"):
+        back(g, x, y, 1.6, 0.5, "magnitude", False, None, Y)
 
 
 @needs_c
@@ -702,6 +729,12 @@ def test_cuda_opcheck(dtype):
         )
         for wrt_target in (False, True):
             torch.library.opcheck(ops.spectral_loss_backward, (g, x, y, 1.6, 0.5, mode, wrt_target))
+        torch.library.opcheck(ops.spectral_loss_spectra, (x.clone().requires_grad_(), y.clone().requires_grad_(),
+                                                          1.6, 0.5, mode))
+        _, P, Y = ops.spectral_loss_spectra(x, y, 1.6, 0.5, mode)
+        saved = (P, Y if mode == "magnitude" else None)
+        for wrt_target in (False, True):
+            torch.library.opcheck(ops.spectral_loss_backward, (g, x, y, 1.6, 0.5, mode, wrt_target, *saved))
 
 
 @pytest.mark.gpu
