@@ -6,12 +6,15 @@ forward transform restricted to them and the inverse transform from them are ski
 cuBLAS runs on tensor cores (TF32/bf16 when PyTorch allows it, fp32 otherwise) while an FFT must pass
 over the whole grid several times. Five products per call, all in PyTorch:
 
-    T  = x (N*H, W) @ [cos | -sin] (W, 2*m2)                along W: kept rfft columns 0..m2-1
+    T  = x (N*H, W) @ [cos, -sin] (W, 2*m2)                 along W: kept rfft columns 0..m2-1
     X  = E (2*m1, H) @ T (N, H, m2), / (H*W)                along H: kept rows 0..m1-1, -m1..-1
     S  = Mix(X)                                             the same einsum as the reference
     S' = E^H (H, 2*m1) @ S (N, 2*m1, m2)                    back along H
-    y  = [Re S' | Im S'] (N*H, 2*m2) @ [c*cos ; -c*sin]     back along W; c = 1 on column 0 and the
+    y  = [Re S', Im S'] (N*H, 2*m2) @ [c*cos ; -c*sin]      back along W; c = 1 on column 0 and the
                                                             Nyquist column of an even W, else 2
+
+Real and imaginary parts are interleaved along the 2*m2 axis ([cos_0, -sin_0, cos_1, -sin_1, ...]),
+so the real GEMMs read and write complex tensors through view_as_real / view_as_complex, no copies.
 
 The last line is irfft along W of a one-sided spectrum under the Re(ifft2) reading, which is the
 op's definition (see :func:`irno_kernels.spectral_conv.hermitian_edges`). Autograd differentiates the
@@ -41,10 +44,10 @@ def _real_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def dft_matrices(H: int, W: int, m1: int, m2: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
-    """(fw, eh, eh_inv, iw): fw (W, 2*m2) real [cos | -sin] of the kept W-frequencies; eh (2*m1, H)
-    complex forward rows for frequencies 0..m1-1, -m1..-1, scaled by 1/(H*W); eh_inv (H, 2*m1) complex
-    inverse; iw (2*m2, W) real [c*cos ; -c*sin]. Angles are reduced modulo the period in integers
-    before the trigonometry, so large grids keep full accuracy."""
+    """(fw, eh, eh_inv, iw): fw (W, 2*m2) real, columns cos, -sin interleaved per kept W-frequency;
+    eh (2*m1, H) complex forward rows for frequencies 0..m1-1, -m1..-1, scaled by 1/(H*W); eh_inv
+    (H, 2*m1) complex inverse; iw (2*m2, W) real, rows c*cos, -c*sin interleaved. Angles are reduced
+    modulo the period in integers before the trigonometry, so large grids keep full accuracy."""
     key = (H, W, m1, m2, dtype, torch.device(device))
     hit = _CACHE.get(key)
     if hit is not None:
@@ -54,12 +57,12 @@ def dft_matrices(H: int, W: int, m1: int, m2: int, dtype: torch.dtype, device) -
     w = torch.arange(W, device=device, dtype=torch.int64)
     ky = torch.arange(m2, device=device, dtype=torch.int64)
     ang_w = (2 * math.pi / W) * ((ky[None, :] * w[:, None]) % W).to(wdt)  # (W, m2)
-    fw = torch.cat([torch.cos(ang_w), -torch.sin(ang_w)], dim=1)  # (W, 2*m2)
+    fw = torch.stack([torch.cos(ang_w), -torch.sin(ang_w)], dim=-1).reshape(W, 2 * m2)
     c = torch.full((m2,), 2.0, device=device, dtype=wdt)
     c[0] = 1.0
     if W % 2 == 0 and W // 2 < m2:
         c[W // 2] = 1.0
-    iw = torch.cat([c[:, None] * torch.cos(ang_w).T, -c[:, None] * torch.sin(ang_w).T], dim=0)  # (2*m2, W)
+    iw = torch.stack([c[:, None] * torch.cos(ang_w).T, -c[:, None] * torch.sin(ang_w).T], dim=1).reshape(2 * m2, W)
     h = torch.arange(H, device=device, dtype=torch.int64)
     f = torch.cat([torch.arange(m1, device=device), torch.arange(-m1, 0, device=device)]).to(torch.int64)
     ang_h = (2 * math.pi / H) * ((f[:, None] * h[None, :]) % H).to(wdt)  # (2*m1, H)
@@ -86,10 +89,9 @@ def _dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     B, Ci, H, W = x.shape
     Co, m1, m2 = weight.shape[1], weight.shape[2] // 2, weight.shape[3]
     fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, _real_dtype(weight), x.device)
-    T = torch.matmul(x.reshape(B * Ci * H, W), fw).view(B * Ci, H, 2, m2)
-    T = torch.complex(T[:, :, 0], T[:, :, 1])  # (N, H, m2)
+    T = torch.view_as_complex(torch.matmul(x.reshape(B * Ci * H, W), fw).view(B * Ci, H, m2, 2))  # (N, H, m2)
     X = torch.matmul(eh, T).view(B, Ci, 2 * m1, m2)  # kept modes, rows 0..m1-1 then -m1..-1
     S = torch.einsum("bixy,ioxy->boxy", X, weight).reshape(B * Co, 2 * m1, m2)
     Sp = torch.matmul(eh_inv, S)  # (N, H, m2)
-    y = torch.matmul(torch.cat([Sp.real, Sp.imag], dim=-1).reshape(B * Co * H, 2 * m2), iw)
+    y = torch.matmul(torch.view_as_real(Sp).reshape(B * Co * H, 2 * m2), iw)
     return y.view(B, Co, H, W)
