@@ -42,6 +42,7 @@ from _common import environment, time_fn, write_csv  # noqa: E402
 from _plain import PlainIRNO, plain_irno_loss, spectral_weight  # noqa: E402
 from irno import FNO, IRNO, GraphedIRNO, IRNOLoss, UNetRefiner  # noqa: E402
 from irno.analysis import count_flops  # noqa: E402
+from irno.graphed import no_autocast_cache  # noqa: E402
 from irno.losses import spectral_lambda  # noqa: E402
 
 VARIANTS = ("plain", "irno", "graphed", "graphed+bf16")
@@ -207,18 +208,6 @@ def capture_train_step(step, opt):
     with torch.cuda.graph(graph), no_autocast_cache():
         static_loss = step(zero=False)
     return graph.replay, static_loss
-
-
-@contextlib.contextmanager
-def no_autocast_cache():
-    """Autocast's weight-cast cache off (the autocast regions inside inherit it): the casts are then
-    recorded in the graph instead of read from a cache that is freed when the region ends."""
-    prev = torch.is_autocast_cache_enabled()
-    torch.set_autocast_cache_enabled(False)
-    try:
-        yield
-    finally:
-        torch.set_autocast_cache_enabled(prev)
 
 
 def check_train_agreement(model: IRNO, plain: PlainIRNO, x, y, K: int, tol: float) -> dict:

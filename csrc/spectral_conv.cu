@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "spectral_conv_cuda.h"
+#include "vec2.cuh"
 
 namespace irno {
 namespace cuda {
@@ -35,25 +36,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBatchTile = 4;  // batch entries per thread in spectral_mix (weight reuse)
 constexpr int kOutTile = 4;    // output channels per thread in spectral_weight_grad (X reuse)
-
-template <typename T>
-struct Vec2;
-template <>
-struct Vec2<float> {
-  using type = float2;
-};
-template <>
-struct Vec2<double> {
-  using type = double2;
-};
-
-template <typename T>
-__device__ __forceinline__ typename Vec2<T>::type make_vec2(T x, T y) {
-  typename Vec2<T>::type v;
-  v.x = x;
-  v.y = y;
-  return v;
-}
 
 // grid (ceil(H*Wr / kThreads), n_out, ceil(B / kBatchTile)); thread: entry e = kx*Wr + ky of output
 // channel p for batch entries b0 .. b0+kBatchTile-1

@@ -25,6 +25,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "complex_view.h"
 #include "spectral_conv_cuda.h"
 
 namespace irno {
@@ -33,16 +34,6 @@ namespace {
 // FFT_NORM of irno_kernels/spectral_conv.py: rfft2 divides by H*W, irfft2 does not
 constexpr const char* kNorm = "forward";
 constexpr int64_t kMaxGridYZ = 65535;
-
-template <typename T>
-const T* real_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr<c10::complex<T>>());
-}
-
-template <typename T>
-T* real_ptr_mut(at::Tensor& t) {
-  return reinterpret_cast<T*>(t.mutable_data_ptr<c10::complex<T>>());
-}
 
 // rfft2 of a (B, C, H, W) field in its compute precision, contiguous (the kernels index it)
 at::Tensor rfft2(const at::Tensor& t, const char* norm) {

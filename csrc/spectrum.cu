@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "spectrum_cuda.h"
+#include "vec2.cuh"
 
 namespace irno {
 namespace cuda {
@@ -43,25 +44,6 @@ constexpr int kRowsPerWarp = 4;        // rows per warp and chunk in the radial 
 constexpr int kMaxWarps = 8;           // warps per block in the radial spectrum
 constexpr int kHistDoubles = 6144;     // 48 KiB of shared memory for the warps' histograms
 constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename T>
-struct Vec2;
-template <>
-struct Vec2<float> {
-  using type = float2;
-};
-template <>
-struct Vec2<double> {
-  using type = double2;
-};
-
-template <typename T>
-__device__ __forceinline__ typename Vec2<T>::type make_vec2(T x, T y) {
-  typename Vec2<T>::type v;
-  v.x = x;
-  v.y = y;
-  return v;
-}
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 

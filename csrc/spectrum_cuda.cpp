@@ -26,20 +26,11 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "complex_view.h"
 #include "spectrum_cuda.h"
 
 namespace irno {
 namespace {
-
-template <typename T>
-const T* real_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr<c10::complex<T>>());
-}
-
-template <typename T>
-T* real_ptr_mut(at::Tensor& t) {
-  return reinterpret_cast<T*>(t.mutable_data_ptr<c10::complex<T>>());
-}
 
 // the dtype the kernels compute in: float64 for float64 fields, float32 for the others
 at::ScalarType compute_dtype(const at::Tensor& t) {

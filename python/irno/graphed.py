@@ -88,7 +88,7 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def _no_autocast_cache():
+def no_autocast_cache():
     """Autocast's weight-cast cache off: a cast cached outside a capture (in the warm-up, or in an
     eager call under the same autocast region) and read inside it would be freed when the autocast
     region ends while the graph still reads it; with the cache off the casts are recorded in the graph."""
@@ -370,12 +370,12 @@ class GraphedIRNO:
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(current)
-            with _no_autocast_cache(), torch.cuda.stream(side):
+            with no_autocast_cache(), torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     fn()
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with _no_autocast_cache(), torch.cuda.graph(graph, pool=pool):
+            with no_autocast_cache(), torch.cuda.graph(graph, pool=pool):
                 out = fn()
         self.n_captures += 1
         return _CudaGraph(graph), out
