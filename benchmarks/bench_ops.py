@@ -38,6 +38,10 @@ class Case:
     compile: bool = False  # also time torch.compile(reference) here (each compile costs seconds)
 
 
+#: provider name -> the backend it runs (providers not listed: "reference", "compile")
+PROVIDER_BACKEND = {"cpu": "cpu", "cuda": "cuda", "triton": "triton", "dft": "dft", "dft_tf32": "dft"}
+
+
 def _es(dtype):
     return torch.finfo(dtype).bits // 8
 
@@ -59,6 +63,20 @@ def spectral_conv_case(B, C, H, W, m, dtype=torch.float32) -> Case:
 
     return Case("spectral_conv2d", f"B{B} C{C} {H}x{W} m{m}", make, ik.spectral_conv2d_ref,
                 lambda x, w, backend: ik.spectral_conv2d(x, w, backend=backend), nbytes, (0, 1))
+
+
+def spectral_conv_lp_case(B, C, H, W, m) -> Case:
+    """bfloat16 x (complex64 weight) on the backends that take it ("cuda", "dft"); the reference runs
+    the same values in float32 (torch's FFT has no bfloat16)."""
+    case = spectral_conv_case(B, C, H, W, m, torch.bfloat16)
+
+    def make(device, dt):
+        x, w = spectral_conv_case(B, C, H, W, m).make(device, torch.float32)
+        return x.to(torch.bfloat16), w
+
+    case.op, case.make = "spectral_conv2d[bf16]", make
+    case.ref = lambda x, w: ik.spectral_conv2d_ref(x.float(), w).to(x.dtype)
+    return case
 
 
 def refine_case(B, Co, F, H, W) -> Case:
@@ -113,6 +131,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         out = [spectral_conv_case(16, 64, 256, 256, 16), spectral_conv_case(4, 32, 128, 384, 16),
                spectral_conv_case(16, 32, 64, 64, 12)]
         out[0].compile = True
+        out += [spectral_conv_lp_case(16, 64, 256, 256, 16), spectral_conv_lp_case(4, 32, 128, 384, 16)]
         fields = [(16, 4, 128, 384), (16, 11, 256, 256), (16, 1, 64, 64)]
     else:
         out = [spectral_conv_case(8, 32, 64, 64, 12), spectral_conv_case(4, 32, 128, 128, 16),
@@ -136,7 +155,9 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
         ref_t = None
         for prov in providers:
             base = case.op.split("[")[0]
-            if prov in ("cpu", "cuda", "triton", "dft") and not ik.available(base, prov, device):
+            if prov in PROVIDER_BACKEND and not ik.available(base, PROVIDER_BACKEND[prov], device):
+                continue
+            if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "dft", "dft_tf32"):
                 continue
             if prov == "compile" and not case.compile:
                 continue
@@ -144,6 +165,14 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 fn = case.ref
             elif prov == "compile":
                 fn = torch.compile(case.ref)
+            elif prov == "dft_tf32":  # the dft route with TF32 tensor-core products (PyTorch's setting)
+                def fn(*a):
+                    old = torch.backends.cuda.matmul.allow_tf32
+                    torch.backends.cuda.matmul.allow_tf32 = True
+                    try:
+                        return case.fast(*a, backend="dft")
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = old
             else:
                 fn = lambda *a, _p=prov: case.fast(*a, backend=_p)  # noqa: E731
             if mode == "fwd":
@@ -191,7 +220,7 @@ def main(argv=None):
     torch.manual_seed(0)
     env = environment(a.device)
     print("env:", env)
-    providers = ["reference", "cpu", "cuda", "triton", "dft"]
+    providers = ["reference", "cpu", "cuda", "triton", "dft"] + (["dft_tf32"] if a.device == "cuda" else [])
     if a.compile or a.device == "cuda":
         providers.append("compile")
     all_cases = cases(a.device, a.quick)

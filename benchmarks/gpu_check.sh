@@ -42,7 +42,7 @@ tail -n 2 "$OUT/pytest_gpu.log"
 
 log "op benchmarks"
 rm -f "$OUT/bench_ops.csv"
-timeout 130 "$PY" benchmarks/bench_ops.py --device cuda --csv "$OUT/bench_ops.csv" > "$OUT/bench_ops.log" 2>&1
+timeout 150 "$PY" benchmarks/bench_ops.py --device cuda --csv "$OUT/bench_ops.csv" > "$OUT/bench_ops.log" 2>&1
 log "bench rc=$?"
 
 log "IRNO benchmark (plain vs irno vs graphed vs graphed+bf16)"

@@ -69,10 +69,12 @@ def finite_scalar(name: str, value) -> float:
 
 
 def low_precision_backend(name: str, t: torch.Tensor, backend: str) -> None:
-    """bfloat16/float16 fields of the spectral ops run on the CUDA kernels only (stored in 16 bits,
-    computed in float32): the references and the other kernels take float32/float64."""
-    if t.dtype in LOW_PRECISION and backend != "cuda":
+    """bfloat16/float16 fields of the spectral ops run on the CUDA kernels (stored in 16 bits,
+    computed in float32) and, for spectral_conv2d, on the "dft" route (16-bit matrix products): the
+    references and the other kernels take float32/float64."""
+    if t.dtype in LOW_PRECISION and backend not in ("cuda", "dft"):
         raise ValueError(
             f"{name}: expected dtype in ['torch.float32', 'torch.float64'] for the {backend!r} backend "
-            f"(bfloat16 and float16 run on CUDA tensors with the 'cuda' backend), got {t.dtype}"
+            f"(bfloat16 and float16 run on CUDA tensors with the 'cuda' backend, and on the 'dft' route "
+            f"of spectral_conv2d), got {t.dtype}"
         )

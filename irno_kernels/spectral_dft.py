@@ -78,8 +78,13 @@ def dft_matrices(H: int, W: int, m1: int, m2: int, dtype: torch.dtype, device) -
 def spectral_conv2d_dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y = spectral_conv2d_ref(x, weight) by matrix products (module docstring).
 
-    x: (B, C_in, H, W) float32/float64; weight: (C_in, C_out, 2*m1, m2) complex64/complex128.
-    Returns (B, C_out, H, W). Arguments are checked by :func:`irno_kernels.spectral_conv2d`.
+    x: (B, C_in, H, W) float32/float64, or bfloat16/float16 with a complex64 weight (the fast mode:
+    the two grid-sized products run in x's 16-bit dtype on the tensor cores with float32
+    accumulation, the mode-sized ones in complex64; y comes back in x's dtype); weight:
+    (C_in, C_out, 2*m1, m2) complex64/complex128. Returns (B, C_out, H, W). Arguments are checked by
+    :func:`irno_kernels.spectral_conv2d`. float32 products follow PyTorch's matmul precision setting
+    (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision``): TF32 when
+    the user allows it, full float32 otherwise.
     """
     with torch.autocast(x.device.type, enabled=False):  # the products in x's precision, as specified
         return _dft(x, weight)
@@ -89,9 +94,14 @@ def _dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     B, Ci, H, W = x.shape
     Co, m1, m2 = weight.shape[1], weight.shape[2] // 2, weight.shape[3]
     fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, _real_dtype(weight), x.device)
-    T = torch.view_as_complex(torch.matmul(x.reshape(B * Ci * H, W), fw).view(B * Ci, H, m2, 2))  # (N, H, m2)
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    if low:  # grid-sized products in 16 bits (tensor cores), the rest in complex64
+        fw, iw = fw.to(x.dtype), iw.to(x.dtype)
+    T = torch.matmul(x.reshape(B * Ci * H, W), fw)
+    T = torch.view_as_complex(T.float().view(B * Ci, H, m2, 2) if low else T.view(B * Ci, H, m2, 2))
     X = torch.matmul(eh, T).view(B, Ci, 2 * m1, m2)  # kept modes, rows 0..m1-1 then -m1..-1
     S = torch.einsum("bixy,ioxy->boxy", X, weight).reshape(B * Co, 2 * m1, m2)
     Sp = torch.matmul(eh_inv, S)  # (N, H, m2)
-    y = torch.matmul(torch.view_as_real(Sp).reshape(B * Co * H, 2 * m2), iw)
+    Sr = torch.view_as_real(Sp).reshape(B * Co * H, 2 * m2)
+    y = torch.matmul(Sr.to(x.dtype) if low else Sr, iw)
     return y.view(B, Co, H, W)

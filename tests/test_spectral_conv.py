@@ -557,3 +557,57 @@ def test_dft_backend_serves_the_spectral_layer_only():
     with pytest.raises(RuntimeError, match="'dft' backend serves spectral_conv2d only"):
         ik.residual_update(h, h, 0.5, backend="dft")
     assert ik.backends()["spectral_conv2d"]["cpu"] != "dft"  # never the automatic choice
+
+
+def _lp_errors(x, w, g, fn):
+    """Max-abs errors against float64 of fn and of the float32 reference rounded to x's dtype, for
+    (y, grad_x, grad_w), plus the scale of each float64 result."""
+    dt = x.dtype
+    ours = _run(fn, x, w, g)
+    torch_lp = _run(spectral_conv2d_ref, x.float(), w, g.float())
+    torch_lp = (torch_lp[0].to(dt), torch_lp[1].to(dt), torch_lp[2])
+    exact = _run(spectral_conv2d_ref, x.double(), w.to(torch.complex128), g.double())
+    assert ours[0].dtype == ours[1].dtype == dt and ours[2].dtype == torch.complex64
+    return [((o.to(e.dtype) - e).abs().max().item(), (lp.to(e.dtype) - e).abs().max().item(), e.abs().max().item())
+            for o, lp, e in zip(ours, torch_lp, exact)]
+
+
+def _check_dft_16bit(device):
+    """The 16-bit dft route rounds the grid-sized products to 16 bits, so it is not as exact as the
+    CUDA kernels (which compute in float32): y and grad_x within 4x the error of the float32 reference
+    rounded to the 16-bit dtype (measured on CPU: 1.3x-2.6x), grad_w (summed in complex64 from
+    16-bit-rounded spectra) within 16-bit precision of its largest entry."""
+    fn = lambda a, b: ik.spectral_conv2d(a, b, backend="dft")  # noqa: E731
+    for B, ci, co, H, W, m1, m2 in [(3, 5, 5, 37, 50, 8, 12), (2, 8, 8, 64, 64, 12, 12)]:
+        for dt in (torch.bfloat16, torch.float16):
+            g = torch.Generator().manual_seed(B * H + W)
+            x = torch.randn(B, ci, H, W, generator=g).to(device, dt)
+            w = (torch.randn(ci, co, 2 * m1, m2, dtype=torch.complex64, generator=g) / ci**0.5).to(device)
+            gy = torch.randn(B, co, H, W, generator=g).to(device, dt)
+            (ey, ty, _), (ex, tx, _), (ew, _, sw) = _lp_errors(x, w, gy, fn)
+            assert ey <= 4 * ty and ex <= 4 * tx, (dt, ey, ty, ex, tx)
+            assert ew <= 4 * torch.finfo(dt).eps * sw, (dt, ew, sw)
+
+
+def test_dft_route_16bit_cpu():
+    _check_dft_16bit("cpu")
+
+
+# the dft route on the GPU: cuBLAS products (TF32 off, PyTorch's default), the float64 reference
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_dft_route_matches_float64_reference(shape):
+    B, ci, co, H, W, m1, m2 = shape
+    x = _cuda_x(B, ci, H, W)
+    w = _weight(ci, co, m1, m2, torch.float32, H, W).cuda()
+    g = torch.randn(B, co, H, W, device="cuda", dtype=torch.float64)
+    got = _run(lambda a, b: ik.spectral_conv2d(a, b, backend="dft"), x, w, g.float())
+    want = _run(spectral_conv2d_ref, x.double(), w.to(torch.complex128), g)
+    rtol, atol = tol(torch.float32)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=rtol, atol=atol * float(b.abs().max()))
+
+
+@pytest.mark.gpu
+def test_cuda_dft_route_16bit():
+    _check_dft_16bit("cuda")
