@@ -36,6 +36,7 @@ class Case:
     nbytes: Callable[[str], int]  # bytes that must move for "fwd" / "fwdbwd"
     grad_args: tuple[int, ...]  # indices of args that take gradients in "fwdbwd"
     compile: bool = False  # also time torch.compile(reference) here (each compile costs seconds)
+    only: tuple[str, ...] = ()  # time only these providers (empty: all)
 
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
@@ -126,17 +127,40 @@ def radial_case(B, C, H, W) -> Case:
                 lambda mode: n if mode == "fwd" else 3 * n, (0,))
 
 
+def layer_norm_case(B, C, H, W, channels_last=False) -> Case:
+    def make(device, dt):
+        x = torch.randn(B, C, H, W, device=device, dtype=dt)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, torch.randn(C, device=device, dtype=dt), torch.randn(C, device=device, dtype=dt)
+
+    n = B * C * H * W * 4
+    return Case("channel_layer_norm", f"B{B} C{C} {H}x{W}" + (" CL" if channels_last else ""), make,
+                ik.channel_layer_norm_ref,
+                lambda x, w, b, backend: ik.channel_layer_norm(x, w, b, backend=backend),
+                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0, 1, 2))
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     if device == "cuda":
         out = [spectral_conv_case(16, 64, 256, 256, 16), spectral_conv_case(4, 32, 128, 384, 16),
                spectral_conv_case(16, 32, 64, 64, 12)]
         out[0].compile = True
         out += [spectral_conv_lp_case(16, 64, 256, 256, 16), spectral_conv_lp_case(4, 32, 128, 384, 16)]
+        # where the dft route overtakes the FFT route (irno_kernels.spectral_dft.DFT_MIN_VALUES = 2^24)
+        for B, C, H, W in [(1, 64, 256, 256), (2, 64, 256, 256), (4, 64, 256, 256), (8, 64, 256, 256),
+                           (16, 64, 128, 128), (16, 32, 128, 384)]:
+            out.append(spectral_conv_case(B, C, H, W, 16))
+            out[-1].op, out[-1].only = "spectral_conv2d[sweep]", ("reference", "cuda", "dft")
+        # the refiner U-Net's normalisation at bench_irno's 256x256 batch 16 (widths 16 and 128)
+        out += [layer_norm_case(16, 16, 256, 256), layer_norm_case(16, 16, 256, 256, True),
+                layer_norm_case(16, 128, 32, 32)]
         fields = [(16, 4, 128, 384), (16, 11, 256, 256), (16, 1, 64, 64)]
     else:
         out = [spectral_conv_case(8, 32, 64, 64, 12), spectral_conv_case(4, 32, 128, 128, 16),
                spectral_conv_case(1, 64, 256, 256, 16)]
         fields = [(16, 1, 64, 64), (8, 4, 128, 384), (4, 11, 256, 256)]
+        out += [layer_norm_case(4, 16, 64, 64)]
     if quick:
         out, fields = out[:1], fields[:1]
     for i, (B, C, H, W) in enumerate(fields):
@@ -158,6 +182,8 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
             if prov in PROVIDER_BACKEND and not ik.available(base, PROVIDER_BACKEND[prov], device):
                 continue
             if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "dft", "dft_tf32"):
+                continue
+            if case.only and prov not in case.only:
                 continue
             if prov == "compile" and not case.compile:
                 continue

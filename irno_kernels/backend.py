@@ -5,8 +5,10 @@ Backends, in order of preference per device:
     CUDA tensors: "cuda" (CUDA kernels in _C) > "triton" > "reference"
     CPU tensors:  "cpu"  (C++ kernels in _C)  > "reference"
 
-and, on request only, "dft" for spectral_conv2d: the truncated DFT as matrix products in PyTorch
-(irno_kernels/spectral_dft.py), on any device.
+and "dft" for spectral_conv2d: the truncated DFT as matrix products in PyTorch
+(irno_kernels/spectral_dft.py), on any device when asked for, and in place of "cuda" for large fields
+with few modes (a shape rule measured on an H100: irno_kernels.spectral_dft.prefer_dft; applied by
+spectral_conv2d, so ``backends()`` still reports "cuda" for it).
 
 "reference" is the pure-PyTorch specification of each op and is always there. A backend is forced
 for one call with the ``backend=`` keyword of every op, or for the whole process with the
@@ -22,12 +24,15 @@ import warnings
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "dft")
-#: ops with a "dft" implementation (pure PyTorch matrix products; never the automatic choice yet)
+#: ops with a "dft" implementation (pure PyTorch matrix products; automatic for large CUDA fields)
 DFT_OPS = ("spectral_conv2d",)
 ENV_VAR = "IRNO_BACKEND"
 
 #: public op name -> name of the compiled op in torch.ops.irno
-OPS = ("spectral_conv2d", "residual_update", "refine_update", "radial_spectrum", "spectral_loss")
+OPS = ("spectral_conv2d", "residual_update", "refine_update", "radial_spectrum", "spectral_loss",
+       "channel_layer_norm")
+#: ops with kernels in the compiled module _C (channel_layer_norm has a reference and a Triton kernel)
+C_OPS = OPS[:5]
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the repository root "
@@ -53,7 +58,7 @@ except ImportError as err:  # the package stays usable through the references
 # loads, and a plain set lookup is something torch.compile can trace through.
 _KERNELS = frozenset(
     (op, key)
-    for op in OPS
+    for op in C_OPS
     for key in ("CPU", "CUDA")
     if HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(f"irno::{op}", key)
 )
@@ -64,7 +69,7 @@ _TRITON_OPS: frozenset[str] | None = None
 # in float32 with autocast off, as it does for its own fp32-list ops. Explicit bf16/fp16 inputs
 # outside autocast still reach the CUDA kernels' low-precision paths.
 if HAS_C:
-    for _op in (*OPS, "spectral_loss_spectra"):
+    for _op in (*C_OPS, "spectral_loss_spectra"):
         for _dev in ("cpu", "cuda"):
             torch.library.register_autocast(f"irno::{_op}", _dev, torch.float32)
 
@@ -145,6 +150,8 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
 
 def _absent_message(op: str, backend: str, device: torch.device) -> str:
     where = f"irno backend {backend!r} cannot run {op} on {device.type} tensors"
+    if backend in ("cpu", "cuda") and op not in C_OPS:
+        return f"{where}: {op} has no compiled kernel (its backends are 'reference' and 'triton')"
     if backend in ("cpu", "cuda") and not HAS_C:
         return f"{where}: irno_kernels._C is not built ({_C_ERROR}); {_BUILD_HINT}"
     if backend == "cpu" and device.type != "cpu":

@@ -20,12 +20,13 @@ any torch optimiser exactly as the reference would.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
 from irno_kernels import _checks
-from irno_kernels.backend import HAS_C, resolve
+from irno_kernels.backend import ENV_VAR, HAS_C, resolve
 
 __all__ = [
     "FFT_NORM", "spectral_conv2d", "spectral_conv2d_ref", "weight_from_neuralop", "weight_to_neuralop",
@@ -118,6 +119,12 @@ def _check(x, weight, modes) -> None:
 # ---------------------------------------------------------------------------------------------
 # public op
 # ---------------------------------------------------------------------------------------------
+def _forced(backend: str | None) -> bool:
+    """Whether the caller (keyword or $IRNO_BACKEND) named a backend rather than the automatic choice."""
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    return name not in (None, "auto")
+
+
 def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor, modes: int | Sequence[int] | None = None, *,
                     backend: str | None = None) -> torch.Tensor:
     """Spectral convolution y = irfft2(Mix(rfft2(x))), differentiable in x and weight.
@@ -128,10 +135,20 @@ def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor, modes: int | Sequence
     is (m1, m2) (or one int for both) and must match the weight's shape; it only guards against a
     weight of the wrong layout.
     Returns (B, C_out, H, W). ``backend`` forces "reference", "cpu", "cuda", "triton" or "dft" (the
-    truncated DFT as matrix products, :mod:`irno_kernels.spectral_dft`).
+    truncated DFT as matrix products, :mod:`irno_kernels.spectral_dft`). The automatic choice on
+    CUDA tensors is the dft route for large fields with few modes
+    (:func:`irno_kernels.spectral_dft.prefer_dft`: it was measured faster there), else "cuda". On
+    the dft route float32 products follow PyTorch's matmul precision (TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set) and 16-bit x runs 16-bit products (see
+    :func:`irno_kernels.spectral_dft.spectral_conv2d_dft` for its precision).
     """
     _check(x, weight, modes)
     impl = resolve("spectral_conv2d", x.device, backend, (x, weight))
+    if impl == "cuda" and not _forced(backend):
+        from irno_kernels.spectral_dft import prefer_dft
+
+        if prefer_dft(x, weight):
+            impl = "dft"
     _checks.low_precision_backend("x", x, impl)
     if impl == "reference":
         return spectral_conv2d_ref(x, weight)

@@ -21,10 +21,13 @@ op's definition (see :func:`irno_kernels.spectral_conv.hermitian_edges`). Autogr
 products exactly, and forward-mode AD works. The DFT matrices are built on the device with torch ops
 (so a first call may happen inside CUDA-graph capture) and cached per (H, W, m1, m2, dtype, device).
 
-Selected with ``spectral_conv2d(..., backend="dft")``. It is not the automatic choice anywhere yet:
-on CPU the C++ kernel (which takes the same GEMM route when it pays, csrc/spectral_conv.cpp) is
-faster; on CUDA it waits for a GPU measurement against the FFT route (benchmarks/bench_ops.py times
-it as provider "dft").
+Selected with ``spectral_conv2d(..., backend="dft")``, and automatically on CUDA tensors for large
+fields with few kept modes (:func:`prefer_dft`): on an H100 (benchmarks/results/gpu_h100_2026-11-27,
+bench_ops.py) at B16 C64 256x256 m16 it ran the forward 2.98x faster than rfft2 + einsum + irfft2
+(the CUDA FFT-route kernels: 1.03x), 4.5x with TF32, and forward+backward 4.5x (CUDA kernels 1.44x);
+at B4 C32 128x384 and B16 C32 64x64 (6M and 2M values, launch-bound) the FFT-route kernels were
+faster (1.8x and 5.7x vs 0.9x and 2.0x). On CPU the C++ kernel (which takes the same GEMM route when
+it pays, csrc/spectral_conv.cpp) is faster, so it is never chosen there.
 """
 
 from __future__ import annotations
@@ -33,7 +36,21 @@ import math
 
 import torch
 
-__all__ = ["spectral_conv2d_dft", "dft_matrices"]
+__all__ = ["spectral_conv2d_dft", "dft_matrices", "prefer_dft", "DFT_MIN_VALUES", "DFT_MAX_MODES"]
+
+#: the automatic choice on CUDA takes the dft route from this many input values (B * C_in * H * W) on:
+#: between the largest size measured faster on the FFT route (6.3M) and the smallest measured faster
+#: here (67M); bench_ops.py's crossover sweep (256x256 C64 m16, B = 1..16) checks where it lies
+DFT_MIN_VALUES = 1 << 24
+#: ... and only while the kept modes are few (the products grow with 2*m1 and m2, the FFT does not)
+DFT_MAX_MODES = 32
+
+
+def prefer_dft(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the automatic choice runs spectral_conv2d(x, weight) on the dft route: CUDA tensors,
+    at least DFT_MIN_VALUES input values, 2*m1 <= 2*DFT_MAX_MODES and m2 <= DFT_MAX_MODES."""
+    return (x.is_cuda and x.numel() >= DFT_MIN_VALUES and weight.shape[2] <= 2 * DFT_MAX_MODES
+            and weight.shape[3] <= DFT_MAX_MODES)
 
 _CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _CACHE_MAX = 32

@@ -611,3 +611,26 @@ def test_cuda_dft_route_matches_float64_reference(shape):
 @pytest.mark.gpu
 def test_cuda_dft_route_16bit():
     _check_dft_16bit("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_automatic_choice_takes_the_dft_route_for_large_fields(monkeypatch):
+    from irno_kernels import spectral_dft
+    from irno_kernels.spectral_dft import DFT_MIN_VALUES, prefer_dft
+
+    calls = []
+    real = spectral_dft.spectral_conv2d_dft
+    monkeypatch.setattr(spectral_dft, "spectral_conv2d_dft", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.delenv("IRNO_BACKEND", raising=False)
+    w = (torch.randn(64, 64, 32, 16, dtype=torch.complex64, device="cuda") / 64)
+    big = torch.randn(DFT_MIN_VALUES // (64 * 256 * 256), 64, 256, 256, device="cuda")
+    small = big[:, :, :64, :64]
+    assert prefer_dft(big, w) and not prefer_dft(small, w) and not prefer_dft(big.cpu(), w.cpu())
+    y = ik.spectral_conv2d(big, w)
+    assert len(calls) == 1
+    ik.spectral_conv2d(small, w)
+    assert len(calls) == 1  # the FFT-route kernels
+    monkeypatch.setenv("IRNO_BACKEND", "cuda")  # a named backend is obeyed
+    y_cuda = ik.spectral_conv2d(big, w)
+    assert len(calls) == 1
+    torch.testing.assert_close(y, y_cuda, rtol=1e-4, atol=1e-4 * float(y_cuda.abs().max()))

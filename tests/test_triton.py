@@ -258,9 +258,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from irno_kernels.triton import _lib, spectral_conv as C, spectrum as S, update as U
+    from irno_kernels.triton import _lib, norm as N, spectral_conv as C, spectrum as S, update as U
     assert not _lib.INTERPRET
-    for mod in (C, S, U):
+    for mod in (C, S, U, N):
         mod.INTERPRET = False  # the GPU launch configurations
 
     def build(kernel, ptrs, consts, fusion=True):
@@ -298,6 +298,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
               dict(CONJ_W=conj, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, **f32))
     build(C._spectral_mix_grad_w_kernel, dict(x_ptr="fp32", g_ptr="fp32", gw_ptr="fp32"),
           dict(BLOCK_M=bm, BLOCK_I=bb, BLOCK_O=bo, **f32))
+    for dt in ("fp32", "bf16"):
+        build(N._cln_fwd_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, mean_ptr="fp32", rstd_ptr="fp32"),
+              dict(HAS_W=True, HAS_B=True, C_PAD=16, BLOCK_P=N._block(1 << 16, 16), **f32))
+        build(N._cln_bwd_kernel, dict(g_ptr=dt, x_ptr=dt, w_ptr=dt, mean_ptr="fp32", rstd_ptr="fp32", gx_ptr=dt,
+                                      pw_ptr="fp32", pb_ptr="fp32"),
+              dict(HAS_W=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128), **f32))
     print("ok")
 """)
 

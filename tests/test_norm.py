@@ -1,0 +1,230 @@
+"""channel_layer_norm: the reference against the definition, argument errors, the Triton kernel (through
+the interpreter on CPU) against the reference forward and backward on odd shapes and layouts, opcheck,
+and on a GPU: 16-bit error, paper-sized fields and CUDA-graph replay (marked gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from irno.models import ChannelLayerNorm
+
+import irno_kernels as ik
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _definition(x, w, b, eps):
+    mu = x.mean(1, keepdim=True)
+    var = (x - mu).square().mean(1, keepdim=True)
+    y = (x - mu) / torch.sqrt(var + eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if w is not None:
+        y = y * w.view(shape)
+    if b is not None:
+        y = y + b.view(shape)
+    return y
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 3, 11), (2, 4, 3, 5, 6), (3, 1, 4, 4)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_reference_is_the_definition(shape, affine):
+    x = torch.randn(*shape, dtype=torch.float64)
+    w = torch.randn(shape[1], dtype=torch.float64) if affine else None
+    b = torch.randn(shape[1], dtype=torch.float64) if affine else None
+    torch.testing.assert_close(ik.channel_layer_norm_ref(x, w, b, 1e-3), _definition(x, w, b, 1e-3))
+    torch.testing.assert_close(ik.channel_layer_norm(x, w, b, 1e-3), _definition(x, w, b, 1e-3))
+
+
+def test_bad_arguments_name_the_argument():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(3,\)"):
+        ik.channel_layer_norm(x, torch.ones(4))
+    with pytest.raises(ValueError, match=r"bias: expected a 1-D tensor"):
+        ik.channel_layer_norm(x, torch.ones(3), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="eps: expected a number >= 0"):
+        ik.channel_layer_norm(x, eps=-1.0)
+    with pytest.raises(ValueError, match="x: expected at least 2 dims"):
+        ik.channel_layer_norm(torch.randn(5))
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        ik.channel_layer_norm(x, backend="fast")
+    with pytest.raises(RuntimeError, match="has no compiled kernel.*'reference' and 'triton'"):
+        ik.channel_layer_norm(x, backend="cpu")
+
+
+def test_module_matches_reference_and_trains():
+    m = ChannelLayerNorm(4).double()
+    with torch.no_grad():
+        m.weight.normal_(), m.bias.normal_()
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(m(x), _definition(x, m.weight, m.bias, m.eps))
+    assert torch.autograd.gradcheck(lambda t: m(t), (x,))
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernel (interpreter on CPU, compiled on a GPU)
+# ---------------------------------------------------------------------------------------------
+triton_only = pytest.mark.skipif(not ik.available("channel_layer_norm", "triton", DEVICE),
+                                 reason="needs triton (and a GPU or TRITON_INTERPRET=1)")
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    return x
+
+
+def _compare(shape, dtype, layout="contiguous", affine=True, eps=1e-5, factor=1.0):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = _layout(torch.randn(*shape, dtype=dtype, generator=g).to(DEVICE), layout).requires_grad_()
+    w = (torch.randn(shape[1], dtype=dtype, generator=g).to(DEVICE).requires_grad_() if affine else None)
+    b = (torch.randn(shape[1], dtype=dtype, generator=g).to(DEVICE).requires_grad_() if affine else None)
+    y = ik.channel_layer_norm(x, w, b, eps, backend="triton")
+    want = ik.channel_layer_norm_ref(x, w, b, eps)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)  # the layout is kept
+    rtol = (1e-5 if dtype == torch.float32 else 1e-10) * factor
+    torch.testing.assert_close(y, want, rtol=rtol, atol=rtol)
+    with torch.no_grad():  # the direct launch (no registered op) gives the same values
+        assert torch.equal(ik.channel_layer_norm(x, w, b, eps, backend="triton"), y.detach())
+    gy = torch.randn(*shape, dtype=dtype, generator=g).to(DEVICE)
+    leaves = [t for t in (x, w, b) if t is not None]
+    for a, e in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(want, leaves, gy)):
+        torch.testing.assert_close(a, e, rtol=rtol * 10, atol=rtol * 10 * max(1.0, e.abs().max().item()))
+
+
+@triton_only
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 16, 12, 10), (3, 3, 11), (1, 33, 5, 6), (2, 1, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_matches_reference(shape, dtype):
+    _compare(shape, dtype)
+
+
+@triton_only
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_triton_strided_layouts_and_no_affine(layout):
+    _compare((2, 6, 9, 7), torch.float32, layout)
+    _compare((2, 6, 9, 7), torch.float64, layout, affine=False, eps=0.0)
+
+
+@triton_only
+def test_triton_gradcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ik.channel_layer_norm(*a, backend="triton"), (x, w, b))
+
+
+@triton_only
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU every test already runs the GPU configuration")
+def test_triton_gpu_launch_configuration_under_the_interpreter(monkeypatch):
+    """Small blocks and several chunks per batch item, as on a GPU."""
+    from irno_kernels.triton import norm
+
+    monkeypatch.setattr(norm, "INTERPRET", False)
+    _compare((2, 20, 40, 30), torch.float32)  # 32 points per block, 8 blocks per chunk, 5 chunks
+
+
+@triton_only
+def test_triton_opcheck():
+    x = torch.randn(2, 3, 5, 7, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, device=DEVICE, requires_grad=True)
+    ops = torch.ops.irno_triton
+    torch.library.opcheck(ops.channel_layer_norm_fwd, (x, w, b, 1e-5))
+    torch.library.opcheck(ops.channel_layer_norm_fwd, (x, None, None, 1e-5))
+    _, mean, rstd = ops.channel_layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
+    torch.library.opcheck(ops.channel_layer_norm_bwd, (torch.randn_like(x), x.detach(), w.detach(), mean, rstd))
+
+
+@triton_only
+def test_triton_deterministic():
+    x = torch.randn(2, 8, 33, 47, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 8, 33, 47, device=DEVICE)
+
+    def run():
+        return torch.autograd.grad(ik.channel_layer_norm(x, w, None, backend="triton"), (x, w), g)
+
+    for a, c in zip(run(), run()):
+        assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_picks_triton_and_paper_sized_fields():
+    assert ik.backends()["channel_layer_norm"]["cuda"] == "triton"
+    for layout in ("contiguous", "channels_last"):
+        _compare((16, 16, 256, 256), torch.float32, layout, factor=10)
+    _compare((4, 128, 32, 48), torch.float32, factor=10)
+    _compare((2, 200, 9, 10), torch.float32, factor=10)  # C above a power of two
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_within_twice_torch_error(dtype):
+    """16-bit x, w, b: error vs the float32 computation on the same rounded inputs is at most twice
+    that of PyTorch's layer_norm run in the 16-bit dtype (which also computes in float32)."""
+    x = torch.randn(4, 32, 64, 96, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, device="cuda").to(dtype), torch.randn(32, device="cuda").to(dtype)
+    exact = ik.channel_layer_norm_ref(x.float(), w.float(), b.float())
+    ours = ik.channel_layer_norm(x, w, b)
+    assert ours.dtype == dtype
+    err = (ours.float() - exact).abs().max().item()
+    err_torch = (ik.channel_layer_norm_ref(x, w, b).float() - exact).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6, (err, err_torch)
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_computes_in_float32():
+    x = torch.randn(2, 8, 16, 16, device="cuda")
+    m = ChannelLayerNorm(8).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        y = m(x.bfloat16())
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ik.channel_layer_norm_ref(x.bfloat16().float(), m.weight, m.bias))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay_equals_eager():
+    x = torch.randn(2, 16, 64, 96, device="cuda", requires_grad=True)
+    w = torch.randn(16, device="cuda", requires_grad=True)
+    b = torch.randn(16, device="cuda", requires_grad=True)
+    gy = torch.randn(2, 16, 64, 96, device="cuda")
+
+    def step():
+        y = ik.channel_layer_norm(x, w, b)
+        return (y, *torch.autograd.grad(y, (x, w, b), gy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    eager = [t.clone() for t in step()]
+    for t in static:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for s, e in zip(static, eager):
+        assert torch.equal(s, e)
+
+
+@pytest.mark.gpu
+def test_gpu_repeats_the_interpreter_checks_on_cuda():
+    """gpu_check runs ``-m gpu`` only: the unmarked Triton checks again on CUDA (compiled kernels)."""
+    for shape in [(2, 5, 7, 9), (1, 33, 5, 6), (3, 3, 11)]:
+        _compare(shape, torch.float32)
+        _compare(shape, torch.float64)
+    test_triton_strided_layouts_and_no_affine("channels_last")
+    test_triton_gradcheck()
+    test_triton_opcheck()
+    test_triton_deterministic()
