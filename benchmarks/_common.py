@@ -65,6 +65,21 @@ def time_fn(fn, device: str, min_run_time: float = 0.5) -> float:
     return m.median
 
 
+def graphed(call):
+    """``call`` captured once in a CUDA graph (after warm-up on a side stream); returns the replay
+    function, whose time is the GPU time of ``call`` without its CPU launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
 def copy_bandwidth(device: str, nbytes: int = 256 * 2**20) -> float:
     """Measured bytes/s of a device-to-device copy (read + write), the memory roofline's rate."""
     n = nbytes // 4

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth, environment, time_fn, write_csv  # noqa: E402
+from _common import copy_bandwidth, environment, graphed, time_fn, write_csv  # noqa: E402
 
 import irno_kernels as ik  # noqa: E402
 
@@ -37,6 +37,7 @@ class Case:
     grad_args: tuple[int, ...]  # indices of args that take gradients in "fwdbwd"
     compile: bool = False  # also time torch.compile(reference) here (each compile costs seconds)
     only: tuple[str, ...] = ()  # time only these providers (empty: all)
+    graph: bool = False  # also time fwd/fwdbwd replayed from a CUDA graph (GPU time, no launch overhead)
 
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
@@ -168,6 +169,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                 loss_case(B, C, H, W, "error"), radial_case(B, C, H, W)]
         if i == 0:
             out[-2].compile = True  # spectral_loss[error] at the first field shape
+        if device == "cuda":
+            out[-3].graph = out[-2].graph = True  # the spectral losses: launch-bound in eager mode
     return out
 
 
@@ -175,6 +178,8 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
              env: dict) -> list[dict]:
     rows = []
     args = case.make(device, torch.float32)
+    if case.graph:
+        modes = [*modes, *(m + "_graph" for m in modes if not m.endswith("_graph"))]
     for mode in modes:
         ref_t = None
         for prov in providers:
@@ -185,7 +190,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 continue
             if case.only and prov not in case.only:
                 continue
-            if prov == "compile" and not case.compile:
+            if prov == "compile" and (not case.compile or mode.endswith("_graph")):
                 continue
             if prov == "reference":
                 fn = case.ref
@@ -201,7 +206,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                         torch.backends.cuda.matmul.allow_tf32 = old
             else:
                 fn = lambda *a, _p=prov: case.fast(*a, backend=_p)  # noqa: E731
-            if mode == "fwd":
+            if mode.startswith("fwd") and not mode.startswith("fwdbwd"):
                 def call(fn=fn):
                     with torch.no_grad():
                         return fn(*args)
@@ -213,13 +218,13 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                     out = fn(*leaves)
                     return torch.autograd.grad(out, grads_of, torch.ones_like(out))
             try:
-                t = time_fn(call, device)
+                t = time_fn(graphed(call) if mode.endswith("_graph") else call, device)
             except Exception as err:  # a provider that fails is reported, not fatal
                 print(f"  {case.op} {case.shape} {mode} {prov}: FAILED {type(err).__name__}: {err}")
                 continue
             if prov == "reference":
                 ref_t = t
-            gbs = case.nbytes(mode) / t / 1e9
+            gbs = case.nbytes(mode.removesuffix("_graph")) / t / 1e9
             row = {**env, "op": case.op, "shape": case.shape, "mode": mode, "provider": prov,
                    "median_ms": round(t * 1e3, 4), "GB_s": round(gbs, 2),
                    "roofline_frac": round(gbs * 1e9 / bw, 3) if bw else "",

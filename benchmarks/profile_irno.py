@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,24 +47,31 @@ def main(argv=None) -> None:
     p.add_argument("--variant", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: refiner_dtype=bf16 and channels_last, as bench_irno's graphed+bf16")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--plain", action="store_true",
+                   help="profile the plain-PyTorch model of bench_irno instead of the project's eager model")
     a = p.parse_args(argv)
     case = Case("infer", a.batch, 4, 1, a.size, a.size, 16 if a.size >= 128 else 8, 64 if a.size >= 128 else 16)
-    model, _ = build(case, a.device, a.K)
+    model, plain = build(case, a.device, a.K)
     model.eval()
     if a.variant == "bf16":
         model.refiner_dtype, model.channels_last = torch.bfloat16, True
     x = torch.randn(case.B, case.cx, case.H, case.W, device=a.device)
+    call = (lambda: plain(x, a.K)) if a.plain else (lambda: model(x))
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     with torch.no_grad():
         for _ in range(3):
-            model(x)
-        if a.device == "cuda":
-            torch.cuda.synchronize()
+            call()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            call()
+        sync()
+        wall = (time.perf_counter() - t0) / 5
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
         with profile(activities=acts) as prof:
             for _ in range(3):
-                model(x)
-            if a.device == "cuda":
-                torch.cuda.synchronize()
+                call()
+            sync()
     dev = "cuda" if a.device == "cuda" else "cpu"
 
     def self_time(e) -> float:  # torch >= 2.4 names the accelerator's time "device"
@@ -74,10 +82,15 @@ def main(argv=None) -> None:
     events = [e for e in prof.key_averages() if self_time(e) > 0]
     if dev == "cpu":  # on CPU, operators rather than kernels
         events = [e for e in events if e.key.startswith("aten::")]
+    else:  # kernels only (an operator's device time is its kernels' time: do not count it twice)
+        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+                  and not e.key.startswith(("aten::", "irno"))]
     total = sum(self_time(e) for e in events) or 1.0
+    launches = sum(e.count for e in events) // 3
     events.sort(key=lambda e: -self_time(e))
-    print(f"IRNO inference, {case.H}x{case.W} B{case.B}, K={a.K}, {a.variant}, {dev}: "
-          f"{total / 3 / 1e3:.2f} ms of {dev} time per call")
+    who = "plain PyTorch" if a.plain else "IRNO eager"
+    print(f"{who}, {case.H}x{case.W} B{case.B}, K={a.K}, {a.variant}, {dev}: {wall * 1e3:.2f} ms wall, "
+          f"{total / 3 / 1e3:.2f} ms of {dev} time, {launches} kernels per call")
     fams: dict[str, float] = {}
     for e in events:
         t = self_time(e)

@@ -199,7 +199,12 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
 
         return tr(pred, target, lam, f0, mode)
     if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
-        # the op that also returns the spectra it read: the backward reuses them (no second rfft2)
+        # the op that also returns the spectra it read: the backward reuses them (no second rfft2).
+        # Eager mode goes through a plain autograd.Function (the same formulas): the registered
+        # op's Python autograd costs more than the kernels on a small field; torch.compile traces
+        # the op and its registered autograd.
+        if not torch.compiler.is_compiling():
+            return _EagerSpectralLoss.apply(pred, target, lam, f0, mode)
         return torch.ops.irno.spectral_loss_spectra(pred, target, lam, f0, mode)[0]
     return torch.ops.irno.spectral_loss(pred, target, lam, f0, mode)
 
@@ -290,3 +295,18 @@ if HAS_C:
         return (gp if need_pred else None), gt, None, None, None
 
     torch.library.register_autograd("irno::spectral_loss_spectra", _spectra_backward, setup_context=_spectra_setup)
+
+    class _EagerSpectralLoss(torch.autograd.Function):
+        """spectral_loss_spectra with its registered autograd formulas, for eager mode."""
+
+        @staticmethod
+        def forward(ctx, pred, target, lam, f0, mode):
+            with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel (grad is off here)
+                loss, P, Y = torch.ops.irno.spectral_loss_spectra(pred, target, lam, f0, mode)
+            ctx.lam, ctx.f0, ctx.mode = lam, f0, mode
+            ctx.save_for_backward(pred, target, P, Y)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _spectra_backward(ctx, grad, None, None)
