@@ -54,7 +54,7 @@ grep -E "agreement|FAILED" "$OUT/bench_irno.log" | cut -c1-200 | head -12
 
 log "profile: where one eager inference call spends its time (256x256; B16 bf16 channels-last refiner; B1 vs plain)"
 for args in "--batch 16 --variant bf16 --top 8" "--batch 1 --top 5" "--batch 1 --top 5 --plain"; do
-  timeout 60 "$PY" benchmarks/profile_irno.py $args 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
+  timeout 45 "$PY" benchmarks/profile_irno.py $args 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
     | tee -a "$OUT/bench_irno.log"
 done
 
