@@ -297,6 +297,43 @@ def test_simulated_cache_keys_and_lru(simulated, monkeypatch):
     assert len(g) == 0
 
 
+def test_simulated_pool_is_renewed_when_no_graph_is_left(monkeypatch):
+    """Graphs share one pool while any of them lives; once none does (clear, an eviction with
+    max_graphs=1, a failed capture) the next capture gets a new pool (PyTorch asserts otherwise)."""
+    used = []
+
+    def capture(self, fn, device):
+        used.append(self._pools.setdefault(device, object()))
+        out = fn()
+        if getattr(self, "fail_next", False):
+            self.fail_next = False
+            raise RuntimeError("capture failed")
+        self.n_captures += 1
+        return _SimGraph(fn, out), out
+
+    monkeypatch.setattr(GraphedIRNO, "_use_graphs", staticmethod(lambda x: True))
+    monkeypatch.setattr(GraphedIRNO, "_capture", capture)
+    g = GraphedIRNO(_model(), max_graphs=2, warmup=1)
+    a, b = torch.randn(1, 2, 16, 16), torch.randn(2, 2, 16, 16)
+    g(a)
+    g(b)
+    assert used[0] is used[1]  # shared while graphs live
+    g.clear()
+    g(a)
+    assert used[2] is not used[1]
+    g.fail_next = True
+    g.clear()
+    with pytest.raises(RuntimeError, match="capture failed"):
+        g(a)
+    g(a)
+    assert used[4] is not used[3] and len(g) == 1
+    one = GraphedIRNO(_model(), max_graphs=1, warmup=1)
+    n = len(used)
+    one(a)
+    one(b)  # evicts a's graph first: nothing holds the old pool
+    assert used[n + 1] is not used[n]
+
+
 def test_simulated_new_parameter_storage_recaptures(simulated):
     model = _model()
     g = GraphedIRNO(model, warmup=1)
@@ -347,6 +384,24 @@ def test_replay_equals_eager_after_poisoning_the_output():
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     assert g.n_captures == 1
+
+
+@gpu
+def test_recapture_after_clear_with_the_dft_route(monkeypatch):
+    """The dft route's matmuls make cuBLAS workspaces during a capture; recapturing after clear()
+    into the old pool failed an allocator assert (H200): clear() now starts a fresh pool."""
+    from irno_kernels import spectral_dft
+
+    monkeypatch.setattr(spectral_dft, "prefer_dft", lambda x, w: x.is_cuda)
+    model = _model("cuda", K=3)
+    g = GraphedIRNO(model)
+    x = torch.randn(2, 2, 32, 32, device="cuda")
+    first = g(x)
+    for _ in range(2):
+        g.clear()
+        again = g(x)
+        torch.testing.assert_close(again, first, rtol=1e-6, atol=1e-6)
+    assert g.n_captures == 3
 
 
 @gpu

@@ -110,6 +110,12 @@ def test_triton_strided_layouts_and_no_affine(layout):
 
 
 @triton_only
+@pytest.mark.parametrize("C", [128, 129])
+def test_triton_widest_tile_and_the_reference_beyond(C):
+    _compare((2, C, 5, 7), torch.float32)
+
+
+@triton_only
 def test_triton_gradcheck():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -161,7 +167,7 @@ def test_cuda_picks_triton_and_paper_sized_fields():
     for layout in ("contiguous", "channels_last"):
         _compare((16, 16, 256, 256), torch.float32, layout, factor=10)
     _compare((4, 128, 32, 48), torch.float32, factor=10)
-    _compare((2, 200, 9, 10), torch.float32, factor=10)  # C above a power of two
+    _compare((2, 200, 9, 10), torch.float32, factor=10)  # C > MAX_CHANNELS: the reference
 
 
 @pytest.mark.gpu

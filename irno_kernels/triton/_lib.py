@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 NAMESPACE = "irno_triton"
 
@@ -47,14 +48,28 @@ def register(name: str, fake, mutates_args=()):
     return deco
 
 
+def _tracing(args) -> bool:
+    """Whether a launch with these arguments is being traced (torch.compile, make_fx, fake or
+    functional tensors), so that it must go through ``wrap_triton`` to be recorded."""
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        return True
+    return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)
+
+
 def launch(kernel, grid, *args, fp_fusion: bool = True, **meta):
-    """Run ``kernel`` on ``grid`` so that tracing (make_fx, torch.compile) records it.
+    """Run ``kernel`` on ``grid``; under tracing (make_fx, torch.compile) through ``wrap_triton`` so
+    that the trace records it, in eager mode straight through triton's launcher: ``wrap_triton``
+    dispatches a higher-order op per launch even in eager mode, a fixed cost of the order of the
+    kernel's own time on small fields.
 
     Contraction of a*b + c into an fma is always requested explicitly (triton 3.9 warns about the
     implicit default, which later versions turn off); kernels that must round like torch, op for
     op, pass ``fp_fusion=False``.
     """
-    torch.library.wrap_triton(kernel)[grid](*args, enable_fp_fusion=fp_fusion, **meta)
+    if _tracing(args):
+        torch.library.wrap_triton(kernel)[grid](*args, enable_fp_fusion=fp_fusion, **meta)
+    else:
+        kernel[grid](*args, enable_fp_fusion=fp_fusion, **meta)
 
 
 def pow2(n: int) -> int:

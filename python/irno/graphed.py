@@ -12,7 +12,11 @@ as ONE CUDA graph per (shape, dtype, device, steps, autocast dtype) and replays 
 - Warm-up runs on a side stream before each capture, so Triton compiles its kernels, cuFFT makes its
   plans and cuDNN picks its algorithms outside the capture.
 - Every graph of one GraphedIRNO allocates from one shared memory pool (per device); at most
-  ``max_graphs`` graphs' inputs are cached, the least recently used is dropped first.
+  ``max_graphs`` graphs' inputs are cached, the least recently used is dropped first. When no
+  captured graph is left (``clear()``, a failed capture, an eviction with ``max_graphs=1``) the next
+  capture gets a fresh pool: PyTorch's allocator refuses to capture into a pool whose graphs are all
+  gone while some block of it is still held (a cuBLAS workspace made during a capture is one such
+  block; it failed an internal assert on an H200 when the dft route's matmuls were recaptured).
 - Autocast: the autocast state (``torch.autocast("cuda", dtype=...)`` around the call) and the
   model's ``refiner_dtype`` are part of the key. Warm-up and capture run with autocast's weight-cast
   cache off, so the casts of the weights are recorded inside the graph (a cast cached outside the
@@ -184,8 +188,9 @@ class GraphedIRNO:
         return len(self._cache)
 
     def clear(self) -> None:
-        """Drop every captured graph (their memory returns to the pool)."""
+        """Drop every captured graph; the next capture starts a fresh memory pool."""
         self._cache.clear()
+        self._pools.clear()
 
     # -----------------------------------------------------------------------------------------
     def _resolve(self, x, steps, tol, chunk) -> tuple[int, float | None, int]:
@@ -339,7 +344,14 @@ class GraphedIRNO:
             return entry
         while len(self._cache) >= self.max_graphs:
             self._cache.popitem(last=False)
-        entry = self._build(x, steps, tol, chunk)
+        if not self._cache:  # no live graph holds the pool: capture into a new one
+            self._pools.clear()
+        try:
+            entry = self._build(x, steps, tol, chunk)
+        except BaseException:
+            if not self._cache:  # the failed capture may have been the pool's only user
+                self._pools.clear()
+            raise
         self._cache[key] = entry
         return entry
 
