@@ -146,6 +146,22 @@ def test_triton_opcheck():
 
 
 @triton_only
+def test_triton_torch_compile_fullgraph_aot_eager():
+    """Under torch.compile the registered ops (fake kernels + autograd) are traced."""
+    from irno_kernels.triton import channel_layer_norm as tr
+
+    x = torch.randn(2, 5, 6, 7, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, device=DEVICE, requires_grad=True)
+    f = torch.compile(lambda *a: tr(*a, 1e-5).square().sum(), backend="aot_eager", fullgraph=True)
+    out = f(x, w, b)
+    want = ik.channel_layer_norm_ref(x, w, b).square().sum()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for a, e in zip(torch.autograd.grad(out, (x, w, b)), torch.autograd.grad(want, (x, w, b))):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@triton_only
 def test_triton_deterministic():
     x = torch.randn(2, 8, 33, 47, device=DEVICE, requires_grad=True)
     w = torch.randn(8, device=DEVICE, requires_grad=True)
@@ -234,3 +250,4 @@ def test_gpu_repeats_the_interpreter_checks_on_cuda():
     test_triton_gradcheck()
     test_triton_opcheck()
     test_triton_deterministic()
+    test_triton_torch_compile_fullgraph_aot_eager()

@@ -166,9 +166,8 @@ def _bwd_fake(grad, x, weight, mean, rstd):
     return torch.empty_like(x), x.new_empty((C,), dtype=pdt), x.new_empty((C,), dtype=pdt)
 
 
-@register("channel_layer_norm_bwd", _bwd_fake)
-def _cln_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-                rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx = torch.empty_like(x)
     g4, x4, o4 = as_4d(grad), as_4d(x), as_4d(gx)
     B, C, S1, S2 = x4.shape
@@ -186,6 +185,9 @@ def _cln_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
            HAS_W=weight is not None, IS_F64=is_f64(x), C_PAD=c_pad, BLOCK_P=block, num_warps=4)
     pdt = weight.dtype if weight is not None else x.dtype
     return gx, pw.sum(0).to(pdt), pb.sum(0).to(pdt)
+
+
+_cln_bwd_op = register("channel_layer_norm_bwd", _bwd_fake)(_cln_bwd)
 
 
 def _setup(ctx, inputs, output):
@@ -207,21 +209,43 @@ def _backward(ctx, grad, _gmean, _grstd):
 _cln_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
+class _EagerChannelLayerNorm(torch.autograd.Function):
+    """The same kernels and formulas as the registered ops, without their Python dispatch (eager
+    mode: the U-Net calls this about 100 times per step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _cln_fwd(x, weight, bias, eps)
+        ctx.has_w, ctx.has_b = weight is not None, bias is not None
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        gx, gw, gb = _cln_bwd(grad.contiguous() if grad.dim() > 4 else grad, x, weight, mean, rstd)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None), (gw if ctx.has_w and need[1] else None), \
+            (gb if ctx.has_b and need[2] else None), None
+
+
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float) -> torch.Tensor:
     """LayerNorm over dim 1 of x (B, C, *S) at every grid point; weight, bias: (C,) or None.
     Returns (B, C, *S) in x's dtype and memory format. Arguments arrive validated. More than
     MAX_CHANNELS channels run the reference.
 
-    Without gradients and outside torch.compile the kernel is launched directly, not through the
-    registered op: the refiner calls this ~100 times per inference, and in eager mode the op's
-    Python dispatch would cost more than the kernel itself on a small field.
+    Outside torch.compile the kernels run without the registered ops (directly without gradients,
+    through an autograd.Function with them): the refiner calls this ~100 times per inference, and
+    in eager mode the ops' Python dispatch would cost more than the kernels on a small field.
+    torch.compile traces the registered ops.
     """
     if x.shape[1] > MAX_CHANNELS:
         from irno_kernels.norm import channel_layer_norm_ref
 
         return channel_layer_norm_ref(x, weight, bias, eps)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))) \
-            and not torch.compiler.is_compiling():
-        return _cln_fwd(x, weight, bias, float(eps))[0]
-    return _cln_fwd_op(x, weight, bias, float(eps))[0]
+    if torch.compiler.is_compiling():
+        return _cln_fwd_op(x, weight, bias, float(eps))[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _EagerChannelLayerNorm.apply(x, weight, bias, float(eps))
+    return _cln_fwd(x, weight, bias, float(eps))[0]
