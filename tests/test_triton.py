@@ -24,6 +24,7 @@ import irno_kernels as ik  # noqa: E402
 from irno_kernels import backend as bk  # noqa: E402
 from irno_kernels.spectrum import num_shells  # noqa: E402
 from irno_kernels.triton import spectral_conv as tr_conv  # noqa: E402
+from irno_kernels.triton import spectral_dft as tr_dft  # noqa: E402
 from irno_kernels.triton import spectrum as tr_spec  # noqa: E402
 from irno_kernels.triton import update as tr_update  # noqa: E402
 
@@ -223,6 +224,60 @@ def test_spectral_conv2d_grad_of_weight_only():
     close(gw, ew)
 
 
+# the truncated-DFT kernels (irno_kernels/triton/spectral_dft.py)
+DFT_CASES = CONV_CASES + [(2, 3, 4, 37, 50, 8, 12), (2, 2, 3, 6, 1, 3, 1), (2, 4, 3, 40, 64, 4, 16)]
+
+
+@pytest.fixture
+def dft_everywhere(monkeypatch):
+    """The Triton backend's routing takes the dft kernels for every float32 field."""
+    from irno_kernels import spectral_dft
+
+    monkeypatch.setattr(spectral_dft, "prefer_dft", lambda x, w: True)
+
+
+@pytest.mark.parametrize("case", DFT_CASES)
+def test_spectral_conv2d_dft_kernels(case, dft_everywhere):
+    B, Ci, Co, H, W, m1, m2 = case
+    x = randn(B, Ci, H, W, requires_grad=True)
+    w = randn(Ci, Co, 2 * m1, m2, dtype=torch.complex64, requires_grad=True)
+    calls = []
+    real = tr_dft.spectral_conv2d_dft
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr_dft, "spectral_conv2d_dft", lambda *a: calls.append(1) or real(*a))
+        check_fwd_bwd(lambda a, b: ik.spectral_conv2d(a, b, backend="triton"), ik.spectral_conv2d_ref, (x, w),
+                      torch.float32, factor=2)
+    assert calls  # the dft kernels ran
+
+
+def test_spectral_conv2d_dft_kernels_route_and_limits(dft_everywhere):
+    x64 = randn(1, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+    w64 = randn(2, 2, 4, 3, dtype=torch.complex128, requires_grad=True)
+    check_fwd_bwd(tr.spectral_conv2d, ik.spectral_conv2d_ref, (x64, w64), torch.float64)  # FFT route
+    assert tr_dft.fits(torch.empty(1, 1, 64, 32)) and not tr_dft.fits(torch.empty(1, 1, 66, 8))
+    x = randn(1, 2, 70, 20, requires_grad=True)
+    w = randn(2, 2, 66, 5, dtype=torch.complex64, requires_grad=True)  # too many rows: the FFT route
+    check_fwd_bwd(tr.spectral_conv2d, ik.spectral_conv2d_ref, (x, w), torch.float32)
+
+
+def test_dft_transforms_are_adjoint_pairs():
+    """<G x, z> = <x, G^H z> for both maps, i.e. the backward kernels are the exact adjoints."""
+    H, W, m1, m2 = 11, 14, 3, 5
+    x = randn(2, H, W)
+    z = randn(2, 2 * m1, m2, dtype=torch.complex64)
+    gx = tr_dft.grid_to_modes(x, m1, m2)
+    torch.testing.assert_close(gx, torch.fft.rfft2(x, norm="forward")[..., [*range(m1), *range(H - m1, H)], :m2],
+                               rtol=1e-5, atol=1e-6)
+    xr = x.clone().requires_grad_()
+    (adj,) = torch.autograd.grad(tr_dft.grid_to_modes(xr, m1, m2), xr, z)
+    lhs = (torch.conj(gx) * z).real.sum()  # Re <G x, z>
+    torch.testing.assert_close(lhs, (x * adj).sum(), rtol=1e-4, atol=1e-5)
+    zr = z.clone().requires_grad_()
+    y = tr_dft.modes_to_grid(zr, H, W)
+    (adj_z,) = torch.autograd.grad(y, zr, x)
+    torch.testing.assert_close((y * x).sum(), (torch.conj(z) * adj_z).real.sum(), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # the GPU launch configurations, run through the interpreter
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +301,10 @@ def test_gpu_launch_configurations_under_the_interpreter(monkeypatch):
     for mode in ("magnitude", "error"):
         check_fwd_bwd(lambda p, t, m=mode: tr.spectral_loss(p, t, 1.5, 0.5, m),
                       lambda p, t, m=mode: ik.spectral_loss_ref(p, t, 1.5, 0.5, m), (x, y), torch.float32)
+    monkeypatch.setattr(tr_dft, "INTERPRET", False)
+    xd = randn(1, 2, 70, 100, requires_grad=True)  # 3 row tiles of 32, 2 column tiles of 64
+    wd = randn(2, 3, 16, 12, dtype=torch.complex64, requires_grad=True)
+    check_fwd_bwd(tr_dft.spectral_conv2d_dft, ik.spectral_conv2d_ref, (xd, wd), torch.float32, factor=2)
     x = randn(17, 2, 6, 16, requires_grad=True)  # 2 batch blocks
     w = randn(2, 33, 2, 9, dtype=torch.complex64, requires_grad=True)  # 2 mode blocks, 2 channel blocks
     check_fwd_bwd(tr.spectral_conv2d, ik.spectral_conv2d_ref, (x, w), torch.float32)
@@ -258,9 +317,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from irno_kernels.triton import _lib, norm as N, spectral_conv as C, spectrum as S, update as U
+    from irno_kernels.triton import _lib, norm as N, spectral_conv as C, spectral_dft as D, spectrum as S, update as U
     assert not _lib.INTERPRET
-    for mod in (C, S, U, N):
+    for mod in (C, S, U, N, D):
         mod.INTERPRET = False  # the GPU launch configurations
 
     def build(kernel, ptrs, consts, fusion=True):
@@ -298,6 +357,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
               dict(CONJ_W=conj, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, **f32))
     build(C._spectral_mix_grad_w_kernel, dict(x_ptr="fp32", g_ptr="fp32", gw_ptr="fp32"),
           dict(BLOCK_M=bm, BLOCK_I=bb, BLOCK_O=bo, **f32))
+    fp = dict(x_ptr="fp32", ar_ptr="fp32", ai_ptr="fp32", er_ptr="fp32", ei_ptr="fp32", z_ptr="fp32")
+    for prec in ("tf32x3", "tf32"):
+        bh, bw, rp, mp = D._blocks(256, 256, 32, 16)
+        build(D._grid_to_modes_kernel, fp, dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp))
+        bh, bw, rp, mp = D._blocks(256, 256, 64, 32)
+        build(D._modes_to_grid_kernel, dict(z_ptr="fp32", pr_ptr="fp32", pi_ptr="fp32", qr_ptr="fp32",
+                                            qi_ptr="fp32", y_ptr="fp32"), dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp))
     for dt in ("fp32", "bf16"):
         build(N._cln_fwd_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, mean_ptr="fp32", rstd_ptr="fp32"),
               dict(HAS_W=True, HAS_B=True, C_PAD=16, BLOCK_P=N._block(1 << 16, 16), **f32))
@@ -365,6 +431,10 @@ def _opcheck_cases():
         "spectral_conv2d": (ops.spectral_conv2d, (x, cw)),
         "spectral_conv2d_backward": (ops.spectral_conv2d_backward,
                                      (randn(2, 2, 5, 7), X, cw.detach(), True, True)),
+        "dft_grid_to_modes": (ops.dft_grid_to_modes, (x, *tr_dft._matrices(5, 7, 2, 3, DEVICE)[0])),
+        "dft_modes_to_grid": (ops.dft_modes_to_grid,
+                              (randn(2, 3, 4, 3, dtype=torch.complex64, requires_grad=True),
+                               *tr_dft._matrices(5, 7, 2, 3, DEVICE)[1])),
     }
 
 
@@ -484,6 +554,46 @@ def test_cuda_graph_capture_and_replay_equals_eager():
 
 
 @gpu
+def test_dft_kernels_paper_sized_accuracy_and_graph_capture(monkeypatch):
+    """The accurate mode (tf32x3 products) against the float64 reference at B4 C32 256x256 m16, and
+    forward + backward replayed from a CUDA graph."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x = randn(4, 32, 256, 256, requires_grad=True)
+    w = (randn(32, 32, 32, 16, dtype=torch.complex64) / 32).requires_grad_()
+    g = randn(4, 32, 256, 256)
+    got = (tr_dft.spectral_conv2d_dft(x, w), *torch.autograd.grad(tr_dft.spectral_conv2d_dft(x, w), (x, w), g))
+    xd, wd = x.detach().double().requires_grad_(), w.detach().to(torch.complex128).requires_grad_()
+    ref = ik.spectral_conv2d_ref(xd, wd)
+    want = (ref, *torch.autograd.grad(ref, (xd, wd), g.double()))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.to(e.dtype), e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+
+    xs, ws = randn(2, 3, 64, 96, requires_grad=True), randn(3, 4, 16, 12, dtype=torch.complex64, requires_grad=True)
+    gy = randn(2, 4, 64, 96)
+
+    def step():
+        y = tr_dft.spectral_conv2d_dft(xs, ws)
+        return (y, *torch.autograd.grad(y, (xs, ws), gy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    eager = [t.clone() for t in step()]
+    for t in static:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for s_, e in zip(static, eager):
+        torch.testing.assert_close(s_, e, rtol=1e-6, atol=1e-6)
+
+
+@gpu
 def test_torch_compile_inductor():
     """With a GPU the ops are triton_ops: Inductor sees their kernels."""
     x, y = randn(2, 3, 32, 48, requires_grad=True), randn(2, 3, 32, 48)
@@ -519,3 +629,4 @@ def test_gpu_repeats_the_interpreter_checks_on_cuda():
         test_spectral_conv2d(case, torch.float32)
     test_spectral_conv2d_strided_input_and_conjugate_weight()
     test_in_place_forms((2, 3, 5, 7), True)
+    test_dft_transforms_are_adjoint_pairs()

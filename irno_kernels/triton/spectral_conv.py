@@ -250,6 +250,13 @@ def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Spectral convolution y = irfft2(Mix(rfft2(x))), differentiable in x and weight.
 
     x: (B, C_in, H, W) float32/float64; weight: (C_in, C_out, 2*m1, m2) complex64/complex128
-    -> (B, C_out, H, W). See irno_kernels.spectral_conv2d_ref.
+    -> (B, C_out, H, W). See irno_kernels.spectral_conv2d_ref. Float32 fields that the automatic
+    CUDA choice would send to the dft route (irno_kernels.spectral_dft.prefer_dft) run the Triton
+    truncated-DFT kernels (irno_kernels/triton/spectral_dft.py); the rest the FFT route here.
     """
+    from irno_kernels import spectral_dft
+    from irno_kernels.triton import spectral_dft as tr_dft
+
+    if x.dtype == torch.float32 and tr_dft.fits(weight) and spectral_dft.prefer_dft(x, weight):
+        return tr_dft.spectral_conv2d_dft(x, weight)
     return _spectral_conv2d_op(x, weight)[0]

@@ -1,0 +1,260 @@
+"""Triton kernels for the truncated-DFT route of spectral_conv2d (irno_kernels/spectral_dft.py):
+the forward transform restricted to the kept modes and the inverse transform from them, each ONE
+kernel that passes over the grid once, with the products on the tensor cores (tl.dot).
+
+    grid -> modes  Z = E @ (x @ A)              x (H, W) real, A (W, M) complex, E (R, H) complex
+    modes -> grid  y = Re(P @ Z) @ Qr + Im(P @ Z) @ Qi
+                                                Z (R, M) complex, P (H, R) complex, Q (M, W) real
+
+per (batch, channel) plane. The layer is  y = modes_to_grid(Mix(grid_to_modes(x)))  with the DFT
+matrices of irno_kernels.spectral_dft.dft_matrices, and the mixing on the compact (2*m1, m2)
+spectra by torch.einsum. Each map is linear and its adjoint is the other kernel with transposed
+(conjugated) matrices, which is the whole backward:
+
+    grid -> modes with (A, E):   grad_x = modes_to_grid(grad_Z) with P = E^H, Qr = Re(A)^T, Qi = Im(A)^T
+    modes -> grid with (P, Q):   grad_Z = grid_to_modes(grad_y) with A = Qr^T + i Qi^T, E = P^H
+
+(PyTorch's complex-gradient convention, grad = dL/dRe + i dL/dIm.) The intermediate x @ A of one
+block of rows stays in registers, so x is read once and the compact spectrum written once; the
+inverse reads the compact spectrum and writes y once.
+
+Precision: float32 data; the products take tl.dot's "tf32x3" (three TF32 products, about float32
+accuracy) unless PyTorch's matmul TF32 switch is on (``torch.backends.cuda.matmul.allow_tf32``),
+then "tf32" (the fast mode). float64 runs irno_kernels.spectral_dft (PyTorch matmuls) instead.
+
+Used by the "triton" backend of spectral_conv2d where the automatic CUDA choice would take the dft
+route (irno_kernels.spectral_dft.prefer_dft), with at most MAX_ROWS kept rows and MAX_COLS kept
+columns (the accumulators of one plane live in registers); elsewhere that backend runs the FFT route.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from irno_kernels.triton._lib import INTERPRET, launch, pow2, register
+
+__all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "MAX_ROWS", "MAX_COLS"]
+
+#: the most kept rows (2*m1) and kept columns (m2) the kernels take
+MAX_ROWS, MAX_COLS = 64, 32
+
+
+@triton.jit
+def _grid_to_modes_kernel(
+    x_ptr, ar_ptr, ai_ptr, er_ptr, ei_ptr, z_ptr,
+    H, W, R, M,
+    PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, RP: tl.constexpr, MP: tl.constexpr,
+):
+    """z[n] = E @ (x[n] @ A) for plane n = program 0; x (N, H, W) contiguous, A = ar + i ai (W, M),
+    E = er + i ei (R, H), z (N, R, M, 2) a real view of a complex tensor."""
+    n = tl.program_id(0).to(tl.int64)
+    x_base = x_ptr + n * H * W
+    rr = tl.arange(0, RP)
+    mm = tl.arange(0, MP)
+    zr = tl.zeros((RP, MP), dtype=tl.float32)
+    zi = tl.zeros((RP, MP), dtype=tl.float32)
+    for h0 in range(0, H, BH):
+        hh = h0 + tl.arange(0, BH)
+        tr = tl.zeros((BH, MP), dtype=tl.float32)
+        ti = tl.zeros((BH, MP), dtype=tl.float32)
+        for w0 in range(0, W, BW):
+            ww = w0 + tl.arange(0, BW)
+            xt = tl.load(x_base + hh[:, None] * W + ww[None, :], mask=(hh < H)[:, None] & (ww < W)[None, :],
+                         other=0.0).to(tl.float32)
+            a_off = ww[:, None] * M + mm[None, :]
+            a_mask = (ww < W)[:, None] & (mm < M)[None, :]
+            ar = tl.load(ar_ptr + a_off, mask=a_mask, other=0.0)
+            ai = tl.load(ai_ptr + a_off, mask=a_mask, other=0.0)
+            tr += tl.dot(xt, ar, input_precision=PREC)
+            ti += tl.dot(xt, ai, input_precision=PREC)
+        e_off = rr[:, None] * H + hh[None, :]
+        e_mask = (rr < R)[:, None] & (hh < H)[None, :]
+        er = tl.load(er_ptr + e_off, mask=e_mask, other=0.0)
+        ei = tl.load(ei_ptr + e_off, mask=e_mask, other=0.0)
+        zr += tl.dot(er, tr, input_precision=PREC) - tl.dot(ei, ti, input_precision=PREC)
+        zi += tl.dot(er, ti, input_precision=PREC) + tl.dot(ei, tr, input_precision=PREC)
+    z_off = ((n * R + rr[:, None]) * M + mm[None, :]) * 2
+    z_mask = (rr < R)[:, None] & (mm < M)[None, :]
+    tl.store(z_ptr + z_off, zr, mask=z_mask)
+    tl.store(z_ptr + z_off + 1, zi, mask=z_mask)
+
+
+@triton.jit
+def _modes_to_grid_kernel(
+    z_ptr, pr_ptr, pi_ptr, qr_ptr, qi_ptr, y_ptr,
+    H, W, R, M,
+    PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, RP: tl.constexpr, MP: tl.constexpr,
+):
+    """y[n, rows] = Re(P @ z[n]) @ qr + Im(P @ z[n]) @ qi for plane n = program 0 and the block of
+    rows of program 1; z (N, R, M, 2) real view, P = pr + i pi (H, R), qr, qi (M, W), y (N, H, W)."""
+    n = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1) * BH + tl.arange(0, BH)
+    rr = tl.arange(0, RP)
+    mm = tl.arange(0, MP)
+    z_off = ((n * R + rr[:, None]) * M + mm[None, :]) * 2
+    z_mask = (rr < R)[:, None] & (mm < M)[None, :]
+    zr = tl.load(z_ptr + z_off, mask=z_mask, other=0.0)
+    zi = tl.load(z_ptr + z_off + 1, mask=z_mask, other=0.0)
+    p_off = hh[:, None] * R + rr[None, :]
+    p_mask = (hh < H)[:, None] & (rr < R)[None, :]
+    pr = tl.load(pr_ptr + p_off, mask=p_mask, other=0.0)
+    pi = tl.load(pi_ptr + p_off, mask=p_mask, other=0.0)
+    sr = tl.dot(pr, zr, input_precision=PREC) - tl.dot(pi, zi, input_precision=PREC)
+    si = tl.dot(pr, zi, input_precision=PREC) + tl.dot(pi, zr, input_precision=PREC)
+    for w0 in range(0, W, BW):
+        ww = w0 + tl.arange(0, BW)
+        q_off = mm[:, None] * W + ww[None, :]
+        q_mask = (mm < M)[:, None] & (ww < W)[None, :]
+        qr = tl.load(qr_ptr + q_off, mask=q_mask, other=0.0)
+        qi = tl.load(qi_ptr + q_off, mask=q_mask, other=0.0)
+        yt = tl.dot(sr, qr, input_precision=PREC) + tl.dot(si, qi, input_precision=PREC)
+        tl.store(y_ptr + n * H * W + hh[:, None] * W + ww[None, :], yt.to(y_ptr.dtype.element_ty),
+                 mask=(hh < H)[:, None] & (ww < W)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations
+# ---------------------------------------------------------------------------------------------
+def _precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def _blocks(H: int, W: int, R: int, M: int) -> tuple[int, int, int, int]:
+    """(BH, BW, RP, MP): rows and columns of x per tile, kept rows and columns padded to powers of
+    two of at least 16 (tl.dot's smallest operand)."""
+    rp, mp = max(16, pow2(R)), max(16, pow2(M))
+    if INTERPRET:  # few, large tiles: the interpreter's cost grows with the number of steps
+        return max(16, min(pow2(H), 64)), max(16, min(pow2(W), 256)), rp, mp
+    return 32, 64, rp, mp
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------------------------
+def _g2m_fake(x, ar, ai, er, ei):
+    return x.new_empty((*x.shape[:-2], er.shape[0], ar.shape[1]), dtype=torch.complex64)
+
+
+@register("dft_grid_to_modes", _g2m_fake)
+def _g2m_op(x: torch.Tensor, ar: torch.Tensor, ai: torch.Tensor, er: torch.Tensor, ei: torch.Tensor) -> torch.Tensor:
+    *lead, H, W = (int(s) for s in x.shape)
+    R, M = int(er.shape[0]), int(ar.shape[1])
+    x = x.contiguous()
+    z = torch.empty((*lead, R, M), dtype=torch.complex64, device=x.device)
+    N = x.numel() // (H * W)
+    bh, bw, rp, mp = _blocks(H, W, R, M)
+    launch(_grid_to_modes_kernel, (N,), x, ar, ai, er, ei, torch.view_as_real(z), H, W, R, M,
+           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, num_warps=4)
+    return z
+
+
+def _m2g_fake(z, pr, pi, qr, qi):
+    return z.new_empty((*z.shape[:-2], pr.shape[0], qr.shape[1]), dtype=torch.float32)
+
+
+@register("dft_modes_to_grid", _m2g_fake)
+def _m2g_op(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
+    *lead, R, M = (int(s) for s in z.shape)
+    H, W = int(pr.shape[0]), int(qr.shape[1])
+    z = z.resolve_conj().contiguous()
+    y = torch.empty((*lead, H, W), dtype=torch.float32, device=z.device)
+    N = y.numel() // (H * W)
+    bh, bw, rp, mp = _blocks(H, W, R, M)
+    launch(_modes_to_grid_kernel, (N, triton.cdiv(H, bh)), torch.view_as_real(z), pr, pi, qr, qi, y, H, W, R, M,
+           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, num_warps=4)
+    return y
+
+
+def _adjoint_of_g2m(ar, ai, er, ei):
+    """(pr, pi, qr, qi) of modes_to_grid that is the adjoint of grid_to_modes with (ar, ai, er, ei)."""
+    return er.t().contiguous(), (-ei).t().contiguous(), ar.t().contiguous(), ai.t().contiguous()
+
+
+def _adjoint_of_m2g(pr, pi, qr, qi):
+    """(ar, ai, er, ei) of grid_to_modes that is the adjoint of modes_to_grid with (pr, pi, qr, qi)."""
+    return qr.t().contiguous(), qi.t().contiguous(), pr.t().contiguous(), (-pi).t().contiguous()
+
+
+def _g2m_setup(ctx, inputs, output):
+    ctx.mats = inputs[1:]
+    ctx.x_dtype = inputs[0].dtype
+
+
+def _g2m_backward(ctx, gz):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    gx = _m2g_op(gz, *_adjoint_of_g2m(*ctx.mats))
+    return gx.to(ctx.x_dtype), None, None, None, None
+
+
+_g2m_op.register_autograd(_g2m_backward, setup_context=_g2m_setup)
+
+
+def _m2g_setup(ctx, inputs, output):
+    ctx.mats = inputs[1:]
+
+
+def _m2g_backward(ctx, gy):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    return _g2m_op(gy, *_adjoint_of_m2g(*ctx.mats)), None, None, None, None
+
+
+_m2g_op.register_autograd(_m2g_backward, setup_context=_m2g_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+# ---------------------------------------------------------------------------------------------
+_MATS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """((ar, ai, er, ei) of the forward transform, (pr, pi, qr, qi) of the inverse), float32,
+    contiguous, from irno_kernels.spectral_dft.dft_matrices (cached)."""
+    key = (H, W, m1, m2, torch.device(device))
+    hit = _MATS.get(key)
+    if hit is None:
+        from irno_kernels.spectral_dft import dft_matrices
+
+        fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, torch.float32, device)
+        fwd = (fw[:, 0::2].contiguous(), fw[:, 1::2].contiguous(), eh.real.contiguous(), eh.imag.contiguous())
+        inv = (eh_inv.real.contiguous(), eh_inv.imag.contiguous(), iw[0::2].contiguous(), iw[1::2].contiguous())
+        if len(_MATS) >= 32:
+            _MATS.pop(next(iter(_MATS)))
+        hit = _MATS[key] = (fwd, inv)
+    return hit
+
+
+def grid_to_modes(x: torch.Tensor, m1: int, m2: int) -> torch.Tensor:
+    """The kept rfft2 modes of x (..., H, W), norm "forward": (..., 2*m1, m2) complex64, rows
+    0..m1-1 then -m1..-1. Differentiable in x."""
+    H, W = x.shape[-2:]
+    return _g2m_op(x, *_matrices(H, W, m1, m2, x.device)[0])
+
+
+def modes_to_grid(z: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """irfft2 of the compact spectrum z (..., 2*m1, m2) (zero elsewhere), read as Re(ifft2) (DESIGN
+    3.1), onto an H x W grid: (..., H, W) float32. Differentiable in z."""
+    m1, m2 = z.shape[-2] // 2, z.shape[-1]
+    return _m2g_op(z, *_matrices(H, W, m1, m2, z.device)[1])
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether the kernels take this weight's modes (2*m1 <= MAX_ROWS, m2 <= MAX_COLS)."""
+    return weight.shape[2] <= MAX_ROWS and weight.shape[3] <= MAX_COLS
+
+
+def spectral_conv2d_dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """spectral_conv2d by the two Triton transforms and a compact mixing (module docstring).
+
+    x: (B, C_in, H, W) float32 (bfloat16/float16 read as float32); weight: (C_in, C_out, 2*m1, m2)
+    complex64 with 2*m1 <= MAX_ROWS, m2 <= MAX_COLS. Returns (B, C_out, H, W) in x's dtype.
+    """
+    H, W = x.shape[-2:]
+    X = grid_to_modes(x, weight.shape[2] // 2, weight.shape[3])
+    S = torch.einsum("bixy,ioxy->boxy", X, weight)
+    y = modes_to_grid(S, H, W)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
