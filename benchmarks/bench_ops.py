@@ -38,6 +38,7 @@ class Case:
     compile: bool = False  # also time torch.compile(reference) here (each compile costs seconds)
     only: tuple[str, ...] = ()  # time only these providers (empty: all)
     graph: bool = False  # also time fwd/fwdbwd replayed from a CUDA graph (GPU time, no launch overhead)
+    modes: tuple[str, ...] = ()  # time only these modes (empty: all asked for)
 
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
@@ -128,6 +129,37 @@ def radial_case(B, C, H, W) -> Case:
                 lambda mode: n if mode == "fwd" else 3 * n, (0,))
 
 
+def _mix_ref(X, w):
+    """The reference's mixing alone: gather the kept corners, einsum, zero-padded scatter."""
+    B, _, H, Wr = X.shape
+    m1, m2 = w.shape[2] // 2, w.shape[3]
+    out = torch.zeros(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
+    out[:, :, :m1, :m2] = torch.einsum("bixy,ioxy->boxy", X[:, :, :m1, :m2], w[:, :, :m1])
+    out[:, :, H - m1:, :m2] = torch.einsum("bixy,ioxy->boxy", X[:, :, H - m1:, :m2], w[:, :, m1:])
+    return out
+
+
+def _mix_triton(X, w, backend):
+    from irno_kernels.triton import spectral_conv as tc
+
+    B, _, H, Wr = X.shape
+    out = torch.zeros(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
+    tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False)
+    return out
+
+
+def spectral_mix_case(B, C, H, W, m) -> Case:
+    """The mode mixing alone (forward), on the rfft2 spectrum of the layer's input (issue target:
+    the Triton kernel vs the reference's gather + einsum + zero-padded scatter)."""
+    def make(device, dt):
+        x, w = spectral_conv_case(B, C, H, W, m).make(device, dt)
+        return torch.fft.rfft2(x, norm="forward").contiguous(), w
+
+    nbytes = B * C * H * (W // 2 + 1) * 8 * 2  # read the spectrum, write the output spectrum
+    return Case("spectral_mix", f"B{B} C{C} {H}x{W} m{m}", make, _mix_ref, _mix_triton,
+                lambda mode: nbytes, (0, 1), only=("reference", "triton"))
+
+
 def layer_norm_case(B, C, H, W, channels_last=False) -> Case:
     def make(device, dt):
         x = torch.randn(B, C, H, W, device=device, dtype=dt)
@@ -153,6 +185,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                            (16, 64, 128, 128), (16, 32, 128, 384)]:
             out.append(spectral_conv_case(B, C, H, W, 16))
             out[-1].op, out[-1].only = "spectral_conv2d[sweep]", ("reference", "cuda", "dft")
+        out += [spectral_mix_case(16, 64, 256, 256, 16), spectral_mix_case(4, 32, 128, 384, 16)]
+        out[-1].modes = out[-2].modes = ("fwd",)
         # the refiner U-Net's normalisation at bench_irno's 256x256 batch 16 (widths 16 and 128)
         out += [layer_norm_case(16, 16, 256, 256), layer_norm_case(16, 16, 256, 256, True),
                 layer_norm_case(16, 128, 32, 32)]
@@ -178,12 +212,15 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
              env: dict) -> list[dict]:
     rows = []
     args = case.make(device, torch.float32)
+    if case.modes:
+        modes = [m for m in modes if m in case.modes]
     if case.graph:
         modes = [*modes, *(m + "_graph" for m in modes if not m.endswith("_graph"))]
     for mode in modes:
         ref_t = None
         for prov in providers:
             base = case.op.split("[")[0]
+            base = "spectral_conv2d" if base == "spectral_mix" else base
             if prov in PROVIDER_BACKEND and not ik.available(base, PROVIDER_BACKEND[prov], device):
                 continue
             if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "dft", "dft_tf32"):
