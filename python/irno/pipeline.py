@@ -474,6 +474,7 @@ def demo(cfg: dict, resume: bool = False) -> Path:
         print(f"[irno] control: training the base for IRNO's training time ({irno_info['train_s']:.0f} s)")
         ccfg = copy.deepcopy(cfg)
         ccfg["base"]["train"]["time_budget_s"] = irno_info["train_s"]
+        ccfg["base"]["train"]["max_steps"] = None  # the time budget alone decides (a step budget would stop it short)
         ccfg["base"]["train"]["patience"] = None
         ccfg["base"]["train"]["epochs"] = max(1, int(cfg["base"]["train"].get("epochs", 30)))
         ctrl, ctrl_info = train_base(ccfg, data, out_name="control", init_from=run / "base" / "best")
