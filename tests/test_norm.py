@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _cuda_graphs import replay_after_poisoning
 from irno.models import ChannelLayerNorm
 
 import irno_kernels as ik
@@ -222,20 +223,7 @@ def test_cuda_graph_capture_and_replay_equals_eager():
         y = ik.channel_layer_norm(x, w, b)
         return (y, *torch.autograd.grad(y, (x, w, b), gy))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    eager = [t.clone() for t in step()]
-    for t in static:
-        t.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    static, eager = replay_after_poisoning(step)
     for s, e in zip(static, eager):
         assert torch.equal(s, e)
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _cuda_graphs import replay_after_poisoning
 from conftest import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -751,19 +752,6 @@ def test_cuda_graph_capture_and_replay_equals_eager():
         )
         return (E, loss, *torch.autograd.grad((E, loss), (x,), (gr, torch.ones_like(loss))))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    eager = [t.clone() for t in step()]
-    for t in static:
-        t.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    static, eager = replay_after_poisoning(step)
     for s, e in zip(static, eager):
         torch.testing.assert_close(s, e, rtol=1e-6, atol=1e-6 * float(e.abs().max()))

@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from _cuda_graphs import replay_after_poisoning
 
 pytest.importorskip("triton")
 tr = pytest.importorskip("irno_kernels.triton")
@@ -535,20 +536,7 @@ def test_cuda_graph_capture_and_replay_equals_eager():
         loss = tr.spectral_loss(h, y, 1.5) + tr.spectral_loss(h, y, 1.0, 0.5, "error") + tr.radial_spectrum(h).mean()
         return (loss, *torch.autograd.grad(loss, (x, w, pw, pb)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    eager = [t.clone() for t in step()]
-    for t in static:
-        t.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    static, eager = replay_after_poisoning(step)
     for s, e in zip(static, eager):
         torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-6)
 
@@ -575,20 +563,7 @@ def test_dft_kernels_paper_sized_accuracy_and_graph_capture(monkeypatch):
         y = tr_dft.spectral_conv2d_dft(xs, ws)
         return (y, *torch.autograd.grad(y, (xs, ws), gy))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    eager = [t.clone() for t in step()]
-    for t in static:
-        t.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
+    static, eager = replay_after_poisoning(step)
     for s_, e in zip(static, eager):
         torch.testing.assert_close(s_, e, rtol=1e-6, atol=1e-6)
 
