@@ -66,8 +66,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_two_process_gloo_training_stays_in_sync(tmp_path):
+    # --standalone: torchrun picks a free port (a fixed one failed with EADDRINUSE when two test
+    # runs shared the machine)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            JOB, str(tmp_path), "--epochs", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
