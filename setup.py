@@ -21,6 +21,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CUDA_CMAKE_MIN = (3, 26)
@@ -160,10 +161,23 @@ def _cuda_args() -> list[str]:
     return args
 
 
+class BuildPyWithConfigs(build_py):
+    """Also ship the repository's configs/*.yaml as irno/configs/, so that an installed irno finds
+    its built-in configs by name (``irno demo`` runs configs/demo.yaml; see irno.pipeline.builtin_configs).
+    An editable install reads them from the repository's configs/ instead."""
+
+    def run(self) -> None:
+        super().run()
+        dest = Path(self.build_lib, "irno", "configs")
+        dest.mkdir(parents=True, exist_ok=True)
+        for cfg in sorted((ROOT / "configs").glob("*.yaml")):
+            self.copy_file(str(cfg), str(dest / cfg.name))
+
+
 setup(
     packages=["irno_kernels", *(f"irno_kernels.{p}" for p in find_packages("irno_kernels")),
               "irno", *(f"irno.{p}" for p in find_packages("python/irno"))],
     package_dir={"irno_kernels": "irno_kernels", "irno": "python/irno"},
     ext_modules=[CMakeExtension("irno_kernels._C")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithConfigs},
 )

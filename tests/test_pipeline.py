@@ -52,6 +52,10 @@ def test_bad_override_and_missing_config_are_clear(capsys):
     assert cli.main(["generate", "--set", "nonsense"]) == 2
     assert "expected key.path=value" in capsys.readouterr().err
     assert cli.main(["generate", "--config", "no/such.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "no such file no/such.yaml" in err and "built-in: " in err and "demo" in err
+    assert cli.main(["generate", "--config", "nosuchname"]) == 2
+    assert "no built-in config of that name" in capsys.readouterr().err
     with pytest.raises(ValueError, match="base.model"):
         pipeline.build_base({"model": "resnet"}, 1, 1)
 
@@ -75,6 +79,24 @@ def test_super_resolution_base_upsamples():
     assert base(torch.randn(2, 1, 8, 8)).shape == (2, 1, 32, 32)
     wdsr = pipeline.build_base({"model": "wdsr", "kwargs": {"n_resblocks": 1, "n_features": 4}}, 1, 1, scale=4)
     assert wdsr(torch.randn(2, 1, 8, 8)).shape == (2, 1, 32, 32)
+
+
+def test_builtin_configs_by_name(tmp_path, monkeypatch):
+    """`--config demo` (or demo.yaml) finds the shipped configs from any folder; a file given by
+    path wins over a built-in name; `irno demo` defaults to the demo config."""
+    import yaml
+
+    known = pipeline.builtin_configs()
+    assert {"demo", "navier_stokes", "super_resolution"} <= set(known)
+    demo = yaml.safe_load(known["demo"].read_text())
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    for name in ("demo", "demo.yaml"):
+        cfg = pipeline.load_config(name)
+        assert cfg["irno"]["K"] == demo["irno"]["K"] and cfg["run_dir"] == demo["run_dir"]
+    (tmp_path / "demo").write_text("run_dir: mine\n")
+    assert pipeline.load_config("demo")["run_dir"] == "mine"
+    assert cli._parser().parse_args(["demo"]).config == "demo"
+    assert cli._parser().parse_args(["generate"]).config is None
 
 
 def test_overrides_parse_numbers_and_lists():

@@ -4,7 +4,11 @@
     irno train-base  --config ...                            train the base operator
     irno train       --config ...  [--base RUN/base/best]    train IRNO on a frozen base
     irno evaluate    --config ...  [--model RUN/irno/best] [--transfer-base OTHER/base/best]
-    irno demo        --config configs/demo.yaml              everything, then the report
+    irno demo        [--config demo]                         everything, then the report
+
+--config takes a YAML file or the name of a built-in config (demo, navier_stokes, super_resolution,
+well_tr2d, well_active_matter: the files of the repository's configs/, installed with irno);
+`irno demo` without --config runs the built-in demo config, the other commands irno.pipeline.DEFAULTS.
 
 Every command takes ``--resume`` where it trains, and ``--set`` overrides any config key, e.g.
 ``--set irno.K=4 --set base.train.time_budget_s=120``.
@@ -29,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                         ("evaluate", "score every refinement step and write the report"),
                         ("demo", "the whole job: data, base, IRNO, control, evaluation, report")]:
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--config", type=Path, default=None, help="YAML config (defaults: irno.pipeline.DEFAULTS)")
+        s.add_argument("--config", default="demo" if name == "demo" else None,
+                       help="YAML file or built-in config name (default: "
+                            + ("demo)" if name == "demo" else "irno.pipeline.DEFAULTS)"))
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key (dotted path; value parsed as YAML)")
         if name in ("train-base", "train", "demo"):

@@ -94,15 +94,42 @@ def set_dotted(cfg: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def builtin_configs() -> dict[str, Path]:
+    """The configs that come with irno, by name (file stem): ``{"demo": .../demo.yaml, ...}``.
+
+    An installed irno carries them as irno/configs/ (copied from the repository's configs/ at build
+    time); an editable install or a source checkout reads the repository's configs/ itself.
+    """
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parents[1] / "configs"):
+        if folder.is_dir():
+            found = {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+            if found:
+                return found
+    return {}
+
+
+def config_path(config: str | Path) -> Path:
+    """A config file: ``config`` itself when that file exists, else the built-in config of that
+    name (``"demo"`` or ``"demo.yaml"``: see :func:`builtin_configs`)."""
+    p = Path(config)
+    if p.is_file():
+        return p
+    known = builtin_configs()
+    if p.parent == Path(".") and (p.stem if p.suffix in (".yaml", ".yml") else p.name) in known:
+        return known[p.stem if p.suffix in (".yaml", ".yml") else p.name]
+    names = ", ".join(known) or "none found"
+    raise FileNotFoundError(f"config: no such file {p}, and no built-in config of that name (built-in: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """DEFAULTS, updated by a YAML file, updated by ``key.path=value`` overrides."""
+    """DEFAULTS, updated by a YAML file (a path, or the name of a built-in config such as "demo"),
+    updated by ``key.path=value`` overrides."""
     import yaml
 
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config: no such file {p}")
+        p = config_path(path)
         cfg = merge(cfg, yaml.safe_load(p.read_text()) or {})
     for a in overrides or []:
         set_dotted(cfg, a)
