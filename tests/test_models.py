@@ -21,7 +21,15 @@ from irno.models import (
     WDSRBlock,
     tucker_ranks,
 )
-from irno.models._layers import Conv2d, circular_pad2d, conv_padding_mode, crop, make_skip, pad_to_multiple
+from irno.models._layers import (
+    Conv2d,
+    channels_innermost,
+    circular_pad2d,
+    conv_padding_mode,
+    crop,
+    make_skip,
+    pad_to_multiple,
+)
 from irno.models.fno import effective_modes
 from torch import nn
 
@@ -397,6 +405,42 @@ def test_circular_pad2d_channels_last_and_errors():
     assert out.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="p:"):
         circular_pad2d(torch.randn(1, 1, 2, 5), 3)
+
+
+@pytest.mark.parametrize("size", [6, 96])  # the small (cat) and the large (_wrap_pad) no-grad paths
+@pytest.mark.parametrize("grad", [False, True])
+def test_circular_pad2d_keeps_cropped_channels_last_views_channels_last(size, grad):
+    """A view cropped out of a channels-last tensor (the U-Net's upsampled fields) is neither
+    contiguous nor channels-last contiguous; its padded copy must still be channels-last (it went
+    NCHW once, and with it the whole decoder of a channels-last U-Net)."""
+    full = torch.randn(2, 8, size + 4, size + 4).contiguous(memory_format=torch.channels_last)
+    view = full[..., 2:-2, 2:-2].requires_grad_(grad) if not grad else full.requires_grad_()[..., 2:-2, 2:-2]
+    assert channels_innermost(view) and not view.is_contiguous(memory_format=torch.channels_last)
+    out = circular_pad2d(view, 1)
+    assert torch.equal(out, F.pad(view.detach(), (1,) * 4, mode="circular"))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not channels_innermost(torch.randn(2, 8, 5, 5)[..., 1:, 1:])  # NCHW views stay NCHW
+    assert not channels_innermost(torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)[:, :1])
+
+
+def test_channels_last_unet_runs_every_conv_channels_last(monkeypatch):
+    """UNetRefiner on channels-last input: every convolution (encoder, decoder, the up-convs after the
+    cropped upsampling) reads a channels-last tensor, in inference and in training."""
+    seen = []
+    conv2d = F.conv2d
+
+    def spy(x, w, *args, **kwargs):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return conv2d(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    net = UNetRefiner(3, 1, depth=3, width=4)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        net(x)
+    net(x).sum().backward()
+    # per call: 3 encoder blocks x 2, the bottleneck 2, 3 x (up-conv + 2), the 1x1 output conv
+    assert len(seen) == 2 * (3 * 2 + 2 + 3 * 3 + 1) and all(seen), seen
 
 
 def test_periodic_conv2d_equals_nn_conv2d_forward_and_backward():
