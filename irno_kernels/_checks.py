@@ -78,3 +78,16 @@ def low_precision_backend(name: str, t: torch.Tensor, backend: str) -> None:
             f"(bfloat16 and float16 run on CUDA tensors with the 'cuda' backend, and on the 'dft' route "
             f"of spectral_conv2d), got {t.dtype}"
         )
+
+
+def channels_last_like(t: torch.Tensor) -> bool:
+    """True for a 4-D t laid out channels-last, dense or not: its channel stride is the smallest.
+
+    A view cropped out of a channels-last tensor (the U-Net's upsampled, cropped fields) is neither
+    contiguous nor channels-last contiguous, but what is made from it should stay channels-last:
+    made NCHW, every conv after it ran NCHW (cuDNN transposing its input each time) in a
+    channels-last net.
+    """
+    if t.dim() != 4 or t.shape[1] < 2 or t.is_contiguous():
+        return False
+    return all(t.stride(1) < t.stride(d) for d in (2, 3) if t.shape[d] > 1)

@@ -17,19 +17,30 @@ import torch.nn.functional as F
 from irno_kernels import _checks
 from irno_kernels.backend import resolve
 
-__all__ = ["channel_layer_norm", "channel_layer_norm_ref"]
+__all__ = ["channel_layer_norm", "channel_layer_norm_ref", "ACTIVATIONS"]
+
+
+ACTIVATIONS = (None, "gelu")
 
 
 def channel_layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                           eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over dim 1 of x (B, C, *S), in pure PyTorch. weight, bias: (C,) or None.
-    Returns (B, C, *S) of x's dtype (under autocast: float32, as F.layer_norm)."""
+                           eps: float = 1e-5, activation: str | None = None, halo: int = 0,
+                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over dim 1 of x (B, C, *S), in pure PyTorch. weight, bias: (C,) or None. Then
+    ``F.gelu`` (exact) when activation is "gelu", then ``F.pad(.., (halo,) * 4, mode="circular")``
+    (4-D x), then the cast to ``out_dtype``. Returns (B, C, *S) (grid dims + 2 * halo) of x's dtype
+    (under autocast: float32, as F.layer_norm) or out_dtype."""
     perm = (0, *range(2, x.dim()), 1)
     inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
-    return F.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps).permute(inv)
+    y = F.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps).permute(inv)
+    if activation == "gelu":
+        y = F.gelu(y)
+    if halo:
+        y = F.pad(y, (halo,) * 4, mode="circular")
+    return y if out_dtype is None else y.to(out_dtype)
 
 
-def _check(x, weight, bias, eps) -> float:
+def _check(x, weight, bias, eps, activation, halo, out_dtype) -> float:
     _checks.tensor("x", x, min_ndim=2)
     C = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
@@ -42,24 +53,39 @@ def _check(x, weight, bias, eps) -> float:
     eps = _checks.finite_scalar("eps", eps)
     if eps < 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ValueError(f"halo: expected an int >= 0, got {halo!r}")
+    if halo and (x.dim() != 4 or halo > min(x.shape[-2:])):
+        raise ValueError(f"halo: a periodic halo of {halo} needs a 4-D x with both grid dims >= {halo}, "
+                         f"got shape {tuple(x.shape)}")
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected None or one of {_checks.FLOAT_DTYPES}, got {out_dtype!r}")
     return eps
 
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                       eps: float = 1e-5, *, backend: str | None = None) -> torch.Tensor:
+                       eps: float = 1e-5, *, activation: str | None = None, halo: int = 0,
+                       out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
     """LayerNorm over the channels (dim 1) of x (B, C, *S) at every grid point, differentiable in x,
-    weight and bias (module docstring). weight, bias: (C,) or None. Returns (B, C, *S) in x's dtype
-    and memory format; under torch.autocast it computes and returns float32, as F.layer_norm does.
-    ``backend`` forces "reference" or "triton".
+    weight and bias (module docstring). weight, bias: (C,) or None.
+
+    Fusions for a conv -> norm -> GELU -> periodic conv chain: ``activation="gelu"`` applies the exact
+    GELU, ``halo=h`` returns the result periodically padded by h on both sides of both grid dims
+    (4-D x: (B, C, H + 2h, W + 2h), the input of a k = 2h + 1 periodic convolution with padding 0),
+    ``out_dtype`` the dtype of the result. Returns (B, C, *S) in x's dtype (under torch.autocast:
+    float32, as F.layer_norm) or out_dtype, in x's memory format. ``backend`` forces "reference" or
+    "triton" (16-bit x is read directly, with no cast pass).
     """
-    eps = _check(x, weight, bias, eps)
+    eps = _check(x, weight, bias, eps, activation, halo, out_dtype)
     impl = resolve("channel_layer_norm", x.device, backend, (x, weight, bias))
     if impl == "reference" or x.dim() > 4 or x.dim() < 3:
-        return channel_layer_norm_ref(x, weight, bias, eps)
+        return channel_layer_norm_ref(x, weight, bias, eps, activation, halo, out_dtype)
     from irno_kernels.triton import channel_layer_norm as tr
 
-    if torch.is_autocast_enabled(x.device.type):  # F.layer_norm's autocast policy: float32
+    gelu = activation == "gelu"
+    if torch.is_autocast_enabled(x.device.type):  # F.layer_norm's autocast policy: computed in float32
         with torch.autocast(x.device.type, enabled=False):
-            return tr(x.float(), None if weight is None else weight.float(), None if bias is None else bias.float(),
-                      eps)
-    return tr(x, weight, bias, eps)
+            return tr(x, weight, bias, eps, gelu, halo, out_dtype if out_dtype is not None else torch.float32)
+    return tr(x, weight, bias, eps, gelu, halo, out_dtype)

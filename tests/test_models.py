@@ -23,7 +23,6 @@ from irno.models import (
 )
 from irno.models._layers import (
     Conv2d,
-    channels_innermost,
     circular_pad2d,
     conv_padding_mode,
     crop,
@@ -34,6 +33,7 @@ from irno.models.fno import effective_modes
 from torch import nn
 
 import irno_kernels
+from irno_kernels._checks import channels_last_like
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -415,12 +415,12 @@ def test_circular_pad2d_keeps_cropped_channels_last_views_channels_last(size, gr
     NCHW once, and with it the whole decoder of a channels-last U-Net)."""
     full = torch.randn(2, 8, size + 4, size + 4).contiguous(memory_format=torch.channels_last)
     view = full[..., 2:-2, 2:-2].requires_grad_(grad) if not grad else full.requires_grad_()[..., 2:-2, 2:-2]
-    assert channels_innermost(view) and not view.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last_like(view) and not view.is_contiguous(memory_format=torch.channels_last)
     out = circular_pad2d(view, 1)
     assert torch.equal(out, F.pad(view.detach(), (1,) * 4, mode="circular"))
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert not channels_innermost(torch.randn(2, 8, 5, 5)[..., 1:, 1:])  # NCHW views stay NCHW
-    assert not channels_innermost(torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)[:, :1])
+    assert not channels_last_like(torch.randn(2, 8, 5, 5)[..., 1:, 1:])  # NCHW views stay NCHW
+    assert not channels_last_like(torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)[:, :1])
 
 
 def test_channels_last_unet_runs_every_conv_channels_last(monkeypatch):

@@ -76,21 +76,24 @@ def _layout(x, layout):
     return x
 
 
-def _compare(shape, dtype, layout="contiguous", affine=True, eps=1e-5, factor=1.0):
+def _compare(shape, dtype, layout="contiguous", affine=True, eps=1e-5, factor=1.0, activation=None, halo=0,
+             out_dtype=None):
     g = torch.Generator().manual_seed(sum(shape))
     x = _layout(torch.randn(*shape, dtype=dtype, generator=g).to(DEVICE), layout).requires_grad_()
     w = (torch.randn(shape[1], dtype=dtype, generator=g).to(DEVICE).requires_grad_() if affine else None)
     b = (torch.randn(shape[1], dtype=dtype, generator=g).to(DEVICE).requires_grad_() if affine else None)
-    y = ik.channel_layer_norm(x, w, b, eps, backend="triton")
-    want = ik.channel_layer_norm_ref(x, w, b, eps)
-    assert y.dtype == x.dtype and y.shape == x.shape
+    kw = {"activation": activation, "halo": halo, "out_dtype": out_dtype}
+    y = ik.channel_layer_norm(x, w, b, eps, backend="triton", **kw)
+    want = ik.channel_layer_norm_ref(x, w, b, eps, **kw)
+    out_shape = (*shape[:-2], shape[-2] + 2 * halo, shape[-1] + 2 * halo) if halo else shape
+    assert y.dtype == (out_dtype or x.dtype) and y.shape == want.shape == out_shape
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)  # the layout is kept
-    rtol = (1e-5 if dtype == torch.float32 else 1e-10) * factor
+    rtol = (1e-5 if torch.float32 in (dtype, y.dtype) else 1e-10) * factor
     torch.testing.assert_close(y, want, rtol=rtol, atol=rtol)
     with torch.no_grad():  # the direct launch (no registered op) gives the same values
-        assert torch.equal(ik.channel_layer_norm(x, w, b, eps, backend="triton"), y.detach())
-    gy = torch.randn(*shape, dtype=dtype, generator=g).to(DEVICE)
+        assert torch.equal(ik.channel_layer_norm(x, w, b, eps, backend="triton", **kw), y.detach())
+    gy = torch.randn(*out_shape, dtype=y.dtype, generator=g).to(DEVICE)
     leaves = [t for t in (x, w, b) if t is not None]
     for a, e in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(want, leaves, gy)):
         torch.testing.assert_close(a, e, rtol=rtol * 10, atol=rtol * 10 * max(1.0, e.abs().max().item()))
@@ -117,11 +120,66 @@ def test_triton_widest_tile_and_the_reference_beyond(C):
 
 
 @triton_only
+@pytest.mark.parametrize("shape,halo", [((2, 5, 7, 9), 1), ((1, 16, 3, 10), 2), ((2, 3, 4, 5), 4), ((1, 4, 1, 6), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_fused_gelu_and_periodic_halo(shape, halo, dtype):
+    """GELU and the periodic halo (up to the whole grid: a point then has all nine copies), forward and
+    backward (the halo's gradient folded back), against the reference's F.gelu + circular F.pad."""
+    _compare(shape, dtype, activation="gelu", halo=halo)
+    _compare(shape, dtype, activation="gelu")
+    _compare(shape, dtype, halo=halo, affine=False)
+
+
+@triton_only
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_triton_fused_layouts_and_out_dtype(layout):
+    _compare((2, 6, 9, 7), torch.float32, layout, activation="gelu", halo=1)
+    _compare((2, 6, 9, 7), torch.float64, layout, activation="gelu", halo=1, out_dtype=torch.float32)
+    _compare((2, 6, 9, 7), torch.float32, layout, activation="gelu", out_dtype=torch.float64)
+
+
+@triton_only
+def test_triton_fused_gpu_launch_configuration_under_the_interpreter(monkeypatch):
+    from irno_kernels.triton import norm
+
+    monkeypatch.setattr(norm, "INTERPRET", False)
+    _compare((2, 20, 40, 30), torch.float32, activation="gelu", halo=1)
+
+
+def test_fused_arguments_are_checked():
+    x = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        ik.channel_layer_norm(x, activation="relu")
+    with pytest.raises(ValueError, match="halo: expected an int >= 0"):
+        ik.channel_layer_norm(x, halo=-1)
+    with pytest.raises(ValueError, match="halo: a periodic halo of 5 needs a 4-D x"):
+        ik.channel_layer_norm(x, halo=5)
+    with pytest.raises(ValueError, match="halo: a periodic halo of 1 needs a 4-D x"):
+        ik.channel_layer_norm(torch.randn(2, 3, 7), halo=1)
+    with pytest.raises(ValueError, match="out_dtype: expected None or one of"):
+        ik.channel_layer_norm(x, out_dtype=torch.int32)
+
+
+def test_reference_fusions_are_gelu_then_circular_pad():
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    y = _definition(x, w, b, 1e-5)
+    want = torch.nn.functional.pad(torch.nn.functional.gelu(y), (2, 2, 2, 2), mode="circular").float()
+    got = ik.channel_layer_norm(x, w, b, activation="gelu", halo=2, out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+@triton_only
 def test_triton_gradcheck():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *a: ik.channel_layer_norm(*a, backend="triton"), (x, w, b))
+    # fused: a halo of 2 on a 3 x 2 grid, so points have several copies (fast mode: few launches)
+    x, w, b = x[:1, :, :3, :2].detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *a: ik.channel_layer_norm(*a, backend="triton", activation="gelu", halo=2), (x, w, b), fast_mode=True)
 
 
 @triton_only
@@ -142,8 +200,11 @@ def test_triton_opcheck():
     ops = torch.ops.irno_triton
     torch.library.opcheck(ops.channel_layer_norm_fwd, (x, w, b, 1e-5))
     torch.library.opcheck(ops.channel_layer_norm_fwd, (x, None, None, 1e-5))
+    torch.library.opcheck(ops.channel_layer_norm_fwd, (x, w, b, 1e-5, True, 2, torch.float64))
     _, mean, rstd = ops.channel_layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
-    torch.library.opcheck(ops.channel_layer_norm_bwd, (torch.randn_like(x), x.detach(), w.detach(), mean, rstd))
+    args = (x.detach(), w.detach(), b.detach(), mean, rstd)
+    torch.library.opcheck(ops.channel_layer_norm_bwd, (torch.randn_like(x), *args))
+    torch.library.opcheck(ops.channel_layer_norm_bwd, (torch.randn(2, 3, 7, 9, device=DEVICE), *args, True, 1))
 
 
 @triton_only

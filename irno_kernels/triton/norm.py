@@ -9,11 +9,19 @@ strides, and y keeps x's memory format). PyTorch's own route, ``F.layer_norm`` o
 launches one row per grid point of only C elements and copies a non-channels-last input first; on
 an H100 it took half of a U-Net refiner's time at 256 x 256 (benchmarks/profile_irno.py).
 
-Statistics and arithmetic are fp32 (fp64 for fp64 data); 16-bit x is stored in 16 bits.
+Statistics and arithmetic are fp32 (fp64 for fp64 data); 16-bit x is read as it is (no cast pass).
 
-Backward, with xhat = (x - mean) * rstd and gh = grad_y * weight:
+Two fusions for the refiner's conv -> LayerNorm -> GELU -> (periodic pad) -> conv chain:
+``gelu`` applies the exact (erf) GELU to y in the same pass, and ``halo = h`` writes y periodically
+padded by h on both sides of both grid dims, (B, C, H + 2h, W + 2h): the input of the next 3 x 3
+periodic convolution, with no pad copy. ``out_dtype`` sets y's dtype (bf16 for a conv under autocast,
+which would cast it to bf16 anyway). The backward folds the halo's gradient back (each grid point
+reads its up to 9 copies) and applies GELU's derivative, recomputed from x and the saved statistics.
+
+Backward, with xhat = (x - mean) * rstd, g = grad_y (halo copies added, times GELU'(z) at
+z = xhat * weight + bias when fused) and gh = g * weight:
     grad_x = rstd * (gh - mean_c(gh) - xhat * mean_c(gh * xhat))
-    grad_weight = sum_{b,s} grad_y * xhat,   grad_bias = sum_{b,s} grad_y
+    grad_weight = sum_{b,s} g * xhat,   grad_bias = sum_{b,s} g
 the last two from per-program partial sums added up by torch in a fixed order (deterministic).
 The forward saves the per-point mean and rstd (fp32, B x S) for the backward.
 """
@@ -24,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.triton._lib import INTERPRET, as_4d, is_f64, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, as_4d, channels_last_like, is_f64, launch, pow2, register
 
 __all__ = ["channel_layer_norm"]
 
@@ -35,6 +43,7 @@ def _cln_fwd_kernel(
     C, S1, S2, nblk,
     xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    GELU: tl.constexpr, HALO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // nblk
@@ -58,21 +67,36 @@ def _cln_fwd_kernel(
         y = y * tl.load(w_ptr + c, mask=cmask, other=0.0).to(acc_ty)[:, None]
     if HAS_B:
         y = y + tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc_ty)[:, None]
-    tl.store(y_ptr + b * ys0 + c[:, None] * ys1 + (i * ys2 + j * ys3)[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    y = y.to(y_ptr.dtype.element_ty)
+    if HALO == 0:
+        tl.store(y_ptr + b * ys0 + c[:, None] * ys1 + (i * ys2 + j * ys3)[None, :], y, mask=mask)
+    else:
+        # point (i, j) lands at (i + HALO + a * S1, j + HALO + e * S2) for a, e in {-1, 0, 1}, where
+        # that is inside the padded field: the interior once, the edges' wrapped copies too
+        for a in tl.static_range(3):
+            r = i + HALO + (a - 1) * S1
+            rok = (r >= 0) & (r < S1 + 2 * HALO)
+            for e in tl.static_range(3):
+                q = j + HALO + (e - 1) * S2
+                ok = nmask & rok & (q >= 0) & (q < S2 + 2 * HALO)
+                tl.store(y_ptr + b * ys0 + c[:, None] * ys1 + (r * ys2 + q * ys3)[None, :], y,
+                         mask=cmask[:, None] & ok[None, :])
     tl.store(mean_ptr + b * N + n, mean.to(mean_ptr.dtype.element_ty), mask=nmask)
     tl.store(rstd_ptr + b * N + n, rstd.to(rstd_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
 def _cln_bwd_kernel(
-    g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, pw_ptr, pb_ptr,
+    g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gx_ptr, pw_ptr, pb_ptr,
     C, S1, S2, nchunk, chunk,
     gs0, gs1, gs2, gs3, xs0, xs1, xs2, xs3, os0, os1, os2, os3,
-    HAS_W: tl.constexpr, IS_F64: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    GELU: tl.constexpr, HALO: tl.constexpr,
 ):
     """grad_x for the points of one chunk of one batch item, and that chunk's partial sums of
-    grad_y * xhat and grad_y per channel (rows of pw, pb)."""
+    g * xhat and g per channel (rows of pw, pb), g the gradient at the normalised, affine output."""
     pid = tl.program_id(0)
     b = pid // nchunk
     start = (pid % nchunk) * chunk
@@ -84,6 +108,8 @@ def _cln_bwd_kernel(
         w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(acc_ty)
     else:
         w = tl.where(cmask, 1.0, 0.0).to(acc_ty)
+    if HAS_B:
+        bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc_ty)
     acc_w = tl.zeros((C_PAD,), dtype=acc_ty)
     acc_b = tl.zeros((C_PAD,), dtype=acc_ty)
     for n0 in range(start, tl.minimum(start + chunk, N), BLOCK_P):
@@ -94,11 +120,29 @@ def _cln_bwd_kernel(
         mask = cmask[:, None] & nmask[None, :]
         sp = (i * xs2 + j * xs3)[None, :]
         x = tl.load(x_ptr + b * xs0 + c[:, None] * xs1 + sp, mask=mask, other=0.0).to(acc_ty)
-        g = tl.load(g_ptr + b * gs0 + c[:, None] * gs1 + (i * gs2 + j * gs3)[None, :], mask=mask,
-                    other=0.0).to(acc_ty)
+        if HALO == 0:
+            g = tl.load(g_ptr + b * gs0 + c[:, None] * gs1 + (i * gs2 + j * gs3)[None, :], mask=mask,
+                        other=0.0).to(acc_ty)
+        else:  # the adjoint of the periodic halo: add up the point's copies
+            g = tl.zeros((C_PAD, BLOCK_P), dtype=acc_ty)
+            for a in tl.static_range(3):
+                r = i + HALO + (a - 1) * S1
+                rok = (r >= 0) & (r < S1 + 2 * HALO)
+                for e in tl.static_range(3):
+                    q = j + HALO + (e - 1) * S2
+                    ok = nmask & rok & (q >= 0) & (q < S2 + 2 * HALO)
+                    g += tl.load(g_ptr + b * gs0 + c[:, None] * gs1 + (r * gs2 + q * gs3)[None, :],
+                                 mask=cmask[:, None] & ok[None, :], other=0.0).to(acc_ty)
         mean = tl.load(mean_ptr + b * N + n, mask=nmask, other=0.0).to(acc_ty)
         rstd = tl.load(rstd_ptr + b * N + n, mask=nmask, other=0.0).to(acc_ty)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+        if GELU:  # GELU'(z) = Phi(z) + z phi(z) at the pre-activation z, recomputed
+            z = xhat * w[:, None]
+            if HAS_B:
+                z = z + bias[:, None]
+            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+            g = g * (cdf + z * pdf)
         gh = g * w[:, None]
         c1 = tl.sum(gh * xhat, axis=0) / C
         c2 = tl.sum(gh, axis=0) / C
@@ -132,15 +176,26 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 # ops
 # ---------------------------------------------------------------------------------------------
-def _fwd_fake(x, weight, bias, eps):
+def _out_like(x: torch.Tensor, halo: int, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """y: x's shape (grid dims + 2 * halo), dtype ``out_dtype`` (default x's), x's memory format."""
+    dtype = out_dtype if out_dtype is not None else x.dtype
+    if halo == 0:
+        return torch.empty_like(x, dtype=dtype)  # keeps x's memory format (channels-last stays so)
+    B, C, H, W = x.shape
+    fmt = torch.channels_last if channels_last_like(x) else torch.contiguous_format
+    return torch.empty((B, C, H + 2 * halo, W + 2 * halo), dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def _fwd_fake(x, weight, bias, eps, gelu=False, halo=0, out_dtype=None):
     B, N = x.shape[0], x[0, 0].numel()
     st = _stats_dtype(x)
-    return torch.empty_like(x), x.new_empty((B, N), dtype=st), x.new_empty((B, N), dtype=st)
+    return _out_like(x, halo, out_dtype), x.new_empty((B, N), dtype=st), x.new_empty((B, N), dtype=st)
 
 
-def _cln_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y = torch.empty_like(x)  # keeps x's memory format (channels-last stays channels-last)
+def _cln_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+             gelu: bool = False, halo: int = 0,
+             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y = _out_like(x, halo, out_dtype)
     x4, y4 = as_4d(x), as_4d(y)
     B, C, S1, S2 = x4.shape
     N = S1 * S2
@@ -153,21 +208,23 @@ def _cln_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     launch(_cln_fwd_kernel, (B * nblk,), x4, weight if weight is not None else x4,
            bias if bias is not None else x4, y4, mean, rstd, float(eps), C, S1, S2, nblk,
            *x4.stride(), *y4.stride(), HAS_W=weight is not None, HAS_B=bias is not None, IS_F64=is_f64(x),
-           C_PAD=c_pad, BLOCK_P=block, num_warps=4)
+           C_PAD=c_pad, BLOCK_P=block, GELU=bool(gelu), HALO=int(halo), num_warps=4)
     return y, mean, rstd
 
 
 _cln_fwd_op = register("channel_layer_norm_fwd", _fwd_fake)(_cln_fwd)
 
 
-def _bwd_fake(grad, x, weight, mean, rstd):
+def _bwd_fake(grad, x, weight, bias, mean, rstd, gelu=False, halo=0):
     C = x.shape[1]
     pdt = weight.dtype if weight is not None else x.dtype
-    return torch.empty_like(x), x.new_empty((C,), dtype=pdt), x.new_empty((C,), dtype=pdt)
+    bdt = bias.dtype if bias is not None else x.dtype
+    return torch.empty_like(x), x.new_empty((C,), dtype=pdt), x.new_empty((C,), dtype=bdt)
 
 
-def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             mean: torch.Tensor, rstd: torch.Tensor, gelu: bool = False,
+             halo: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx = torch.empty_like(x)
     g4, x4, o4 = as_4d(grad), as_4d(x), as_4d(gx)
     B, C, S1, S2 = x4.shape
@@ -180,30 +237,38 @@ def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, m
     acc = _stats_dtype(x)
     pw = torch.empty((B * nchunk, C), dtype=acc, device=x.device)
     pb = torch.empty((B * nchunk, C), dtype=acc, device=x.device)
-    launch(_cln_bwd_kernel, (B * nchunk,), g4, x4, weight if weight is not None else x4, mean, rstd, o4, pw, pb,
+    launch(_cln_bwd_kernel, (B * nchunk,), g4, x4, weight if weight is not None else x4,
+           bias if bias is not None else x4, mean, rstd, o4, pw, pb,
            C, S1, S2, nchunk, chunk, *g4.stride(), *x4.stride(), *o4.stride(),
-           HAS_W=weight is not None, IS_F64=is_f64(x), C_PAD=c_pad, BLOCK_P=block, num_warps=4)
+           HAS_W=weight is not None, HAS_B=bias is not None, IS_F64=is_f64(x), C_PAD=c_pad, BLOCK_P=block,
+           GELU=bool(gelu), HALO=int(halo), num_warps=4)
     pdt = weight.dtype if weight is not None else x.dtype
-    return gx, pw.sum(0).to(pdt), pb.sum(0).to(pdt)
+    bdt = bias.dtype if bias is not None else x.dtype
+    return gx, pw.sum(0).to(pdt), pb.sum(0).to(bdt)
 
 
 _cln_bwd_op = register("channel_layer_norm_bwd", _bwd_fake)(_cln_bwd)
 
 
+def _grads(ctx, gx, gw, gb):
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None), (gw if ctx.has_w and need[1] else None), \
+        (gb if ctx.has_b and need[2] else None)
+
+
 def _setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps, gelu, halo, _ = inputs
     _, mean, rstd = output
-    ctx.has_w, ctx.has_b = weight is not None, bias is not None
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_w, ctx.has_b, ctx.gelu, ctx.halo = weight is not None, bias is not None, gelu, halo
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad, _gmean, _grstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    gx, gw, gb = _cln_bwd_op(grad.contiguous() if grad.dim() > 4 else grad, x, weight, mean, rstd)
-    need = ctx.needs_input_grad
-    return (gx if need[0] else None), (gw if ctx.has_w and need[1] else None), \
-        (gb if ctx.has_b and need[2] else None), None
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    gx, gw, gb = _cln_bwd_op(grad.contiguous() if grad.dim() > 4 else grad, x, weight, bias, mean, rstd,
+                             ctx.gelu, ctx.halo)
+    return *_grads(ctx, gx, gw, gb), None, None, None, None
 
 
 _cln_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -214,38 +279,40 @@ class _EagerChannelLayerNorm(torch.autograd.Function):
     mode: the U-Net calls this about 100 times per step)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = _cln_fwd(x, weight, bias, eps)
-        ctx.has_w, ctx.has_b = weight is not None, bias is not None
-        ctx.save_for_backward(x, weight, mean, rstd)
+    def forward(ctx, x, weight, bias, eps, gelu, halo, out_dtype):
+        y, mean, rstd = _cln_fwd(x, weight, bias, eps, gelu, halo, out_dtype)
+        ctx.has_w, ctx.has_b, ctx.gelu, ctx.halo = weight is not None, bias is not None, gelu, halo
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
-        gx, gw, gb = _cln_bwd(grad.contiguous() if grad.dim() > 4 else grad, x, weight, mean, rstd)
-        need = ctx.needs_input_grad
-        return (gx if need[0] else None), (gw if ctx.has_w and need[1] else None), \
-            (gb if ctx.has_b and need[2] else None), None
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        gx, gw, gb = _cln_bwd(grad.contiguous() if grad.dim() > 4 else grad, x, weight, bias, mean, rstd,
+                              ctx.gelu, ctx.halo)
+        return *_grads(ctx, gx, gw, gb), None, None, None, None
 
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                       eps: float) -> torch.Tensor:
-    """LayerNorm over dim 1 of x (B, C, *S) at every grid point; weight, bias: (C,) or None.
-    Returns (B, C, *S) in x's dtype and memory format. Arguments arrive validated. More than
-    MAX_CHANNELS channels run the reference.
+                       eps: float, gelu: bool = False, halo: int = 0,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over dim 1 of x (B, C, *S) at every grid point; weight, bias: (C,) or None; then
+    GELU when ``gelu``; written periodically padded by ``halo`` (4-D x) in ``out_dtype`` (default
+    x's dtype). Returns (B, C, *S) (grid dims + 2 * halo) in x's memory format. Arguments arrive
+    validated. More than MAX_CHANNELS channels run the reference.
 
     Outside torch.compile the kernels run without the registered ops (directly without gradients,
     through an autograd.Function with them): the refiner calls this ~100 times per inference, and
     in eager mode the ops' Python dispatch would cost more than the kernels on a small field.
     torch.compile traces the registered ops.
     """
+    gelu, halo, eps = bool(gelu), int(halo), float(eps)
     if x.shape[1] > MAX_CHANNELS:
         from irno_kernels.norm import channel_layer_norm_ref
 
-        return channel_layer_norm_ref(x, weight, bias, eps)
+        return channel_layer_norm_ref(x, weight, bias, eps, "gelu" if gelu else None, halo, out_dtype)
     if torch.compiler.is_compiling():
-        return _cln_fwd_op(x, weight, bias, float(eps))[0]
+        return _cln_fwd_op(x, weight, bias, eps, gelu, halo, out_dtype)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _EagerChannelLayerNorm.apply(x, weight, bias, float(eps))
-    return _cln_fwd(x, weight, bias, float(eps))[0]
+        return _EagerChannelLayerNorm.apply(x, weight, bias, eps, gelu, halo, out_dtype)
+    return _cln_fwd(x, weight, bias, eps, gelu, halo, out_dtype)[0]

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import irno_kernels as ik
+from irno_kernels._checks import channels_last_like
 
 __all__ = [
-    "PADDING_MODES", "channels_innermost", "conv_padding_mode", "pad_mode", "pad_to_multiple", "crop",
+    "PADDING_MODES", "conv_padding_mode", "pad_mode", "pad_to_multiple", "crop",
     "circular_pad2d", "Conv2d",
     "ChannelMLP", "SoftGating", "make_skip", "GridEmbedding2D", "ChannelLayerNorm",
 ]
@@ -66,22 +67,10 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, padding: str) -> tuple[torch
     return F.pad(x, (0, pw, 0, ph), mode=mode), (H, W)
 
 
-def channels_innermost(x: torch.Tensor) -> bool:
-    """True for a 4-D x laid out channels-last, dense or not: the channel stride is the smallest.
-
-    A view cropped out of a channels-last tensor (the U-Net's upsampled, cropped fields) is neither
-    contiguous nor channels-last contiguous, but its copies should stay channels-last: made NCHW,
-    every conv after it ran NCHW (cuDNN transposing its input each time) in a channels-last net.
-    """
-    return (x.dim() == 4 and not x.is_contiguous() and x.shape[1] > 1
-            and x.stride(1) < min(x.stride(2) if x.shape[2] > 1 else x.stride(1) + 1,
-                                  x.stride(3) if x.shape[3] > 1 else x.stride(1) + 1))
-
-
 def _wrap_pad(x: torch.Tensor, p: int) -> torch.Tensor:
     """(..., H, W) -> (..., H + 2p, W + 2p), periodic; one write of the interior plus the halos."""
     H, W = x.shape[-2:]
-    fmt = torch.channels_last if channels_innermost(x) else torch.contiguous_format
+    fmt = torch.channels_last if channels_last_like(x) else torch.contiguous_format
     out = torch.empty((*x.shape[:-2], H + 2 * p, W + 2 * p), dtype=x.dtype, device=x.device, memory_format=fmt)
     out[..., p:p + H, p:p + W] = x
     out[..., :p, p:p + W] = x[..., H - p:, :]
