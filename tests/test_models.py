@@ -475,3 +475,74 @@ def test_channel_layer_norm_matches_definition():
     torch.testing.assert_close(ln(x), ref)
     torch.autograd.gradcheck(ln, (x,))
     assert ln(torch.randn(2, 5, 8, dtype=torch.float64)).shape == (2, 5, 8)  # any number of spatial dims
+
+
+_triton_cpu = pytest.mark.skipif(not irno_kernels.available("channel_layer_norm", "triton", "cpu"),
+                                 reason="needs triton with TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=_triton_cpu)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_block_fused_path_is_the_same_function(backend, layout):
+    """ConvBlock.forward_fused (LN + GELU in one pass, the first written into the second conv's
+    periodic halo) equals the module chain, forward and backward, in both layouts."""
+    torch.manual_seed(0)
+    blk = ConvBlock(3, 5).double()
+    with torch.no_grad():
+        for m in (blk.net[1], blk.net[4]):
+            m.weight.normal_(), m.bias.normal_()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    want, got = blk.net(x), blk.forward_fused(x, backend=backend)
+    torch.testing.assert_close(got, want)
+    leaves = [x, *blk.parameters()]
+    gy = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
+        torch.testing.assert_close(a, e)
+
+
+def test_conv_block_fuses_only_what_it_can(monkeypatch):
+    import irno.models.unet as unet
+
+    x = torch.randn(1, 2, 6, 6)
+    assert not ConvBlock(2, 3)._fusable(x)  # CPU: the norm's backend is the reference
+    monkeypatch.setattr(unet, "resolve", lambda *a: "triton")
+    assert ConvBlock(2, 3)._fusable(x)
+    assert not ConvBlock(2, 3, padding_mode="zeros")._fusable(x)
+    assert not ConvBlock(2, 3, kernel_size=15)._fusable(x)  # a halo of 7 on a 6 x 6 grid
+    tanh = ConvBlock(2, 3)
+    tanh.net[2] = nn.GELU(approximate="tanh")
+    assert not tanh._fusable(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_unet_fused_blocks_match_the_module_chain(monkeypatch, autocast):
+    """On CUDA the blocks take the fused path; the refiner's output and gradients match the plain
+    module chain (fp32: to fp32 rounding; bf16 autocast: to bf16 rounding)."""
+    import irno.models.unet as unet
+
+    torch.manual_seed(0)
+    net = UNetRefiner(5, 1, width=8, out_gain=1.0).cuda()
+    x = torch.randn(4, 5, 64, 96, device="cuda").contiguous(memory_format=torch.channels_last)
+    calls = []
+    fused = unet.ConvBlock.forward_fused
+    monkeypatch.setattr(unet.ConvBlock, "forward_fused", lambda self, t, **k: calls.append(1) or fused(self, t, **k))
+
+    def run():
+        net.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = net(x)
+        y.float().square().mean().backward()
+        return y.float(), [p.grad.clone() for p in net.parameters()]
+
+    got = run()
+    assert len(calls) == 2 * 4 + 1  # every block of depth 4: 4 down, the bottleneck, 4 up
+    monkeypatch.setattr(unet.ConvBlock, "_fusable", lambda self, t: False)
+    want = run()
+    tol = 2e-2 if autocast else 1e-4
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * want[0].abs().max().item())
+    for a, e in zip(got[1], want[1]):
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol * max(e.abs().max().item(), 1e-6) * 5)

@@ -365,12 +365,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         bh, bw, rp, mp = D._blocks(256, 256, 64, 32)
         build(D._modes_to_grid_kernel, dict(z_ptr="fp32", pr_ptr="fp32", pi_ptr="fp32", qr_ptr="fp32",
                                             qi_ptr="fp32", y_ptr="fp32"), dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp))
-    for dt in ("fp32", "bf16"):
-        build(N._cln_fwd_kernel, dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt, mean_ptr="fp32", rstd_ptr="fp32"),
-              dict(HAS_W=True, HAS_B=True, C_PAD=16, BLOCK_P=N._block(1 << 16, 16), **f32))
-        build(N._cln_bwd_kernel, dict(g_ptr=dt, x_ptr=dt, w_ptr=dt, mean_ptr="fp32", rstd_ptr="fp32", gx_ptr=dt,
-                                      pw_ptr="fp32", pb_ptr="fp32"),
-              dict(HAS_W=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128), **f32))
+    for dt, fused in (("fp32", (False, 0)), ("bf16", (False, 0)), ("fp32", (True, 1)), ("bf16", (True, 1))):
+        gelu, halo = fused
+        build(N._cln_fwd_kernel, dict(x_ptr=dt, w_ptr="fp32", b_ptr="fp32", y_ptr=dt, mean_ptr="fp32",
+                                      rstd_ptr="fp32"),
+              dict(HAS_W=True, HAS_B=True, C_PAD=16, BLOCK_P=N._block(1 << 16, 16), GELU=gelu, HALO=halo, **f32))
+        build(N._cln_bwd_kernel, dict(g_ptr=dt, x_ptr=dt, w_ptr="fp32", b_ptr="fp32", mean_ptr="fp32",
+                                      rstd_ptr="fp32", gx_ptr=dt, pw_ptr="fp32", pb_ptr="fp32"),
+              dict(HAS_W=True, HAS_B=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128), GELU=gelu, HALO=halo, **f32))
     print("ok")
 """)
 
