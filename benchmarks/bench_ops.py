@@ -160,7 +160,9 @@ def spectral_mix_case(B, C, H, W, m) -> Case:
                 lambda mode: nbytes, (0, 1), only=("reference", "triton"))
 
 
-def layer_norm_case(B, C, H, W, channels_last=False) -> Case:
+def layer_norm_case(B, C, H, W, channels_last=False, fused=False) -> Case:
+    """The refiner's channel LayerNorm; ``fused``: with GELU and the periodic halo of the next 3x3 conv
+    (the U-Net block's fused path) against F.layer_norm + F.gelu + circular F.pad."""
     def make(device, dt):
         x = torch.randn(B, C, H, W, device=device, dtype=dt)
         if channels_last:
@@ -168,9 +170,11 @@ def layer_norm_case(B, C, H, W, channels_last=False) -> Case:
         return x, torch.randn(C, device=device, dtype=dt), torch.randn(C, device=device, dtype=dt)
 
     n = B * C * H * W * 4
-    return Case("channel_layer_norm", f"B{B} C{C} {H}x{W}" + (" CL" if channels_last else ""), make,
-                ik.channel_layer_norm_ref,
-                lambda x, w, b, backend: ik.channel_layer_norm(x, w, b, backend=backend),
+    kw = {"activation": "gelu", "halo": 1} if fused else {}
+    return Case("channel_layer_norm" + ("[gelu+halo]" if fused else ""),
+                f"B{B} C{C} {H}x{W}" + (" CL" if channels_last else ""), make,
+                lambda x, w, b: ik.channel_layer_norm_ref(x, w, b, **kw),
+                lambda x, w, b, backend: ik.channel_layer_norm(x, w, b, backend=backend, **kw),
                 lambda mode: 2 * n if mode == "fwd" else 5 * n, (0, 1, 2))
 
 
@@ -189,7 +193,8 @@ def cases(device: str, quick: bool) -> list[Case]:
         out[-1].modes = out[-2].modes = ("fwd",)
         # the refiner U-Net's normalisation at bench_irno's 256x256 batch 16 (widths 16 and 128)
         out += [layer_norm_case(16, 16, 256, 256), layer_norm_case(16, 16, 256, 256, True),
-                layer_norm_case(16, 128, 32, 32)]
+                layer_norm_case(16, 128, 32, 32), layer_norm_case(16, 16, 256, 256, fused=True),
+                layer_norm_case(16, 16, 256, 256, True, fused=True)]
         fields = [(16, 4, 128, 384), (16, 11, 256, 256), (16, 1, 64, 64)]
     else:
         out = [spectral_conv_case(8, 32, 64, 64, 12), spectral_conv_case(4, 32, 128, 128, 16),
