@@ -41,6 +41,18 @@ def test_demo_then_evaluate_and_resume(tmp_path, capsys):
     assert (run / "figures" / "error_vs_step.png").stat().st_size > 1000
     text = json.dumps(metrics)
     assert "vrmse" in text and "controls" in text
+    # irno.load: the run folder gives the trained IRNO, a base checkpoint the base, both in eval mode
+    import irno
+
+    model, meta = irno.load(run)
+    assert isinstance(model, irno.IRNO) and not model.training and meta["kind"] == "irno"
+    base, bmeta = irno.load(run / "base" / "best")
+    assert not isinstance(base, irno.IRNO) and not base.training and bmeta["kind"] == "base"
+    x = torch.randn(1, meta["in_channels"], 16, 16)
+    assert model(x).shape == (1, meta["out_channels"], 16, 16)
+    torch.testing.assert_close(model(x, steps=0), model.base(x))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        irno.load(tmp_path)
     # the CLI's other commands work on the same run folder
     assert cli.main(["evaluate", *_args(tmp_path)]) == 0
     assert cli.main(["train", *_args(tmp_path, "irno.train.epochs=2"), "--resume"]) == 0

@@ -442,6 +442,32 @@ def load_irno(folder: str | Path, device="cpu"):
     return model, meta
 
 
+def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """A trained model from a checkpoint folder written by irno's trainer, in eval mode.
+
+    ``path`` is a checkpoint folder (``runs/demo/irno/best``, ``runs/demo/base/best``) or a run folder
+    (``runs/demo``: its ``irno/best``). Returns (model, meta): an :class:`irno.IRNO` (frozen base
+    inside) or the base operator, by what the checkpoint holds; meta is its config.json, with the
+    data's normalisation statistics under "normalization" (``irno.data.Normalization.from_dict``:
+    the model maps normalised x to normalised y).
+    """
+    from irno.checkpoint import CONFIG, MARKER
+
+    folder = Path(path)
+    if not (folder / MARKER).exists() and (folder / "irno" / "best" / MARKER).exists():
+        folder = folder / "irno" / "best"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"path: {folder} is not a folder")
+    if not (folder / CONFIG).exists():
+        raise FileNotFoundError(f"path: {folder} holds no checkpoint (no {CONFIG}; expected a folder such as "
+                                f"runs/demo/irno/best, or a run folder with irno/best inside)")
+    kind = json.loads((folder / CONFIG).read_text()).get("kind")
+    if kind not in ("irno", "base"):
+        raise ValueError(f"path: {folder}/{CONFIG} says kind {kind!r}; expected 'irno' or 'base'")
+    model, meta = (load_irno if kind == "irno" else load_base)(folder, device)
+    return model.eval(), meta
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation and the whole job
 # ---------------------------------------------------------------------------------------------
