@@ -24,7 +24,7 @@ from bench_irno import Case, build  # noqa: E402
 FAMILIES = {
     "conv": ("conv", "cudnn", "implicit_gemm", "sm90_xmma", "gemm", "cutlass", "wgrad", "dgrad"),
     "fft": ("fft", "spectral", "regular_fft", "vector_fft"),
-    "norm": ("layer_norm", "LayerNorm", "norm_kernel"),
+    "norm": ("layer_norm", "LayerNorm", "norm_kernel", "_cln_"),  # _cln_*: the Triton channel LayerNorm (+ GELU)
     "pool/upsample/pad": ("max_pool", "upsample", "pad", "circular"),
     "copy/cat/layout": ("copy", "cat", "nchwToNhwc", "nhwcToNchw", "transpose", "CatArray"),
 }
