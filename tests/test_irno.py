@@ -345,3 +345,35 @@ def test_unet_positional_channels_are_periodic_and_checked():
     torch.testing.assert_close(plain(x.roll(shift, (2, 3))), plain(x).roll(shift, (2, 3)), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="x: expected"):
         u(torch.randn(2, 5, 12, 20))
+
+
+def test_bad_inputs_name_the_argument():
+    """Errors the base or the refiner would give obscurely (or not at all) name the argument."""
+    base = FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1)
+    m = IRNO(base, K=2, refiner_kwargs={"width": 2, "depth": 1})
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"x: expected 2 channels along dim 1 .*got shape \(1, 3, 8, 8\)"):
+        m(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"x: expected a 4-D tensor \(B, Cx, h, w\), got shape \(2, 8, 8\)"):
+        m(torch.randn(2, 8, 8))
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor, got torch.int64"):
+        m(torch.ones(1, 2, 8, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="steps: expected an int >= 0, got 1.5"):
+        m(x, steps=1.5)
+    with pytest.raises(ValueError, match="steps: expected an int >= 0, got -1"):
+        m(x, steps=-1)
+    assert m(x, steps=2.0).shape == m(x, steps=torch.tensor(2)).shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"h0: expected 1 channels along dim 1 .*output channels"):
+        m.refine(x, torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"h0: expected the batch size of x \(1\)"):
+        m.refine(x, torch.randn(3, 1, 8, 8))
+    for alpha in (float("nan"), 0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="alpha: expected a finite step size > 0"):
+            IRNO(base, alpha=alpha)
+    with pytest.raises(TypeError, match="K: expected an int >= 0"):
+        IRNO(base, K=2.5)
+    # channels are inferred from a custom refiner when the base does not say them
+    plain = nn.Conv2d(2, 1, 1)
+    custom = IRNO(plain, refiner=UNetRefiner(3, 1, depth=1, width=2), K=1)
+    with pytest.raises(ValueError, match="x: expected 2 channels"):
+        custom(torch.randn(1, 4, 8, 8))

@@ -9,6 +9,8 @@ x~ is x resampled to h's grid when the grids differ (super-resolution); cat is a
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -59,6 +61,17 @@ def pick_refiner_dtype(device: str | torch.device, choice: str | torch.dtype | N
     return None
 
 
+def _int_arg(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not (
+            isinstance(value, float) and value.is_integer()) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
 def _is_fusable(refiner: nn.Module) -> bool:
     conv = getattr(refiner, "out_conv", None)
     return (callable(getattr(refiner, "forward_features", None)) and isinstance(conv, nn.Conv2d)
@@ -92,8 +105,9 @@ class IRNO(nn.Module):
             dtype, so h_0 is exactly the base's answer. See :func:`irno.pick_refiner_dtype`.
         channels_last: hand the refiner its input in ``torch.channels_last`` memory format (NHWC
             convolutions; the U-Net's LayerNorm permutes become views). Values are unchanged; only
-            speed can differ (measured so far: no gain on the development CPU, nor on an H200 at
-            256x256 batch 16 together with a bf16 refiner).
+            speed can differ. (Until 2026-11-27 the U-Net's decoder fell back to NCHW after its
+            upsampling, so the earlier GPU measurements of this option, no gain on an H200 at 256x256
+            batch 16 with a bf16 refiner, predate the fix.)
 
     ``model.train()`` never puts a frozen base in train mode.
     """
@@ -104,8 +118,9 @@ class IRNO(nn.Module):
                  checkpoint: bool = False, fused: bool = True, refiner_kwargs: dict | None = None,
                  refiner_dtype: torch.dtype | None = None, channels_last: bool = False):
         super().__init__()
-        if K < 0:
-            raise ValueError(f"K: expected >= 0, got {K}")
+        K = _int_arg("K", K, 0)
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha: expected a finite step size > 0, got {alpha!r}")
         if refiner_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"refiner_dtype: expected None, torch.bfloat16 or torch.float16, got {refiner_dtype!r}")
         self.refiner_dtype = refiner_dtype
@@ -211,9 +226,8 @@ class IRNO(nn.Module):
         Works for any h0, e.g. another base's output (transfer). Returns h_steps (B, Cy, H, W), or the
         list [h_0, ..., h_steps] with ``return_trajectory`` (h_0 is h0 itself). steps defaults to K.
         """
-        steps = self.K if steps is None else int(steps)
-        if steps < 0:
-            raise ValueError(f"steps: expected >= 0, got {steps}")
+        steps = self.K if steps is None else _int_arg("steps", steps, 0)
+        self._check_inputs(x, h0)
         xr = self.condition(x, h0)
         grad = torch.is_grad_enabled()
         traj = [h0]
@@ -238,7 +252,36 @@ class IRNO(nn.Module):
 
         steps=0 returns the base's output itself.
         """
+        self._check_inputs(x)
         return self.refine(x, self.base_forward(x), steps, return_trajectory)
+
+    def _channels(self) -> tuple[int | None, int | None]:
+        """(Cx, Cy) as far as they are known (from the constructor, the base or the refiner)."""
+        cy = self.out_channels if self.out_channels is not None else getattr(self.refiner, "out_channels", None)
+        cx = self.in_channels
+        r_in = getattr(self.refiner, "in_channels", None)
+        if cx is None and isinstance(r_in, int) and isinstance(cy, int):
+            cx = r_in - cy
+        return (cx if isinstance(cx, int) else None), (cy if isinstance(cy, int) else None)
+
+    def _check_inputs(self, x, h0=None) -> None:
+        """Clear errors for inputs the base or the refiner would reject obscurely (or not at all)."""
+        cx, cy = self._channels()
+        for name, t, c, what in (("x", x, cx, "(B, Cx, h, w)"), ("h0", h0, cy, "(B, Cy, H, W)")):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor {what}, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name}: expected a 4-D tensor {what}, got shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            if c is not None and t.shape[1] != c:
+                src = "input channels (Cx)" if name == "x" else "output channels (Cy)"
+                raise ValueError(f"{name}: expected {c} channels along dim 1 (the model's {src}), got shape "
+                                 f"{tuple(t.shape)}")
+        if h0 is not None and h0.shape[0] != x.shape[0]:
+            raise ValueError(f"h0: expected the batch size of x ({x.shape[0]}), got shape {tuple(h0.shape)}")
 
     def graphed(self, example_x: torch.Tensor | None, steps: int | None = None, **kw):
         """A :class:`irno.GraphedIRNO` replaying this model's inference as CUDA graphs; captures for
