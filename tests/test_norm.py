@@ -264,6 +264,23 @@ def test_cuda_low_precision_within_twice_torch_error(dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_fused_autocast_path_within_twice_torch_error():
+    """The U-Net block's fused call under bf16 autocast: bf16 conv output in, GELU and halo fused,
+    bf16 out (what the next conv reads), against the same chain in PyTorch's autocast policy (float32
+    norm and GELU, then the bf16 cast the conv makes): error vs float32 at most twice PyTorch's."""
+    x = torch.randn(4, 32, 64, 96, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(32, device="cuda"), torch.randn(32, device="cuda")
+    exact = ik.channel_layer_norm_ref(x.float(), w, b, activation="gelu", halo=1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = ik.channel_layer_norm(x, w, b, activation="gelu", halo=1, out_dtype=torch.bfloat16)
+        theirs = ik.channel_layer_norm_ref(x, w, b, activation="gelu", halo=1).to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (4, 32, 66, 98)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    err, err_torch = ((t.float() - exact).abs().max().item() for t in (ours, theirs))
+    assert err <= 2 * err_torch + 1e-6, (err, err_torch)
+
+
+@pytest.mark.gpu
 def test_cuda_autocast_computes_in_float32():
     x = torch.randn(2, 8, 16, 16, device="cuda")
     m = ChannelLayerNorm(8).cuda()
