@@ -510,6 +510,9 @@ def test_conv_block_fuses_only_what_it_can(monkeypatch):
     assert not ConvBlock(2, 3)._fusable(x)  # CPU: the norm's backend is the reference
     monkeypatch.setattr(unet, "resolve", lambda *a: "triton")
     assert ConvBlock(2, 3)._fusable(x)
+    monkeypatch.setenv("IRNO_FUSED_BLOCKS", "0")
+    assert not ConvBlock(2, 3)._fusable(x)
+    monkeypatch.delenv("IRNO_FUSED_BLOCKS")
     assert not ConvBlock(2, 3, padding_mode="zeros")._fusable(x)
     assert not ConvBlock(2, 3, kernel_size=15)._fusable(x)  # a halo of 7 on a 6 x 6 grid
     tanh = ConvBlock(2, 3)

@@ -14,6 +14,8 @@ boundary rule) and cropped back, so any H x W works (e.g. 33 x 47).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,9 +45,11 @@ class ConvBlock(nn.Module):
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """The fused path applies: periodic 3 x 3-style second conv, exact GELUs, and the Triton
-        channel LayerNorm serving x's device (IRNO_BACKEND=reference turns it off)."""
+        channel LayerNorm serving x's device. IRNO_FUSED_BLOCKS=0 (or IRNO_BACKEND=reference) turns
+        it off."""
         conv2, p = self.net[3], self.net[3].padding
-        return (conv2.padding_mode == "circular" and isinstance(p, tuple) and p[0] == p[1]
+        return (os.environ.get("IRNO_FUSED_BLOCKS", "1") != "0"
+                and conv2.padding_mode == "circular" and isinstance(p, tuple) and p[0] == p[1]
                 and isinstance(p[0], int) and p[0] <= min(x.shape[-2:])
                 and all(type(a) is nn.GELU and a.approximate == "none" for a in (self.net[2], self.net[5]))
                 and resolve("channel_layer_norm", x.device, None, (x,)) == "triton")
