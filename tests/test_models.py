@@ -549,3 +549,22 @@ def test_cuda_unet_fused_blocks_match_the_module_chain(monkeypatch, autocast):
     torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * want[0].abs().max().item())
     for a, e in zip(got[1], want[1]):
         torch.testing.assert_close(a, e, rtol=tol, atol=tol * max(e.abs().max().item(), 1e-6) * 5)
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=_triton_cpu)])
+def test_unet_block_trains_under_torch_compile_fullgraph(fused):
+    """torch.compile(fullgraph=True) traces a block's forward and backward: the module chain (its
+    periodic pad falls back to ATen's under tracing) and the fused path (the registered Triton ops)."""
+    torch.manual_seed(0)
+    blk = ConvBlock(3, 4)
+    with torch.no_grad():
+        for m in (blk.net[1], blk.net[4]):
+            m.weight.normal_(), m.bias.normal_()
+    x = torch.randn(2, 3, 6, 5, requires_grad=True)
+    fn = (lambda t: blk.forward_fused(t, backend="triton")) if fused else blk
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    want = blk.net(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    leaves = [x, *blk.parameters()]
+    for a, e in zip(torch.autograd.grad(got.square().sum(), leaves), torch.autograd.grad(want.square().sum(), leaves)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()))

@@ -122,6 +122,8 @@ def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
         return x
     if p > H or p > W:
         raise ValueError(f"p: periodic padding of {p} needs a grid of at least {p} x {p}, got {H} x {W}")
+    if torch.compiler.is_compiling():  # traced: ATen's pad (dynamo cannot trace the custom jvp below)
+        return F.pad(x, (p, p, p, p), mode="circular")
     if not (x.requires_grad and torch.is_grad_enabled()) and torch.autograd.forward_ad._current_level < 0:
         # nothing to differentiate: skip the autograd.Function (its Python costs more than the copies
         # on small grids). NCHW: ATen's circular pad, one C++ call. Other layouts (the U-Net's
