@@ -38,6 +38,17 @@ __all__ = ["channel_layer_norm"]
 
 
 @triton.jit
+def _halo_copy(i, j, nmask, a: tl.constexpr, e: tl.constexpr, S1, S2, HALO: tl.constexpr):
+    """Copy (a, e) in {0, 1, 2}^2 of grid point (i, j) in the field padded periodically by HALO:
+    position (i + HALO + (a - 1) * S1, j + HALO + (e - 1) * S2) and whether it lies inside the padded
+    field (the interior copy a = e = 1 always does; the wrapped ones only near the edges)."""
+    r = i + HALO + (a - 1) * S1
+    q = j + HALO + (e - 1) * S2
+    ok = nmask & (r >= 0) & (r < S1 + 2 * HALO) & (q >= 0) & (q < S2 + 2 * HALO)
+    return r, q, ok
+
+
+@triton.jit
 def _cln_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, eps: tl.float64,
     C, S1, S2, nblk,
@@ -73,14 +84,9 @@ def _cln_fwd_kernel(
     if HALO == 0:
         tl.store(y_ptr + b * ys0 + c[:, None] * ys1 + (i * ys2 + j * ys3)[None, :], y, mask=mask)
     else:
-        # point (i, j) lands at (i + HALO + a * S1, j + HALO + e * S2) for a, e in {-1, 0, 1}, where
-        # that is inside the padded field: the interior once, the edges' wrapped copies too
         for a in tl.static_range(3):
-            r = i + HALO + (a - 1) * S1
-            rok = (r >= 0) & (r < S1 + 2 * HALO)
             for e in tl.static_range(3):
-                q = j + HALO + (e - 1) * S2
-                ok = nmask & rok & (q >= 0) & (q < S2 + 2 * HALO)
+                r, q, ok = _halo_copy(i, j, nmask, a, e, S1, S2, HALO)
                 tl.store(y_ptr + b * ys0 + c[:, None] * ys1 + (r * ys2 + q * ys3)[None, :], y,
                          mask=cmask[:, None] & ok[None, :])
     tl.store(mean_ptr + b * N + n, mean.to(mean_ptr.dtype.element_ty), mask=nmask)
@@ -126,11 +132,8 @@ def _cln_bwd_kernel(
         else:  # the adjoint of the periodic halo: add up the point's copies
             g = tl.zeros((C_PAD, BLOCK_P), dtype=acc_ty)
             for a in tl.static_range(3):
-                r = i + HALO + (a - 1) * S1
-                rok = (r >= 0) & (r < S1 + 2 * HALO)
                 for e in tl.static_range(3):
-                    q = j + HALO + (e - 1) * S2
-                    ok = nmask & rok & (q >= 0) & (q < S2 + 2 * HALO)
+                    r, q, ok = _halo_copy(i, j, nmask, a, e, S1, S2, HALO)
                     g += tl.load(g_ptr + b * gs0 + c[:, None] * gs1 + (r * gs2 + q * gs3)[None, :],
                                  mask=cmask[:, None] & ok[None, :], other=0.0).to(acc_ty)
         mean = tl.load(mean_ptr + b * N + n, mask=nmask, other=0.0).to(acc_ty)
