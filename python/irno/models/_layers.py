@@ -18,7 +18,7 @@ from irno_kernels._checks import channels_last_like
 
 __all__ = [
     "PADDING_MODES", "conv_padding_mode", "pad_mode", "pad_to_multiple", "crop",
-    "circular_pad2d", "Conv2d",
+    "circular_pad2d", "upsample2x_periodic", "Conv2d",
     "ChannelMLP", "SoftGating", "make_skip", "GridEmbedding2D", "ChannelLayerNorm",
 ]
 
@@ -136,6 +136,54 @@ def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
             return torch.cat([rows[..., W - p:], rows, rows[..., :p]], dim=-1)
         return _wrap_pad(x, p)
     return _CircularPad2d.apply(x, p)
+
+
+def _upsample2x_periodic(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear x2 (align_corners=False) of a periodic field: a 1-pixel periodic halo, upsampled, cropped."""
+    up = F.interpolate(circular_pad2d(x, 1), scale_factor=2, mode="bilinear", align_corners=False)
+    return up[..., 2:-2, 2:-2]
+
+
+def _upsample2x_periodic_adjoint(g: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`_upsample2x_periodic`, (B, C, 2H, 2W) -> (B, C, H, W), one axis at a time:
+    output 2i takes 3/4 of x_i and 1/4 of x_{i-1}, output 2i+1 3/4 of x_i and 1/4 of x_{i+1} (indices
+    modulo the grid), so grad x_i = 3/4 (g_2i + g_2i+1) + 1/4 (g_2i-1 + g_2i+2)."""
+    for dim in (-1, -2):
+        even = g[..., ::2] if dim == -1 else g[..., ::2, :]
+        odd = g[..., 1::2] if dim == -1 else g[..., 1::2, :]
+        g = 0.75 * (even + odd) + 0.25 * (torch.roll(odd, 1, dim) + torch.roll(even, -1, dim))
+    return g
+
+
+class _Upsample2xPeriodic(torch.autograd.Function):
+    """Periodic bilinear x2 with its adjoint written out as the backward: on CPU, ATen's bilinear
+    backward (a scatter) took 3-10x its forward's time and ~7 % of a U-Net refiner's training step."""
+
+    @staticmethod
+    def forward(x):
+        return _upsample2x_periodic(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return _upsample2x_periodic_adjoint(g)
+
+    @staticmethod
+    def jvp(ctx, t):
+        return _upsample2x_periodic(t)
+
+
+def upsample2x_periodic(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear x2 upsampling (align_corners=False) of a periodic field (B, C, H, W) -> (B, C, 2H, 2W):
+    the edge pixels interpolate across the wrap. Same values as ``F.interpolate`` of the field padded
+    by one periodic pixel, cropped; on CPU with gradients the backward is the written-out adjoint."""
+    if (x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return _Upsample2xPeriodic.apply(x)
+    return _upsample2x_periodic(x)
 
 
 class Conv2d(nn.Conv2d):

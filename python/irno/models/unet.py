@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import irno_kernels as ik
-from irno.models._layers import ChannelLayerNorm, Conv2d, circular_pad2d, conv_padding_mode, crop, pad_to_multiple
+from irno.models._layers import (
+    ChannelLayerNorm,
+    Conv2d,
+    conv_padding_mode,
+    crop,
+    pad_to_multiple,
+    upsample2x_periodic,
+)
 from irno_kernels.backend import resolve
 
 __all__ = ["UNetRefiner", "ConvBlock", "periodic_coordinates"]
@@ -145,8 +152,7 @@ class UNetRefiner(nn.Module):
         periodic halo, upsampled and cropped), so the whole net commutes with periodic shifts by
         multiples of 2^depth; otherwise the edges clamp, as ``F.interpolate`` does."""
         if self.padding in ("periodic", "circular") and min(x.shape[-2:]) >= 1:
-            up = F.interpolate(circular_pad2d(x, 1), scale_factor=2, mode="bilinear", align_corners=False)
-            return up[..., 2:-2, 2:-2]
+            return upsample2x_periodic(x)
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
