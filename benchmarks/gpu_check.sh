@@ -35,7 +35,7 @@ fi
 "$PY" -c "import irno_kernels as ik; print(ik.build_info()); print(ik.backends())" 2>&1 | tee -a "$OUT/device.txt"
 
 log "pytest -m gpu"
-timeout 130 "$PY" -m pytest -m gpu -q --no-header --tb=short -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
+timeout 160 "$PY" -m pytest -m gpu -q --no-header --tb=short --durations=15 -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
 log "pytest rc=$? (124: timeout)"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | cut -c1-220 | head -20
 tail -n 2 "$OUT/pytest_gpu.log"
@@ -54,7 +54,7 @@ grep -E "agreement|FAILED" "$OUT/bench_irno.log" | cut -c1-200 | head -12
 
 log "profile: where one eager inference call spends its time (256x256; B16 bf16 channels-last refiner; B1 vs plain)"
 for args in "--batch 16 --variant bf16 --top 8" "--batch 1 --top 5" "--batch 1 --top 5 --plain"; do
-  timeout 45 "$PY" benchmarks/profile_irno.py $args 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
+  timeout 40 "$PY" benchmarks/profile_irno.py $args 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
     | tee -a "$OUT/bench_irno.log"
 done
 
