@@ -3,6 +3,7 @@ the end-to-end benchmark's 256x256 case (FNO base + K U-Net refiner steps), kern
 
     python benchmarks/profile_irno.py --device cuda --batch 16 --variant bf16
     python benchmarks/profile_irno.py --device cpu --batch 1 --size 64     # a quick look on CPU
+    python benchmarks/profile_irno.py --device cpu --batch 8 --size 64 --K 4 --variant bf16 --train
 
 Prints the top kernels by self device time and the share of the conv / norm / elementwise / FFT
 families, so the next optimisation targets what dominates rather than what is guessed.
@@ -19,7 +20,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_irno import Case, build  # noqa: E402
+from _plain import plain_irno_loss, spectral_weight  # noqa: E402
+from bench_irno import BETA_FP, Case, build, train_step_fn  # noqa: E402
+from irno import IRNOLoss  # noqa: E402
+from irno.losses import spectral_lambda  # noqa: E402
 
 FAMILIES = {
     "conv": ("conv", "cudnn", "implicit_gemm", "sm90_xmma", "gemm", "cutlass", "wgrad", "dgrad"),
@@ -49,16 +53,31 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--plain", action="store_true",
                    help="profile the plain-PyTorch model of bench_irno instead of the project's eager model")
+    p.add_argument("--train", action="store_true",
+                   help="one training step (IRNO loss over K unrolled steps, backward, clip, Adam) instead of "
+                        "an inference call")
     a = p.parse_args(argv)
-    case = Case("infer", a.batch, 4, 1, a.size, a.size, 16 if a.size >= 128 else 8, 64 if a.size >= 128 else 16)
+    case = Case("train" if a.train else "infer", a.batch, 4, 1, a.size, a.size, 16 if a.size >= 128 else 8,
+                64 if a.size >= 128 else 16)
     model, plain = build(case, a.device, a.K)
-    model.eval()
+    model.train(a.train)
     if a.variant == "bf16":
         model.refiner_dtype, model.channels_last = torch.bfloat16, True
     x = torch.randn(case.B, case.cx, case.H, case.W, device=a.device)
-    call = (lambda: plain(x, a.K)) if a.plain else (lambda: model(x))
+    if a.train:
+        y = torch.randn(case.B, case.cy, case.H, case.W, device=a.device)
+        if a.plain:
+            weights = [spectral_weight(case.H, case.W, spectral_lambda(k, a.K), device=a.device) for k in range(a.K)]
+            net = plain.train()
+            call, _ = train_step_fn(lambda: plain_irno_loss(net, x, y, a.K, weights, beta_fp=BETA_FP),
+                                    list(net.phi.parameters()))
+        else:
+            call, _ = train_step_fn(lambda: IRNOLoss(a.K, beta_fp=BETA_FP)(model, x, y)[0],
+                                    list(model.refiner_parameters()))
+    else:
+        call = (lambda: plain(x, a.K)) if a.plain else (lambda: model(x))
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
-    with torch.no_grad():
+    with torch.set_grad_enabled(a.train):
         for _ in range(3):
             call()
         sync()
@@ -88,7 +107,7 @@ def main(argv=None) -> None:
     total = sum(self_time(e) for e in events) or 1.0
     launches = sum(e.count for e in events) // 3
     events.sort(key=lambda e: -self_time(e))
-    who = "plain PyTorch" if a.plain else "IRNO eager"
+    who = ("plain PyTorch" if a.plain else "IRNO eager") + (" training step" if a.train else "")
     print(f"{who}, {case.H}x{case.W} B{case.B}, K={a.K}, {a.variant}, {dev}: {wall * 1e3:.2f} ms wall, "
           f"{total / 3 / 1e3:.2f} ms of {dev} time, {launches} kernels per call")
     fams: dict[str, float] = {}
