@@ -62,3 +62,60 @@ def test_incomplete_folder_is_refused(tmp_path):
 def test_unserialisable_config_names_the_type(tmp_path):
     with pytest.raises(TypeError, match="object is not JSON-serialisable"):
         ck.save_checkpoint(tmp_path / "c", _model(), {"bad": object()})
+
+
+@pytest.mark.parametrize("stage", ["writing", "between_renames", "before_cleanup"])
+def test_a_killed_rewrite_never_loses_the_checkpoint(tmp_path, monkeypatch, stage):
+    """Rewriting a checkpoint (as the trainer does with last/ every few steps) and dying at any point
+    leaves a complete checkpoint to load: the old one while the new is being written, the new one
+    once it is complete; the next save cleans up."""
+    folder = tmp_path / "last"
+    old_model, new_model = _model(), _model()
+    with torch.no_grad():
+        for p in new_model.parameters():
+            p.add_(1.0)
+    ck.save_checkpoint(folder, old_model, {"v": 1})
+
+    class Killed(BaseException):
+        pass
+
+    if stage == "writing":
+        import safetensors.torch
+
+        def die(*a, **k):
+            raise Killed
+
+        monkeypatch.setattr(safetensors.torch, "save_file", die)
+    else:
+        real, calls = os.replace, []
+
+        def replace(src, dst):
+            calls.append(dst)
+            if stage == "between_renames" and str(src).endswith(".new"):
+                raise Killed
+            return real(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        if stage == "before_cleanup":
+            import shutil
+
+            real_rmtree = shutil.rmtree
+
+            def rmtree(path, *a, **k):
+                if str(path).endswith(".old") and folder.exists():
+                    raise Killed
+                return real_rmtree(path, *a, **k)
+
+            monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(Killed):
+        ck.save_checkpoint(folder, new_model, {"v": 2})
+    monkeypatch.undo()
+    sd, cfg = ck.load_checkpoint(folder)
+    want = old_model if stage == "writing" else new_model
+    assert cfg == {"v": 1 if stage == "writing" else 2}
+    for k, v in want.state_dict().items():
+        assert torch.equal(sd[k], v), k
+    assert ck.find_checkpoint(folder) is not None
+    ck.save_checkpoint(folder, new_model, {"v": 3})  # the next save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert ck.load_checkpoint(folder)[1] == {"v": 3}

@@ -51,7 +51,7 @@ def test_demo_then_evaluate_and_resume(tmp_path, capsys):
     x = torch.randn(1, meta["in_channels"], 16, 16)
     assert model(x).shape == (1, meta["out_channels"], 16, 16)
     torch.testing.assert_close(model(x, steps=0), model.base(x))
-    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         irno.load(tmp_path)
     # the CLI's other commands work on the same run folder
     assert cli.main(["evaluate", *_args(tmp_path)]) == 0

@@ -9,8 +9,10 @@ A checkpoint is a folder:
                         normalisation statistics, metrics, versions)
     state.pt            optional training state: optimiser, scheduler, RNG states, epoch, step
 
-``save_checkpoint`` writes config and training state first and the weights last, then a
-``complete`` marker; ``load_checkpoint`` refuses a folder without the marker.
+``save_checkpoint`` writes a new checkpoint in full beside the old one (config and training state
+first, the weights last, then a ``complete`` marker) and only then swaps it in, so a killed write
+never costs the previous checkpoint; ``load_checkpoint`` reads whichever complete copy stands for
+the folder and refuses a folder without one.
 """
 
 from __future__ import annotations
@@ -78,48 +80,85 @@ def _state_dict_for_safetensors(state_dict: dict[str, torch.Tensor]) -> dict[str
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
 
 
+def _sibling(folder: Path, tag: str) -> Path:
+    return folder.parent / f".{folder.name}.{tag}"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / MARKER).exists() and (folder / WEIGHTS).exists() and (folder / CONFIG).exists()
+
+
 def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module | dict, config: dict | None = None,
                     training_state: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically (file by file, weights last, then the marker).
+    """Write a checkpoint folder so that a complete checkpoint exists at every moment.
+
+    The new checkpoint is written in full (file by file, weights last, then the marker) into the
+    sibling ``.<name>.new``; then the old folder moves to ``.<name>.old``, the new one takes its
+    name, and the old one is deleted. Killed at any point, the folder, or else one of the two
+    siblings, is complete, and :func:`load_checkpoint` finds it.
 
     Args:
-        folder: destination folder (created).
+        folder: destination folder (created; an existing one is replaced).
         model: an nn.Module or a state_dict.
         config: JSON-able description stored in config.json.
         training_state: optional dict (optimiser/scheduler state_dicts, RNG, counters) for resume.
     """
+    import shutil
+
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / MARKER
-    if marker.exists():
-        marker.unlink()  # the folder is incomplete while it is being rewritten
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new, old = _sibling(folder, "new"), _sibling(folder, "old")
+    if new.exists():
+        shutil.rmtree(new)  # a write that was interrupted earlier
+    new.mkdir()
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    atomic_write_text(folder / CONFIG, json.dumps(config or {}, indent=2, sort_keys=True, default=_json_default))
+    atomic_write_text(new / CONFIG, json.dumps(config or {}, indent=2, sort_keys=True, default=_json_default))
     if training_state is not None:
-        atomic_write(folder / STATE, lambda tmp: torch.save(training_state, tmp))
-    elif (folder / STATE).exists():
-        (folder / STATE).unlink()
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(_state_dict_for_safetensors(state), tmp))
-    atomic_write_text(marker, "ok\n")
+        atomic_write(new / STATE, lambda tmp: torch.save(training_state, tmp))
+    atomic_write(new / WEIGHTS, lambda tmp: save_file(_state_dict_for_safetensors(state), tmp))
+    atomic_write_text(new / MARKER, "ok\n")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(new, folder)
+    if old.exists():
+        shutil.rmtree(old)
     return folder
+
+
+def find_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The complete checkpoint that stands for ``folder``: the folder itself, or, after a write was
+    killed between its two renames, the sibling ``.<name>.new`` (the newer) or ``.<name>.old``."""
+    folder = Path(folder)
+    for cand in (folder, _sibling(folder, "new"), _sibling(folder, "old")):
+        if cand.is_dir() and _complete(cand):
+            return cand
+    return None
 
 
 def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu",
                     with_state: bool = False) -> tuple[dict, dict] | tuple[dict, dict, dict | None]:
-    """Read a checkpoint folder: (state_dict, config) or, with ``with_state``, also the training state."""
+    """Read a checkpoint folder: (state_dict, config) or, with ``with_state``, also the training state.
+
+    A folder whose last write was killed is read from the complete copy that :func:`find_checkpoint`
+    names; a folder with no complete copy is refused."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint: {folder} is not a folder")
-    if not (folder / MARKER).exists():
-        raise RuntimeError(f"checkpoint: {folder} is incomplete (no '{MARKER}' marker): it was being written "
-                           f"when the writer stopped")
-    for name in (WEIGHTS, CONFIG):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"checkpoint: {folder} has no {name}")
+    found = find_checkpoint(folder)
+    if found is None:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint: {folder} is not a folder")
+        if not (folder / MARKER).exists():
+            raise RuntimeError(f"checkpoint: {folder} is incomplete (no '{MARKER}' marker): it was being written "
+                               f"when the writer stopped")
+        for name in (WEIGHTS, CONFIG):
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"checkpoint: {folder} has no {name}")
+    folder = found
     state_dict = load_file(str(folder / WEIGHTS), device=str(map_location))
     config = json.loads((folder / CONFIG).read_text())
     if not with_state:

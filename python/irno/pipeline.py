@@ -323,7 +323,7 @@ def _base_loss(kind: str):
 def train_base(cfg: dict, data: dict | None = None, resume: bool = False, out_name: str = "base",
                init_from: str | Path | None = None) -> tuple[torch.nn.Module, dict]:
     """Train the base operator; returns (model with the best weights, info)."""
-    from irno.checkpoint import load_checkpoint
+    from irno.checkpoint import find_checkpoint, load_checkpoint
     from irno.train import Trainer
 
     device = _setup(cfg)
@@ -345,7 +345,7 @@ def train_base(cfg: dict, data: dict | None = None, resume: bool = False, out_na
     hist = trainer.fit(resume=resume)
     wall = time.perf_counter() - t0
     best = run / out_name / "best"
-    if best.exists():
+    if find_checkpoint(best) is not None:
         sd, _ = load_checkpoint(best, map_location=device)
         model.load_state_dict(sd)
     return model, {"history": hist, "wall_s": wall, "train_s": trainer.elapsed, "params": _param_count(model),
@@ -406,7 +406,7 @@ def deep_state_loss(model, x: torch.Tensor, y: torch.Tensor, h_K: torch.Tensor, 
 
 def train_irno(cfg: dict, base: torch.nn.Module, data: dict | None = None, resume: bool = False):
     """Train IRNO's refiner on the frozen base; returns (model with the best weights, info)."""
-    from irno.checkpoint import load_checkpoint
+    from irno.checkpoint import find_checkpoint, load_checkpoint
     from irno.train import Trainer
 
     device = _setup(cfg)
@@ -425,7 +425,7 @@ def train_irno(cfg: dict, base: torch.nn.Module, data: dict | None = None, resum
     hist = trainer.fit(resume=resume)
     wall = time.perf_counter() - t0
     best = run / "irno" / "best"
-    if best.exists():
+    if find_checkpoint(best) is not None:
         sd, _ = load_checkpoint(best, map_location=device)
         model.load_state_dict(sd)
     return model, {"history": hist, "wall_s": wall, "train_s": trainer.elapsed,
@@ -451,17 +451,18 @@ def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     data's normalisation statistics under "normalization" (``irno.data.Normalization.from_dict``:
     the model maps normalised x to normalised y).
     """
-    from irno.checkpoint import CONFIG, MARKER
+    from irno.checkpoint import CONFIG, find_checkpoint
 
     folder = Path(path)
-    if not (folder / MARKER).exists() and (folder / "irno" / "best" / MARKER).exists():
+    if find_checkpoint(folder) is None and find_checkpoint(folder / "irno" / "best") is not None:
         folder = folder / "irno" / "best"
-    if not folder.is_dir():
+    if not folder.is_dir() and find_checkpoint(folder) is None:
         raise FileNotFoundError(f"path: {folder} is not a folder")
-    if not (folder / CONFIG).exists():
-        raise FileNotFoundError(f"path: {folder} holds no checkpoint (no {CONFIG}; expected a folder such as "
+    found = find_checkpoint(folder)
+    if found is None:
+        raise FileNotFoundError(f"path: {folder} holds no complete checkpoint (expected a folder such as "
                                 f"runs/demo/irno/best, or a run folder with irno/best inside)")
-    kind = json.loads((folder / CONFIG).read_text()).get("kind")
+    kind = json.loads((found / CONFIG).read_text()).get("kind")
     if kind not in ("irno", "base"):
         raise ValueError(f"path: {folder}/{CONFIG} says kind {kind!r}; expected 'irno' or 'base'")
     model, meta = (load_irno if kind == "irno" else load_base)(folder, device)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from irno.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from irno.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, dict]"]
 ValFn = Callable[[torch.nn.Module], dict]
@@ -184,7 +184,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict]:
         """Train until ``epochs``, the time budget or the patience runs out; returns the history."""
-        if resume and self.out_dir is not None and (self.out_dir / "last").exists():
+        if resume and self.out_dir is not None and find_checkpoint(self.out_dir / "last") is not None:
             self.load(self.out_dir / "last")
             if self.rank == 0:
                 print(f"resumed from {self.out_dir / 'last'} at epoch {self.epoch}, step {self.step_in_epoch}")
