@@ -21,8 +21,6 @@ import torch
 import triton
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-from irno_kernels._checks import channels_last_like  # noqa: F401  (re-exported for the kernels)
-
 NAMESPACE = "irno_triton"
 
 

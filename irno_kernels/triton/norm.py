@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.triton._lib import INTERPRET, as_4d, channels_last_like, is_f64, launch, pow2, register
+from irno_kernels._checks import channels_last_like
+from irno_kernels.triton._lib import INTERPRET, as_4d, is_f64, launch, pow2, register
 
 __all__ = ["channel_layer_norm"]
 

@@ -152,12 +152,11 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
     if found is None:
         if not folder.is_dir():
             raise FileNotFoundError(f"checkpoint: {folder} is not a folder")
-        if not (folder / MARKER).exists():
-            raise RuntimeError(f"checkpoint: {folder} is incomplete (no '{MARKER}' marker): it was being written "
-                               f"when the writer stopped")
-        for name in (WEIGHTS, CONFIG):
-            if not (folder / name).exists():
-                raise FileNotFoundError(f"checkpoint: {folder} has no {name}")
+        if (folder / MARKER).exists():
+            missing = [n for n in (WEIGHTS, CONFIG) if not (folder / n).exists()]
+            raise FileNotFoundError(f"checkpoint: {folder} has no {', '.join(missing)}")
+        raise RuntimeError(f"checkpoint: {folder} is incomplete (no '{MARKER}' marker): it was being written "
+                           f"when the writer stopped")
     folder = found
     state_dict = load_file(str(folder / WEIGHTS), device=str(map_location))
     config = json.loads((folder / CONFIG).read_text())

@@ -226,8 +226,11 @@ class IRNO(nn.Module):
         Works for any h0, e.g. another base's output (transfer). Returns h_steps (B, Cy, H, W), or the
         list [h_0, ..., h_steps] with ``return_trajectory`` (h_0 is h0 itself). steps defaults to K.
         """
-        steps = self.K if steps is None else _int_arg("steps", steps, 0)
         self._check_inputs(x, h0)
+        return self._refine(x, h0, steps, return_trajectory)
+
+    def _refine(self, x: torch.Tensor, h0: torch.Tensor, steps: int | None, return_trajectory: bool):
+        steps = self.K if steps is None else _int_arg("steps", steps, 0)
         xr = self.condition(x, h0)
         grad = torch.is_grad_enabled()
         traj = [h0]
@@ -253,7 +256,7 @@ class IRNO(nn.Module):
         steps=0 returns the base's output itself.
         """
         self._check_inputs(x)
-        return self.refine(x, self.base_forward(x), steps, return_trajectory)
+        return self._refine(x, self.base_forward(x), steps, return_trajectory)
 
     def _channels(self) -> tuple[int | None, int | None]:
         """(Cx, Cy) as far as they are known (from the constructor, the base or the refiner)."""

@@ -454,13 +454,11 @@ def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     from irno.checkpoint import CONFIG, find_checkpoint
 
     folder = Path(path)
-    if find_checkpoint(folder) is None and find_checkpoint(folder / "irno" / "best") is not None:
-        folder = folder / "irno" / "best"
-    if not folder.is_dir() and find_checkpoint(folder) is None:
-        raise FileNotFoundError(f"path: {folder} is not a folder")
+    if find_checkpoint(folder) is None:
+        folder = folder / "irno" / "best"  # a run folder
     found = find_checkpoint(folder)
     if found is None:
-        raise FileNotFoundError(f"path: {folder} holds no complete checkpoint (expected a folder such as "
+        raise FileNotFoundError(f"path: {path} holds no complete checkpoint (expected a folder such as "
                                 f"runs/demo/irno/best, or a run folder with irno/best inside)")
     kind = json.loads((found / CONFIG).read_text()).get("kind")
     if kind not in ("irno", "base"):
