@@ -82,6 +82,36 @@ def test_every_op_has_a_triton_kernel_and_the_backend_finds_it():
         assert bk.resolve(op, DEVICE, "triton") == "triton"
 
 
+def test_eager_launches_with_module_weights_skip_wrap_triton(monkeypatch):
+    """A module's weights reach the kernels as nn.Parameter; in eager mode that must not count as
+    tracing (wrap_triton costs a higher-order-op dispatch per launch, of the order of a small
+    kernel's own time). Under make_fx the same calls must go through wrap_triton."""
+    from irno_kernels.triton import _lib
+
+    real = torch.library.wrap_triton
+    calls = []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: calls.append(k) or real(k))
+    P = torch.nn.Parameter
+
+    def run():
+        x = randn(2, 5, 6, 7, requires_grad=True)
+        w, b = P(randn(5)), P(randn(5))
+        y = ik.channel_layer_norm(x, w, b, activation="gelu", halo=1, backend="triton")
+        z = ik.refine_update(randn(2, 3, 6, 7), y[..., 1:-1, 1:-1], P(randn(3, 5)), P(randn(3)), 0.3,
+                             backend="triton")
+        s = ik.spectral_conv2d(z, P(randn(3, 2, 4, 3, dtype=torch.complex64)), backend="triton")
+        s.square().sum().backward()
+        return x.grad
+
+    assert not _lib._tracing((P(randn(3)), randn(3), 1.0))
+    run()
+    assert calls == []  # every launch, forward and backward, went straight to triton's launcher
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    seen = []
+    make_fx(lambda a: seen.append(_lib._tracing((P(torch.ones(2)), a))) or a + 1)(randn(3))
+    assert seen == [True]  # under make_fx the same arguments are traced
+
 # ---------------------------------------------------------------------------------------------
 # update ops
 # ---------------------------------------------------------------------------------------------

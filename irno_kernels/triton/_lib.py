@@ -48,12 +48,18 @@ def register(name: str, fake, mutates_args=()):
     return deco
 
 
+#: tensor types a kernel can read in eager mode. nn.Parameter counts as plain: a module's weights
+#: arrive as Parameters (autograd.Function passes them through), and Parameter(FakeTensor) keeps the
+#: FakeTensor type, so a Parameter always holds real data.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _tracing(args) -> bool:
     """Whether a launch with these arguments is being traced (torch.compile, make_fx, fake or
     functional tensors), so that it must go through ``wrap_triton`` to be recorded."""
     if torch.compiler.is_compiling() or get_proxy_mode() is not None:
         return True
-    return any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)
+    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)
 
 
 def launch(kernel, grid, *args, fp_fusion: bool = True, **meta):
