@@ -2,8 +2,9 @@
 // (semantics: irno_kernels/spectrum.py, radial_spectrum_ref / spectral_loss_ref; DESIGN 3.3).
 //
 // The spectra come from at::fft_rfft2(norm="ortho"); everything after the FFT is one fused pass over
-// the complex entries, with the shell index or the loss weight read from a small per-call table of
-// (H, W/2+1) entries. Nothing weighted is materialised.
+// the complex entries, with the shell index or the loss weight read from a small table of
+// (H, W/2+1) entries (the weights' cached per grid and (lam, f0): csrc/spectrum_weights.h).
+// Nothing weighted is materialised.
 //
 // Reductions are deterministic: the work is cut into chunks whose size depends on the shape only
 // (never on the thread count), each chunk sums into its own double, and the chunk sums are added in
@@ -22,6 +23,8 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -31,6 +34,7 @@
 #endif
 
 #include "checks.h"
+#include "spectrum_weights.h"
 
 namespace irno {
 namespace {
@@ -79,7 +83,7 @@ int64_t num_shells(int64_t H, int64_t W) {
 
 // w(f) = 1 + (|f| / f0)^lam per entry (not normalised); returns the sum over the table.
 // Rows i and H - i share |fy|, so only rows 0..H/2 are evaluated.
-double weight_table(int64_t H, int64_t W, double lam, double f0, std::vector<double>& w) {
+double build_weight_table(int64_t H, int64_t W, double lam, double f0, std::vector<double>& w) {
   const int64_t Wr = W / 2 + 1;
   w.resize(H * Wr);
   const int64_t half = H / 2 + 1;
@@ -294,8 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_loss_spectra_cpu(const a
   check_loss_args(pred, target, lam, f0);
   const LossMode m = parse_loss_mode(mode);
   const int64_t B = pred.size(0), C = pred.size(1), H = pred.size(2), W = pred.size(3), Wr = W / 2 + 1;
-  std::vector<double> w;
-  const double wsum = weight_table(H, W, lam, f0, w);
+  const auto weights = loss_weights(H, W, lam, f0);
   // F(p - y) = F(p) - F(y): the error mode needs one transform, not two
   const at::Tensor P = spectrum_of(m == LossMode::kError ? pred - target : pred);
   const at::Tensor Y = m == LossMode::kMagnitude ? spectrum_of(target) : P.new_empty({0});
@@ -303,10 +306,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_loss_spectra_cpu(const a
   AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "spectral_loss_cpu", [&] {
     total = loss_sum<scalar_t>(P.const_data_ptr<c10::complex<scalar_t>>(),
                                m == LossMode::kMagnitude ? Y.const_data_ptr<c10::complex<scalar_t>>() : nullptr,
-                               w.data(), B * C, H, Wr);
+                               weights->w.data(), B * C, H, Wr);
   });
   // mean over the B*C*H*Wr entries of w / mean(w) * e = total / (B*C * sum(w))
-  return {at::scalar_tensor(total / (static_cast<double>(B * C) * wsum), pred.options()), P, Y};
+  return {at::scalar_tensor(total / (static_cast<double>(B * C) * weights->sum), pred.options()), P, Y};
 }
 
 at::Tensor spectral_loss_cpu(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
@@ -314,26 +317,28 @@ at::Tensor spectral_loss_cpu(const at::Tensor& pred, const at::Tensor& target, d
   return std::get<0>(spectral_loss_spectra_cpu(pred, target, lam, f0, mode));
 }
 
-// Gradient of the loss with respect to the spectrum S of pred (or target), written over S.
-// S = F(pred) (or F(target)) in magnitude mode, where `other` is the other input's spectrum;
-// S = F(pred - target) in error mode (other == nullptr). coef holds +-2 * grad * w / (B*C * sum w) / c.
+// Gradient of the loss with respect to the spectrum S of pred (or target), written to G (S is only
+// read: the forward's saved spectra need no copy). S = F(pred) (or F(target)) in magnitude mode,
+// where `other` is the other input's spectrum; S = F(pred - target) in error mode (other == nullptr).
+// coef holds +-2 * grad * w / (B*C * sum w) / c.
 template <typename T>
-void loss_grad_spectrum(c10::complex<T>* S, const c10::complex<T>* other, const T* coef, int64_t images,
-                        int64_t H, int64_t Wr) {
+void loss_grad_spectrum(const c10::complex<T>* S, const c10::complex<T>* other, const T* coef,
+                        c10::complex<T>* G, int64_t images, int64_t H, int64_t Wr) {
   at::parallel_for(0, images * H, rows_per_chunk(Wr), [&](int64_t begin, int64_t end) {
     std::vector<T> as(Wr), ao(Wr);
     for (int64_t row = begin; row < end; ++row) {
       const T* ci = coef + (row % H) * Wr;
-      c10::complex<T>* Si = S + row * Wr;
+      const c10::complex<T>* Si = S + row * Wr;
+      c10::complex<T>* Gi = G + row * Wr;
       if (other == nullptr) {
-        for (int64_t j = 0; j < Wr; ++j) Si[j] *= ci[j];
+        for (int64_t j = 0; j < Wr; ++j) Gi[j] = Si[j] * ci[j];
         continue;
       }
       magnitudes(Si, as.data(), Wr);
       magnitudes(other + row * Wr, ao.data(), Wr);
       for (int64_t j = 0; j < Wr; ++j) {
         // d(|S| - |O|)^2 / dS = 2 (|S| - |O|) S / |S|; 0 where |S| = 0 (autograd's sgn(0) = 0)
-        Si[j] *= as[j] > T(0) ? ci[j] * (as[j] - ao[j]) / as[j] : T(0);
+        Gi[j] = Si[j] * (as[j] > T(0) ? ci[j] * (as[j] - ao[j]) / as[j] : T(0));
       }
     }
   });
@@ -348,22 +353,23 @@ at::Tensor spectral_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   check_loss_grad(grad, pred);
   check_saved_spectra(spec_pred, spec_target, pred, m == LossMode::kMagnitude);
   const int64_t B = pred.size(0), C = pred.size(1), H = pred.size(2), W = pred.size(3), Wr = W / 2 + 1;
-  std::vector<double> w;
-  const double wsum = weight_table(H, W, lam, f0, w);
+  const auto weights = loss_weights(H, W, lam, f0);
+  const std::vector<double>& w = weights->w;
   const double sign = (m == LossMode::kError && wrt_target) ? -1.0 : 1.0;
-  const double scale = sign * 2.0 * grad.item<double>() / (static_cast<double>(B * C) * wsum);
+  const double scale = sign * 2.0 * grad.item<double>() / (static_cast<double>(B * C) * weights->sum);
   at::Tensor S;
   at::Tensor other;
-  const bool saved = spec_pred.has_value();  // the forward's spectra: S is a copy (it is overwritten)
+  const bool saved = spec_pred.has_value();  // the forward's spectra (read, never written)
   if (m == LossMode::kError) {
-    S = saved ? spec_pred->clone() : spectrum_of(pred - target);
+    S = saved ? *spec_pred : spectrum_of(pred - target);
   } else if (saved) {
-    S = (wrt_target ? *spec_target : *spec_pred).clone();
+    S = wrt_target ? *spec_target : *spec_pred;
     other = wrt_target ? *spec_pred : *spec_target;
   } else {
     S = spectrum_of(wrt_target ? target : pred);
     other = spectrum_of(wrt_target ? pred : target);
   }
+  at::Tensor G = at::empty_like(S, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "spectral_loss_backward_cpu", [&] {
     std::vector<scalar_t> coef(H * Wr);
     for (int64_t i = 0; i < H; ++i) {
@@ -371,14 +377,41 @@ at::Tensor spectral_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
         coef[i * Wr + j] = static_cast<scalar_t>(scale * w[i * Wr + j] * inv_multiplicity(j, W));
       }
     }
-    loss_grad_spectrum<scalar_t>(S.mutable_data_ptr<c10::complex<scalar_t>>(),
+    loss_grad_spectrum<scalar_t>(S.const_data_ptr<c10::complex<scalar_t>>(),
                                  other.defined() ? other.const_data_ptr<c10::complex<scalar_t>>() : nullptr,
-                                 coef.data(), B * C, H, Wr);
+                                 coef.data(), G.mutable_data_ptr<c10::complex<scalar_t>>(), B * C, H, Wr);
   });
-  return adjoint_rfft2(S, H, W);
+  return adjoint_rfft2(G, H, W);
 }
 
 }  // namespace
+
+namespace {
+constexpr size_t kMaxCachedWeights = size_t{1} << 23;  // doubles (64 MiB) over all cached tables
+}  // namespace
+
+std::shared_ptr<const LossWeights> loss_weights(int64_t H, int64_t W, double lam, double f0) {
+  using Key = std::tuple<int64_t, int64_t, double, double>;
+  static std::mutex mutex;
+  static std::map<Key, std::shared_ptr<const LossWeights>> cache;
+  static size_t cached = 0;
+  const Key key{H, W, lam, f0};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  auto table = std::make_shared<LossWeights>();
+  table->sum = build_weight_table(H, W, lam, f0, table->w);  // outside the lock: it runs parallel_for
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cached + table->w.size() > kMaxCachedWeights) {
+    cache.clear();
+    cached = 0;
+  }
+  const auto inserted = cache.emplace(key, std::move(table));
+  if (inserted.second) cached += inserted.first->second->w.size();
+  return inserted.first->second;
+}
 
 TORCH_LIBRARY_IMPL(irno, CPU, m) {
   m.impl("radial_spectrum", &radial_spectrum_cpu);
