@@ -39,6 +39,9 @@ class Case:
     only: tuple[str, ...] = ()  # time only these providers (empty: all)
     graph: bool = False  # also time fwd/fwdbwd replayed from a CUDA graph (GPU time, no launch overhead)
     modes: tuple[str, ...] = ()  # time only these modes (empty: all asked for)
+    # mode ("fwd"/"fwdbwd") -> a callable doing only the FFTs any cuFFT-based implementation must run;
+    # timed as provider "fft_floor": its speedup_vs_ref is the best ratio such an implementation can reach
+    floor: Callable[[str], Callable] | None = None
 
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
@@ -116,7 +119,22 @@ def loss_case(B, C, H, W, mode_name, lam=1.6) -> Case:
     return Case(f"spectral_loss[{mode_name}]", f"B{B} C{C} {H}x{W}", make,
                 lambda p, t: ik.spectral_loss_ref(p, t, lam, 0.5, mode_name),
                 lambda p, t, backend: ik.spectral_loss(p, t, lam, 0.5, mode_name, backend=backend),
-                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0,))
+                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0,), floor=_loss_floor(mode_name, H, W))
+
+
+def _loss_floor(mode_name: str, H: int, W: int) -> Callable[[str], Callable]:
+    """The transforms of the spectral loss: rfft2 of pred and target ("magnitude") or of pred - target
+    ("error": one transform, the difference is the fused path's too), and for the backward the
+    irfft2 of a gradient spectrum (here the forward's spectrum; its values do not change the time).
+    Unscaled (norm "backward" / "forward"): a fused implementation folds the scaling into its kernels."""
+    def floor(mode: str) -> Callable:
+        def fn(p, t):
+            P = torch.fft.rfft2(p if mode_name == "magnitude" else p - t)
+            if mode_name == "magnitude":
+                torch.fft.rfft2(t)
+            return torch.fft.irfft2(P, s=(H, W), norm="forward") if mode == "fwdbwd" else P
+        return fn
+    return floor
 
 
 def radial_case(B, C, H, W) -> Case:
@@ -124,9 +142,15 @@ def radial_case(B, C, H, W) -> Case:
         return (torch.randn(B, C, H, W, device=device, dtype=dt),)
 
     n = B * C * H * W * 4
+    def floor(mode: str) -> Callable:  # rfft2 (and irfft2 of the gradient spectrum for the backward), unscaled
+        def fn(x):
+            X = torch.fft.rfft2(x)
+            return torch.fft.irfft2(X, s=(H, W), norm="forward") if mode == "fwdbwd" else X
+        return fn
+
     return Case("radial_spectrum", f"B{B} C{C} {H}x{W}", make, ik.radial_spectrum_ref,
                 lambda x, backend: ik.radial_spectrum(x, backend=backend),
-                lambda mode: n if mode == "fwd" else 3 * n, (0,))
+                lambda mode: n if mode == "fwd" else 3 * n, (0,), floor=floor)
 
 
 def _mix_ref(X, w):
@@ -223,7 +247,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
         modes = [*modes, *(m + "_graph" for m in modes if not m.endswith("_graph"))]
     for mode in modes:
         ref_t = None
-        for prov in providers:
+        for prov in [*providers, "fft_floor"] if case.floor else providers:
             base = case.op.split("[")[0]
             base = "spectral_conv2d" if base == "spectral_mix" else base
             if prov in PROVIDER_BACKEND and not ik.available(base, PROVIDER_BACKEND[prov], device):
@@ -234,7 +258,13 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 continue
             if prov == "compile" and (not case.compile or mode.endswith("_graph")):
                 continue
-            if prov == "reference":
+            if prov == "fft_floor":
+                floor_fn = case.floor(mode.removesuffix("_graph"))
+
+                def call(floor_fn=floor_fn):
+                    with torch.no_grad():
+                        return floor_fn(*args)
+            elif prov == "reference":
                 fn = case.ref
             elif prov == "compile":
                 fn = torch.compile(case.ref)
@@ -248,7 +278,9 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                         torch.backends.cuda.matmul.allow_tf32 = old
             else:
                 fn = lambda *a, _p=prov: case.fast(*a, backend=_p)  # noqa: E731
-            if mode.startswith("fwd") and not mode.startswith("fwdbwd"):
+            if prov == "fft_floor":
+                pass
+            elif mode.startswith("fwd") and not mode.startswith("fwdbwd"):
                 def call(fn=fn):
                     with torch.no_grad():
                         return fn(*args)

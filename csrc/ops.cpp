@@ -47,9 +47,11 @@ TORCH_LIBRARY(irno, m) {
   // weighted spectral loss (scalar); mode "magnitude" or "error"
   m.def("spectral_loss(Tensor pred, Tensor target, float lam, float f0, str mode) -> Tensor");
   // the same loss and the spectra it read, kept for the backward: (loss, P, Y) with P = rfft2(pred)
-  // and Y = rfft2(target) (norm "ortho") in magnitude mode, P = rfft2(pred - target) and Y empty in
-  // error mode. The autograd of irno_kernels.spectral_loss uses this op, so that the backward
-  // transforms nothing but the gradient.
+  // and Y = rfft2(target) in magnitude mode, P = rfft2(pred - target) and Y empty in error mode. The
+  // spectra are in the device implementation's own scaling (CPU: norm "ortho"; CUDA: unscaled, see
+  // csrc/spectrum_cuda.cpp) and are meant for spectral_loss_backward of the same device only. The
+  // autograd of irno_kernels.spectral_loss uses this op, so that the backward transforms nothing
+  // but the gradient.
   m.def("spectral_loss_spectra(Tensor pred, Tensor target, float lam, float f0, str mode) -> (Tensor, Tensor, Tensor)");
   // gradient of spectral_loss w.r.t. pred (wrt_target=False) or target (wrt_target=True); with
   // spec_pred / spec_target (the P and Y of spectral_loss_spectra) it reuses them instead of

@@ -20,8 +20,13 @@
 //    a second kernel adds the partials of a plane in block order.
 //  * loss: a thread owns one (i, j) entry for a group of planes (the weight is computed once and
 //    serves them all); a fixed-shape block tree gives one partial per block, and one block adds
-//    the partials in order. The sum of the weights is reduced the same way.
+//    the partials in order. The weights' sum (the normaliser) comes from the host
+//    (csrc/spectrum_weights.h, cached per grid and (lam, f0)).
 // Sums are float64 for every input dtype. No float atomics, no host synchronisation.
+//
+// The spectra are unnormalised (rfft2 with norm "backward") and the gradient spectra go through
+// irfft2 with norm "forward" (no scaling): the "ortho" factors are folded into the kernels'
+// scale arguments, which saves cuFFT's separate scaling pass over every spectrum and field.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
@@ -170,10 +175,10 @@ __global__ void radial_partials_kernel(const T* __restrict__ F, double* __restri
   }
 }
 
-// out[plane, r] = sum over the plane's chunks, in order
+// out[plane, r] = scale * sum over the plane's chunks, in order
 template <typename T>
 __global__ void radial_final_kernel(const double* __restrict__ part, T* __restrict__ out, int64_t planes,
-                                    int64_t chunks, int R) {
+                                    int64_t chunks, int R, double scale) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= planes * R) return;
   const int64_t plane = t / R;
@@ -181,13 +186,13 @@ __global__ void radial_final_kernel(const double* __restrict__ part, T* __restri
   const double* src = part + plane * chunks * R + r;
   double sum = 0.0;
   for (int64_t c = 0; c < chunks; ++c) sum += src[c * R];
-  out[t] = static_cast<T>(sum);
+  out[t] = static_cast<T>(sum * scale);
 }
 
-// grid (ceil(H*Wr / kThreads), plane groups); F <- 2 g[shell] F
+// grid (ceil(H*Wr / kThreads), plane groups); F <- 2 scale g[shell] F
 template <typename T>
 __global__ void radial_grad_kernel(T* __restrict__ F, const T* __restrict__ g, int64_t planes, int per_group, int H,
-                                   int W, int R) {
+                                   int W, int R, T scale) {
   using V = typename Vec2<T>::type;
   const int Wr = W / 2 + 1;
   const int E = H * Wr;
@@ -199,7 +204,7 @@ __global__ void radial_grad_kernel(T* __restrict__ F, const T* __restrict__ g, i
   const int64_t p1 = min64(planes, p0 + per_group);
   V* F2 = reinterpret_cast<V*>(F);
   for (int64_t p = p0; p < p1; ++p) {
-    const T f = T(2) * g[p * R + r];
+    const T f = T(2) * scale * g[p * R + r];
     const int64_t idx = p * E + e;
     const V v = F2[idx];
     F2[idx] = make_vec2<T>(v.x * f, v.y * f);
@@ -207,7 +212,7 @@ __global__ void radial_grad_kernel(T* __restrict__ F, const T* __restrict__ g, i
 }
 
 template <typename T>
-void radial_launch(const T* F, double* work, T* out, const SpectrumShape& s, cudaStream_t stream) {
+void radial_launch(const T* F, double* work, T* out, double scale, const SpectrumShape& s, cudaStream_t stream) {
   const RadialPlan p = radial_plan(s);
   TORCH_CHECK(s.planes * p.chunks <= INT_MAX, "radial_spectrum: at most 2^31-1 blocks of ", p.rows,
               " rows per CUDA launch, got ", s.planes, " channels of ", s.H, " rows");
@@ -219,7 +224,7 @@ void radial_launch(const T* F, double* work, T* out, const SpectrumShape& s, cud
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t n = s.planes * s.R;
   radial_final_kernel<T><<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      work, out, s.planes, p.chunks, static_cast<int>(s.R));
+      work, out, s.planes, p.chunks, static_cast<int>(s.R), scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -235,37 +240,20 @@ dim3 entry_grid(const SpectrumShape& s) {
 }
 
 template <typename T>
-void radial_grad_launch(T* F, const T* g, const SpectrumShape& s, cudaStream_t stream) {
+void radial_grad_launch(T* F, const T* g, double scale, const SpectrumShape& s, cudaStream_t stream) {
   radial_grad_kernel<T><<<entry_grid(s), kThreads, 0, stream>>>(F, g, s.planes, planes_per_group(s.planes),
                                                                  static_cast<int>(s.H), static_cast<int>(s.W),
-                                                                 static_cast<int>(s.R));
+                                                                 static_cast<int>(s.R), static_cast<T>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ------------------------------------------------------------------------------------------------
 // spectral loss
 // ------------------------------------------------------------------------------------------------
-// workspace: [0, nw) weight partials, [nw, nw + nb) loss partials, [nw + nb] the backward's scale
-struct LossLayout {
-  int64_t nw, nb;
-};
-
-LossLayout loss_layout(const SpectrumShape& s) {
+// workspace: one partial sum per block of entry_grid
+int64_t loss_partials(const SpectrumShape& s) {
   const dim3 g = entry_grid(s);
-  return {static_cast<int64_t>(g.x), static_cast<int64_t>(g.x) * g.y};
-}
-
-// wpart[block] = sum of the (unnormalised) weights of the block's entries
-__global__ void weight_partials_kernel(double* __restrict__ wpart, int H, int W, double lam, double f0) {
-  const int Wr = W / 2 + 1;
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  double w = 0.0;
-  if (e < H * Wr) {
-    const int i = e / Wr;
-    w = loss_weight(i, e - i * Wr, H, W, lam, f0);
-  }
-  w = block_sum(w);
-  if (threadIdx.x == 0) wpart[blockIdx.x] = w;
+  return static_cast<int64_t>(g.x) * g.y;
 }
 
 // part[blockIdx.y * gridDim.x + blockIdx.x] = sum over the block's entries and plane group of w * err
@@ -303,33 +291,21 @@ __global__ void loss_partials_kernel(const T* __restrict__ P, const T* __restric
   if (threadIdx.x == 0) part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = acc;
 }
 
-// one block: out[0] = sum(part) / (planes * sum(wpart)), each sum in a fixed order
+// one block: out[0] = norm * sum(part), summed in a fixed order
 template <typename T>
-__global__ void loss_final_kernel(const double* __restrict__ wpart, int64_t nw, const double* __restrict__ part,
-                                  int64_t nb, double planes, T* __restrict__ out) {
+__global__ void loss_final_kernel(const double* __restrict__ part, int64_t nb, double norm, T* __restrict__ out) {
   double a = 0.0;
   for (int64_t k = threadIdx.x; k < nb; k += blockDim.x) a += part[k];
   a = block_sum(a);
-  double w = 0.0;
-  for (int64_t k = threadIdx.x; k < nw; k += blockDim.x) w += wpart[k];
-  w = block_sum(w);
-  if (threadIdx.x == 0) out[0] = static_cast<T>(a / (planes * w));
+  if (threadIdx.x == 0) out[0] = static_cast<T>(a * norm);
 }
 
-// one block: scale[0] = sign * 2 * grad[0] / (planes * sum(wpart))
-__global__ void loss_scale_kernel(const double* __restrict__ wpart, int64_t nw, const double* __restrict__ grad,
-                                  double sign, double planes, double* __restrict__ scale) {
-  double w = 0.0;
-  for (int64_t k = threadIdx.x; k < nw; k += blockDim.x) w += wpart[k];
-  w = block_sum(w);
-  if (threadIdx.x == 0) scale[0] = sign * 2.0 * grad[0] / (planes * w);
-}
-
-// grid entry_grid; S <- coef * S (error) or coef * (|S| - |O|) / |S| * S (magnitude; 0 where |S| = 0,
-// as autograd's sgn(0) = 0), coef = scale * w / c(j)
-template <typename T, bool kError>
-__global__ void loss_grad_kernel(T* S, const T* __restrict__ O, const double* __restrict__ scale, int64_t planes,
-                                 int per_group, int H, int W, double lam, double f0) {
+// grid entry_grid; G = f * S with f = coef (error) or coef * (|S| - |O|) / |S| (magnitude; 0 where
+// |S| = 0, as autograd's sgn(0) = 0), coef = grad[0] * scale * w / c(j). S and O are only read.
+template <typename T, typename Tg, bool kError>
+__global__ void loss_grad_kernel(const T* __restrict__ S, const T* __restrict__ O, T* __restrict__ G,
+                                 const Tg* __restrict__ grad, double scale, int64_t planes, int per_group, int H,
+                                 int W, double lam, double f0) {
   using V = typename Vec2<T>::type;
   const int Wr = W / 2 + 1;
   const int E = H * Wr;
@@ -337,11 +313,12 @@ __global__ void loss_grad_kernel(T* S, const T* __restrict__ O, const double* __
   if (e >= E) return;
   const int i = e / Wr, j = e - i * Wr;
   const double inv_c = (j == 0 || 2 * j == W) ? 1.0 : 0.5;  // the adjoint of rfft2 halves conjugate pairs
-  const T coef = static_cast<T>(scale[0] * loss_weight(i, j, H, W, lam, f0) * inv_c);
+  const T coef = static_cast<T>(static_cast<double>(grad[0]) * scale * loss_weight(i, j, H, W, lam, f0) * inv_c);
   const int64_t p0 = static_cast<int64_t>(blockIdx.y) * per_group;
   const int64_t p1 = min64(planes, p0 + per_group);
-  V* S2 = reinterpret_cast<V*>(S);
+  const V* S2 = reinterpret_cast<const V*>(S);
   const V* O2 = reinterpret_cast<const V*>(O);
+  V* G2 = reinterpret_cast<V*>(G);
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t idx = p * E + e;
     const V sv = S2[idx];
@@ -351,44 +328,35 @@ __global__ void loss_grad_kernel(T* S, const T* __restrict__ O, const double* __
       const T as = magnitude(sv.x, sv.y), ao = magnitude(ov.x, ov.y);
       f = as > T(0) ? coef * (as - ao) / as : T(0);
     }
-    S2[idx] = make_vec2<T>(sv.x * f, sv.y * f);
+    G2[idx] = make_vec2<T>(sv.x * f, sv.y * f);
   }
 }
 
 template <typename T>
-void loss_launch(const T* P, const T* Y, double lam, double f0, double* work, T* out, const SpectrumShape& s,
-                 cudaStream_t stream) {
-  const LossLayout l = loss_layout(s);
+void loss_launch(const T* P, const T* Y, double lam, double f0, double norm, double* work, T* out,
+                 const SpectrumShape& s, cudaStream_t stream) {
   const dim3 grid = entry_grid(s);
   const int H = static_cast<int>(s.H), W = static_cast<int>(s.W), per = planes_per_group(s.planes);
-  weight_partials_kernel<<<grid.x, kThreads, 0, stream>>>(work, H, W, lam, f0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (Y == nullptr) {
-    loss_partials_kernel<T, true><<<grid, kThreads, 0, stream>>>(P, Y, work + l.nw, s.planes, per, H, W, lam, f0);
+    loss_partials_kernel<T, true><<<grid, kThreads, 0, stream>>>(P, Y, work, s.planes, per, H, W, lam, f0);
   } else {
-    loss_partials_kernel<T, false><<<grid, kThreads, 0, stream>>>(P, Y, work + l.nw, s.planes, per, H, W, lam, f0);
+    loss_partials_kernel<T, false><<<grid, kThreads, 0, stream>>>(P, Y, work, s.planes, per, H, W, lam, f0);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  loss_final_kernel<T><<<1, kFinalThreads, 0, stream>>>(work, l.nw, work + l.nw, l.nb,
-                                                        static_cast<double>(s.planes), out);
+  loss_final_kernel<T><<<1, kFinalThreads, 0, stream>>>(work, loss_partials(s), norm, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void loss_grad_launch(T* S, const T* O, const double* grad, double sign, double lam, double f0, double* work,
+template <typename T, typename Tg>
+void loss_grad_launch(const T* S, const T* O, T* G, const Tg* grad, double scale, double lam, double f0,
                       const SpectrumShape& s, cudaStream_t stream) {
-  const LossLayout l = loss_layout(s);
   const dim3 grid = entry_grid(s);
   const int H = static_cast<int>(s.H), W = static_cast<int>(s.W), per = planes_per_group(s.planes);
-  double* scale = work + l.nw + l.nb;
-  weight_partials_kernel<<<grid.x, kThreads, 0, stream>>>(work, H, W, lam, f0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  loss_scale_kernel<<<1, kFinalThreads, 0, stream>>>(work, l.nw, grad, sign, static_cast<double>(s.planes), scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (O == nullptr) {
-    loss_grad_kernel<T, true><<<grid, kThreads, 0, stream>>>(S, O, scale, s.planes, per, H, W, lam, f0);
+    loss_grad_kernel<T, Tg, true><<<grid, kThreads, 0, stream>>>(S, O, G, grad, scale, s.planes, per, H, W, lam, f0);
   } else {
-    loss_grad_kernel<T, false><<<grid, kThreads, 0, stream>>>(S, O, scale, s.planes, per, H, W, lam, f0);
+    loss_grad_kernel<T, Tg, false><<<grid, kThreads, 0, stream>>>(S, O, G, grad, scale, s.planes, per, H, W, lam,
+                                                                  f0);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -397,45 +365,49 @@ void loss_grad_launch(T* S, const T* O, const double* grad, double sign, double 
 
 int64_t radial_workspace(const SpectrumShape& s) { return s.planes * radial_plan(s).chunks * s.R; }
 
-void radial_spectrum(const float* F, double* work, float* out, const SpectrumShape& s, cudaStream_t stream) {
-  radial_launch<float>(F, work, out, s, stream);
+void radial_spectrum(const float* F, double* work, float* out, double scale, const SpectrumShape& s,
+                     cudaStream_t stream) {
+  radial_launch<float>(F, work, out, scale, s, stream);
 }
 
-void radial_spectrum(const double* F, double* work, double* out, const SpectrumShape& s, cudaStream_t stream) {
-  radial_launch<double>(F, work, out, s, stream);
+void radial_spectrum(const double* F, double* work, double* out, double scale, const SpectrumShape& s,
+                     cudaStream_t stream) {
+  radial_launch<double>(F, work, out, scale, s, stream);
 }
 
-void radial_spectrum_grad(float* F, const float* g, const SpectrumShape& s, cudaStream_t stream) {
-  radial_grad_launch<float>(F, g, s, stream);
+void radial_spectrum_grad(float* F, const float* g, double scale, const SpectrumShape& s, cudaStream_t stream) {
+  radial_grad_launch<float>(F, g, scale, s, stream);
 }
 
-void radial_spectrum_grad(double* F, const double* g, const SpectrumShape& s, cudaStream_t stream) {
-  radial_grad_launch<double>(F, g, s, stream);
+void radial_spectrum_grad(double* F, const double* g, double scale, const SpectrumShape& s, cudaStream_t stream) {
+  radial_grad_launch<double>(F, g, scale, s, stream);
 }
 
-int64_t loss_workspace(const SpectrumShape& s) {
-  const LossLayout l = loss_layout(s);
-  return l.nw + l.nb + 1;
-}
+int64_t loss_workspace(const SpectrumShape& s) { return loss_partials(s); }
 
-void spectral_loss(const float* P, const float* Y, double lam, double f0, double* work, float* out,
+void spectral_loss(const float* P, const float* Y, double lam, double f0, double norm, double* work, float* out,
                    const SpectrumShape& s, cudaStream_t stream) {
-  loss_launch<float>(P, Y, lam, f0, work, out, s, stream);
+  loss_launch<float>(P, Y, lam, f0, norm, work, out, s, stream);
 }
 
-void spectral_loss(const double* P, const double* Y, double lam, double f0, double* work, double* out,
+void spectral_loss(const double* P, const double* Y, double lam, double f0, double norm, double* work, double* out,
                    const SpectrumShape& s, cudaStream_t stream) {
-  loss_launch<double>(P, Y, lam, f0, work, out, s, stream);
+  loss_launch<double>(P, Y, lam, f0, norm, work, out, s, stream);
 }
 
-void spectral_loss_grad(float* S, const float* O, const double* grad, double sign, double lam, double f0,
-                        double* work, const SpectrumShape& s, cudaStream_t stream) {
-  loss_grad_launch<float>(S, O, grad, sign, lam, f0, work, s, stream);
+void spectral_loss_grad(const float* S, const float* O, float* G, const float* grad, double scale, double lam,
+                        double f0, const SpectrumShape& s, cudaStream_t stream) {
+  loss_grad_launch<float, float>(S, O, G, grad, scale, lam, f0, s, stream);
 }
 
-void spectral_loss_grad(double* S, const double* O, const double* grad, double sign, double lam, double f0,
-                        double* work, const SpectrumShape& s, cudaStream_t stream) {
-  loss_grad_launch<double>(S, O, grad, sign, lam, f0, work, s, stream);
+void spectral_loss_grad(const float* S, const float* O, float* G, const double* grad, double scale, double lam,
+                        double f0, const SpectrumShape& s, cudaStream_t stream) {
+  loss_grad_launch<float, double>(S, O, G, grad, scale, lam, f0, s, stream);
+}
+
+void spectral_loss_grad(const double* S, const double* O, double* G, const double* grad, double scale, double lam,
+                        double f0, const SpectrumShape& s, cudaStream_t stream) {
+  loss_grad_launch<double, double>(S, O, G, grad, scale, lam, f0, s, stream);
 }
 
 }  // namespace cuda

@@ -1,7 +1,9 @@
 """Triton kernels for the radial spectrum and the progressive spectral loss (DESIGN section 3.3).
 
-The spectra come from torch.fft.rfft2(norm="ortho") and reach the kernels as real (re, im) pairs
-(``torch.view_as_real``: triton takes no complex pointers). Each kernel makes one pass over them;
+The spectra come from torch.fft.rfft2 unscaled (norm "backward") and reach the kernels as real
+(re, im) pairs (``torch.view_as_real``: triton takes no complex pointers); the definition's "ortho"
+factors are folded into the kernels' scale arguments (on CUDA, torch applies any other
+normalisation as one more pass over the spectrum). Each kernel makes one pass over them;
 frequencies, shell indices and loss weights are computed inline from the entry's (row, column):
 
     fy = fftfreq(H)[row], fx = rfftfreq(W)[col]           cycles per sample
@@ -12,9 +14,9 @@ Reductions are deterministic: each program writes its partial sums to a buffer t
 in a fixed order (no float atomics).
 
 Backward: the kernels write dL/dSpectrum and torch applies the adjoint of rfft2, which is irfft2
-with the non-edge columns (those standing for a conjugate pair) halved; the halving is folded into
-the kernels. The forward ops also return the spectra, which autograd keeps for the backward
-instead of transforming the inputs again.
+(unscaled: norm "forward") with the non-edge columns (those standing for a conjugate pair) halved;
+the halving and the scale are folded into the kernels. The forward ops also return the spectra,
+which autograd keeps for the backward instead of transforming the inputs again.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _edge_halving(j, W):
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _radial_spectrum_fwd_kernel(
-    x_ptr, part_ptr, H, W, Wr, R, nchunk, rows_per_chunk,
+    x_ptr, part_ptr, H, W, Wr, R, nchunk, rows_per_chunk, scale: tl.float64,
     IS_F64: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, RW: tl.constexpr, R_PAD: tl.constexpr,
 ):
     """Energy per shell of one chunk of rows of one (b, c) spectrum -> part[plane, chunk, :R].
@@ -118,7 +120,7 @@ def _radial_spectrum_fwd_kernel(
             v = tl.load(base + (i * Wr + j)[:, None] * 2 + k2[None, :], mask=mask[:, None], other=0.0)
             v = v.to(acc_ty)
             mult = tl.where((j == 0) | (2 * j == W), 1.0, 2.0)  # conjugate pairs count twice
-            e = tl.sum(v * v, axis=1) * mult
+            e = tl.sum(v * v, axis=1) * mult * _scalar(scale, acc_ty)
             r = _shell(i, j, H, W)
             q0 = tl.min(tl.where(mask, r, 1 << 30), axis=0) // RW
             local = tl.where(mask, r - q0 * RW, 2 * RW)  # in [0, 2 RW); masked entries outside
@@ -131,9 +133,10 @@ def _radial_spectrum_fwd_kernel(
 
 @triton.jit
 def _radial_spectrum_bwd_kernel(
-    x_ptr, g_ptr, gx_ptr, total, H, W, Wr, R, BLOCK: tl.constexpr, IS_F64: tl.constexpr,
+    x_ptr, g_ptr, gx_ptr, total, H, W, Wr, R, scale: tl.float64, BLOCK: tl.constexpr, IS_F64: tl.constexpr,
 ):
-    """dL/dX for E[r] = sum_shell c |X|^2, with the adjoint's halving folded in: 2 g[shell] X."""
+    """dL/dX for E[r] = sum_shell c |X|^2, with the adjoint's halving folded in: scale g[shell] X
+    (scale = 2 / (H W) for an unscaled X and an unscaled inverse transform)."""
     pid = tl.program_id(0)
     e = pid * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
@@ -145,17 +148,18 @@ def _radial_spectrum_bwd_kernel(
     g = tl.load(g_ptr + plane * R + r, mask=mask, other=0.0).to(acc_ty)
     offs = e[:, None] * 2 + tl.arange(0, 2)[None, :]
     v = tl.load(x_ptr + offs, mask=mask[:, None], other=0.0).to(acc_ty)
-    tl.store(gx_ptr + offs, (2.0 * g)[:, None] * v, mask=mask[:, None])
+    tl.store(gx_ptr + offs, (g * _scalar(scale, acc_ty))[:, None] * v, mask=mask[:, None])
 
 
 @triton.jit
 def _spectral_loss_fwd_kernel(
     p_ptr, y_ptr, part_ptr, total, H, W, Wr,
-    lam: tl.float64, inv_f0: tl.float64, inv_mean: tl.float64, zero_pow: tl.float64,
+    lam: tl.float64, inv_f0: tl.float64, inv_mean: tl.float64, zero_pow: tl.float64, scale: tl.float64,
     ERROR_MODE: tl.constexpr, IS_F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """part[pid] = sum over one block of spectrum entries of w * (|P| - |Y|)^2, or of w * |D|^2
-    in error mode (p_ptr then holds D = rfft2(pred - target))."""
+    """part[pid] = scale * sum over one block of spectrum entries of w * (|P| - |Y|)^2, or of
+    w * |D|^2 in error mode (p_ptr then holds D = rfft2(pred - target)). With scale =
+    1 / (numel * H W) for unscaled spectra the partials add up to the loss."""
     pid = tl.program_id(0)
     e = pid * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
@@ -171,7 +175,7 @@ def _spectral_loss_fwd_kernel(
         y = tl.load(y_ptr + offs, mask=mask[:, None], other=0.0).to(acc_ty)
         diff = tl.sqrt(tl.sum(p * p, axis=1)) - tl.sqrt(tl.sum(y * y, axis=1))
         err = diff * diff
-    tl.store(part_ptr + pid, tl.sum(w * err, axis=0))
+    tl.store(part_ptr + pid, tl.sum(w * err * _scalar(scale, acc_ty), axis=0))
 
 
 @triton.jit
@@ -183,7 +187,8 @@ def _spectral_loss_bwd_kernel(
     """dL/dP (and dL/dY) times the adjoint's column halving, for one block of entries.
 
     magnitude: dL/dP = scale w (|P| - |Y|) P / |P|, dL/dY = -scale w (|P| - |Y|) Y / |Y| (0 where the
-    modulus is 0, as autograd of abs); error: dL/dD = scale w D. scale = 2 / numel * grad.
+    modulus is 0, as autograd of abs); error: dL/dD = scale w D. scale = 2 / (numel * H W) * grad
+    for unscaled spectra and an unscaled inverse transform.
     """
     pid = tl.program_id(0)
     e = pid * BLOCK + tl.arange(0, BLOCK)
@@ -284,7 +289,9 @@ def _weight_args(H: int, W: int, lam: float, f0: float) -> tuple[float, float, f
 
 
 def _spectrum(x: torch.Tensor) -> torch.Tensor:
-    return torch.fft.rfft2(x, norm="ortho").contiguous()  # the kernels index it as (B*C, H, Wr, 2)
+    """rfft2(x) unscaled (|X|^2 is H W times the ortho spectrum's: the kernels' scales undo it),
+    contiguous: the kernels index it as (B*C, H, Wr, 2)."""
+    return torch.fft.rfft2(x, norm="backward").contiguous()
 
 
 def _empty_spectrum(x: torch.Tensor) -> torch.Tensor:
@@ -314,7 +321,7 @@ def _radial_spectrum_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acc_dtype = torch.float64 if is_f64(x) else torch.float32
     part = torch.empty((B * C, nchunk, R), dtype=acc_dtype, device=x.device)
     launch(_radial_spectrum_fwd_kernel, (B * C * nchunk,), torch.view_as_real(X), part,
-           H, W, W // 2 + 1, R, nchunk, cfg["rows"],
+           H, W, W // 2 + 1, R, nchunk, cfg["rows"], 1.0 / (H * W),
            IS_F64=is_f64(x), BH=cfg["BH"], BW=cfg["BW"], RW=cfg["RW"], R_PAD=cfg["R_PAD"],
            num_warps=8, fp_fusion=False)
     energy = part.sum(1) if nchunk > 1 else part[:, 0]
@@ -334,9 +341,9 @@ def _radial_spectrum_backward_op(grad: torch.Tensor, X: torch.Tensor, W: int) ->
     total = B * C * H * Wr
     block = _flat_block(total)
     launch(_radial_spectrum_bwd_kernel, (triton.cdiv(total, block),), torch.view_as_real(X),
-           grad.contiguous(), torch.view_as_real(G), total, H, W, Wr, R,
+           grad.contiguous(), torch.view_as_real(G), total, H, W, Wr, R, 2.0 / (H * W),
            BLOCK=block, IS_F64=X.dtype == torch.complex128, num_warps=4, fp_fusion=False)
-    return torch.fft.irfft2(G, s=(H, W), norm="ortho").to(grad.dtype)
+    return torch.fft.irfft2(G, s=(H, W), norm="forward").to(grad.dtype)
 
 
 def _radial_setup(ctx, inputs, output):
@@ -367,9 +374,9 @@ def _loss_reduce(P: torch.Tensor, Y: torch.Tensor | None, H: int, W: int, lam: f
     part = torch.empty((nprog,), dtype=acc_dtype, device=P.device)
     Pr = torch.view_as_real(P)
     launch(_spectral_loss_fwd_kernel, (nprog,), Pr, torch.view_as_real(Y) if Y is not None else Pr, part,
-           total, H, W, W // 2 + 1, *_weight_args(H, W, lam, f0),
+           total, H, W, W // 2 + 1, *_weight_args(H, W, lam, f0), 1.0 / (total * H * W),
            ERROR_MODE=Y is None, IS_F64=acc_dtype == torch.float64, BLOCK=block, num_warps=4)
-    return part.sum() / total
+    return part.sum()
 
 
 def _loss_magnitude_fake(pred, target, lam, f0):
@@ -408,11 +415,11 @@ def _loss_grads(grad, P, Y, W, lam, f0, need_y):
     launch(_spectral_loss_bwd_kernel, (triton.cdiv(total, block),), Pr,
            torch.view_as_real(Y) if Y is not None else Pr, grad.reshape(1),
            torch.view_as_real(GP), torch.view_as_real(GY) if GY is not None else Pr,
-           total, H, W, Wr, *_weight_args(H, W, lam, f0), 2.0 / total,
+           total, H, W, Wr, *_weight_args(H, W, lam, f0), 2.0 / (total * H * W),
            ERROR_MODE=error_mode, NEED_Y=GY is not None, IS_F64=_real_of(P) == torch.float64,
            BLOCK=block, num_warps=4)
-    gp = torch.fft.irfft2(GP, s=(H, W), norm="ortho").to(grad.dtype)
-    gy = torch.fft.irfft2(GY, s=(H, W), norm="ortho").to(grad.dtype) if GY is not None else None
+    gp = torch.fft.irfft2(GP, s=(H, W), norm="forward").to(grad.dtype)
+    gy = torch.fft.irfft2(GY, s=(H, W), norm="forward").to(grad.dtype) if GY is not None else None
     return gp, gy
 
 
