@@ -72,6 +72,19 @@ def test_bad_override_and_missing_config_are_clear(capsys):
         pipeline.build_base({"model": "resnet"}, 1, 1)
 
 
+def test_commands_without_their_checkpoints_say_what_to_run(tmp_path, capsys):
+    """train without a base and evaluate without a trained IRNO: one line naming the command that
+    writes the missing checkpoint (and the flag that names another), exit code 2, no traceback."""
+    assert cli.main(["evaluate", *_args(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "irno/best" in err and "irno train --config configs/demo.yaml" in err and "--model" in err
+    assert cli.main(["train", *_args(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "base/best" in err and "irno train-base --config configs/demo.yaml" in err and "--base" in err
+    assert cli.main(["evaluate", *_args(tmp_path), "--model", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
+
+
 def test_deep_state_loss_trains_only_the_last_step():
     from irno import FNO, IRNO
 

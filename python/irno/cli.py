@@ -49,6 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(loader, path, device, flag: str, produce: str | None = None):
+    """``loader(path, device)[0]``, or None after a one-line message when there is no complete
+    checkpoint at path (which command writes it, or which flag names another)."""
+    try:
+        return loader(path, device)[0]
+    except FileNotFoundError as err:
+        hint = f"run `{produce}` first, or name one with {flag}" if produce else f"check {flag}"
+        print(f"irno: no checkpoint to load ({err}); {hint}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -70,13 +81,19 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoint {run / 'base' / 'best'}")
     elif args.command == "train":
         device = pipeline.device_of(cfg)
-        base, _ = pipeline.load_base(args.base or run / "base" / "best", device)
+        base = _load(pipeline.load_base, args.base or run / "base" / "best", device, "--base",
+                     f"irno train-base --config {args.config}")
+        if base is None:
+            return 2
         _, info = pipeline.train_irno(cfg, base, resume=args.resume)
         print(f"IRNO: best validation VRMSE at K {info['best_val_vrmse']:.4f}; checkpoint {run / 'irno' / 'best'}")
     elif args.command == "evaluate":
         device = pipeline.device_of(cfg)
-        model, _ = pipeline.load_irno(args.model or run / "irno" / "best", device)
-        other = pipeline.load_base(args.transfer_base, device)[0] if args.transfer_base else None
+        model = _load(pipeline.load_irno, args.model or run / "irno" / "best", device, "--model",
+                      f"irno train --config {args.config}")
+        other = _load(pipeline.load_base, args.transfer_base, device, "--transfer-base") if args.transfer_base else None
+        if model is None or (args.transfer_base and other is None):
+            return 2
         results = {"IRNO": pipeline.evaluate(cfg, model)}
         if other is not None:
             results["transfer"] = pipeline.evaluate(cfg, model, refine_from=other)
