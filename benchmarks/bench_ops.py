@@ -202,6 +202,28 @@ def layer_norm_case(B, C, H, W, channels_last=False, fused=False) -> Case:
                 lambda mode: 2 * n if mode == "fwd" else 5 * n, (0, 1, 2))
 
 
+def pad_case(B, C, H, W, cat=False) -> Case:
+    """The periodic pad of a 3x3 periodic conv's input, channels-last (the refiner's layout); ``cat``:
+    the decoder's input, cat(skip fp32, upsampled bf16) padded and written in bf16 (autocast's conv
+    dtype), against torch.cat + circular F.pad + cast."""
+    def make(device, dt):
+        skip = torch.randn(B, C, H, W, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
+        if not cat:
+            return (skip,)
+        up = torch.randn(B, C, H, W, device=device, dtype=torch.bfloat16)
+        return skip, up.contiguous(memory_format=torch.channels_last)
+
+    n = B * C * H * W * (1 if not cat else 2)  # values of the result (halo aside)
+    # bytes moved forward: fp32 read + fp32 write, or fp32 and bf16 halves read + bf16 write;
+    # the backward moves as many (the gradient read, the inputs' gradients written)
+    fwd = 8 * n if not cat else 5 * n
+    out_dtype = torch.bfloat16 if cat else None
+    return Case("periodic_pad2d" + ("[cat]" if cat else ""), f"B{B} C{C}{'x2' if cat else ''} {H}x{W} CL", make,
+                lambda *xs: ik.periodic_pad_cat_ref(xs, 1, out_dtype),
+                lambda *xs, backend: ik.periodic_pad_cat(xs, 1, out_dtype=out_dtype, backend=backend),
+                lambda mode: fwd if mode == "fwd" else 2 * fwd, (0, 1) if cat else (0,))
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     if device == "cuda":
         out = [spectral_conv_case(16, 64, 256, 256, 16), spectral_conv_case(4, 32, 128, 384, 16),
@@ -219,6 +241,8 @@ def cases(device: str, quick: bool) -> list[Case]:
         out += [layer_norm_case(16, 16, 256, 256), layer_norm_case(16, 16, 256, 256, True),
                 layer_norm_case(16, 128, 32, 32), layer_norm_case(16, 16, 256, 256, fused=True),
                 layer_norm_case(16, 16, 256, 256, True, fused=True)]
+        # the U-Net's remaining pad copies (conv inputs, the decoder's concatenation)
+        out += [pad_case(16, 16, 256, 256), pad_case(16, 16, 256, 256, cat=True), pad_case(16, 128, 32, 32)]
         fields = [(16, 4, 128, 384), (16, 11, 256, 256), (16, 1, 64, 64)]
     else:
         out = [spectral_conv_case(8, 32, 64, 64, 12), spectral_conv_case(4, 32, 128, 128, 16),

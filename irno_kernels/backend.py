@@ -30,8 +30,9 @@ ENV_VAR = "IRNO_BACKEND"
 
 #: public op name -> name of the compiled op in torch.ops.irno
 OPS = ("spectral_conv2d", "residual_update", "refine_update", "radial_spectrum", "spectral_loss",
-       "channel_layer_norm")
-#: ops with kernels in the compiled module _C (channel_layer_norm has a reference and a Triton kernel)
+       "channel_layer_norm", "periodic_pad2d")
+#: ops with kernels in the compiled module _C (channel_layer_norm and periodic_pad2d have a reference
+#: and a Triton kernel)
 C_OPS = OPS[:5]
 
 _BUILD_HINT = (

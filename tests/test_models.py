@@ -501,6 +501,12 @@ def test_conv_block_fused_path_is_the_same_function(backend, layout):
     gy = torch.randn_like(want)
     for a, e in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
         torch.testing.assert_close(a, e)
+    # the decoder's form: a list of inputs, concatenated into the first conv's padded input
+    parts = [x[:, :1].detach().clone().requires_grad_(), x[:, 1:].detach().clone().requires_grad_()]
+    want, got = blk.net(torch.cat(parts, 1)), blk.forward_fused(parts, backend=backend)
+    torch.testing.assert_close(got, want)
+    for a, e in zip(torch.autograd.grad(got, parts, gy), torch.autograd.grad(want, parts, gy)):
+        torch.testing.assert_close(a, e)
 
 
 def test_conv_block_fuses_only_what_it_can(monkeypatch):

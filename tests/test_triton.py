@@ -348,9 +348,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from irno_kernels.triton import _lib, norm as N, spectral_conv as C, spectral_dft as D, spectrum as S, update as U
+    from irno_kernels.triton import _lib, norm as N, pad as P, spectral_conv as C, spectral_dft as D, spectrum as S
+    from irno_kernels.triton import update as U
     assert not _lib.INTERPRET
-    for mod in (C, S, U, N, D):
+    for mod in (C, S, U, N, D, P):
         mod.INTERPRET = False  # the GPU launch configurations
 
     def build(kernel, ptrs, consts, fusion=True):
@@ -403,6 +404,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(N._cln_bwd_kernel, dict(g_ptr=dt, x_ptr=dt, w_ptr="fp32", b_ptr="fp32", mean_ptr="fp32",
                                       rstd_ptr="fp32", gx_ptr=dt, pw_ptr="fp32", pb_ptr="fp32"),
               dict(HAS_W=True, HAS_B=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128), GELU=gelu, HALO=halo, **f32))
+    for src, dst, halo in (("fp32", "bf16", 1), ("bf16", "bf16", 1), ("fp32", "fp32", 0)):
+        bc, bp = P._blocks(32, 1 << 16)
+        build(P._pad_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
+        build(P._pad_bwd_kernel, dict(g_ptr=dst, gx_ptr=src), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
     print("ok")
 """)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import irno_kernels as ik
 from irno_kernels._checks import channels_last_like
+from irno_kernels.backend import resolve
 
 __all__ = [
     "PADDING_MODES", "conv_padding_mode", "pad_mode", "pad_to_multiple", "crop",
@@ -114,6 +115,15 @@ class _CircularPad2d(torch.autograd.Function):
         return _wrap_pad(t, ctx.p)
 
 
+def _triton_pad(x: torch.Tensor) -> bool:
+    """Whether irno_kernels.periodic_pad2d's Triton kernel serves x (not under a forced backend
+    without it, nor with forward-mode tangents, where the reference's autograd is used)."""
+    try:
+        return resolve("periodic_pad2d", x.device, None, (x,)) == "triton"
+    except RuntimeError:
+        return False
+
+
 def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
     """Pad the last two dims of x by p on every side, periodically: same values as
     ``F.pad(x, (p, p, p, p), mode="circular")``, with a cheaper backward. p <= H and p <= W."""
@@ -124,6 +134,8 @@ def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
         raise ValueError(f"p: periodic padding of {p} needs a grid of at least {p} x {p}, got {H} x {W}")
     if torch.compiler.is_compiling():  # traced: ATen's pad (dynamo cannot trace the custom jvp below)
         return F.pad(x, (p, p, p, p), mode="circular")
+    if x.is_cuda and x.dim() == 4 and _triton_pad(x):  # one Triton pass (ATen stitches ~5 copies)
+        return ik.periodic_pad2d(x, p, backend="triton")
     if not (x.requires_grad and torch.is_grad_enabled()) and torch.autograd.forward_ad._current_level < 0:
         # nothing to differentiate: skip the autograd.Function (its Python costs more than the copies
         # on small grids). NCHW: ATen's circular pad, one C++ call. Other layouts (the U-Net's

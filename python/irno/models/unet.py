@@ -50,26 +50,45 @@ class ConvBlock(nn.Module):
             return self.forward_fused(x)
         return self.net(x)
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused path applies: periodic 3 x 3-style second conv, exact GELUs, and the Triton
-        channel LayerNorm serving x's device. IRNO_FUSED_BLOCKS=0 (or IRNO_BACKEND=reference) turns
-        it off."""
-        conv2, p = self.net[3], self.net[3].padding
-        return (os.environ.get("IRNO_FUSED_BLOCKS", "1") != "0"
-                and conv2.padding_mode == "circular" and isinstance(p, tuple) and p[0] == p[1]
-                and isinstance(p[0], int) and p[0] <= min(x.shape[-2:])
-                and all(type(a) is nn.GELU and a.approximate == "none" for a in (self.net[2], self.net[5]))
-                and resolve("channel_layer_norm", x.device, None, (x,)) == "triton")
+    def forward_cat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """``self(torch.cat(xs, 1))``; on the fused path the concatenation is written straight into
+        the first conv's padded input (one pass, no separate cat and pad)."""
+        if xs[0].is_cuda and self._fusable(xs[0]):
+            return self.forward_fused(xs)
+        return self.net(torch.cat(xs, 1))
 
-    def forward_fused(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        """``self.net(x)`` in fewer passes over memory (the path on CUDA): each LayerNorm + GELU is one
-        kernel, and the first writes its output straight into the periodic halo that the second conv
-        reads (no pad copy), in the conv's compute dtype under autocast (which the conv would cast it
-        to anyway). Same parameters, same function; ``backend`` forces the norm's backend."""
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The fused path applies: periodic convs with a symmetric halo that fits the grid, exact
+        GELUs, and the Triton channel LayerNorm and periodic pad serving x's device.
+        IRNO_FUSED_BLOCKS=0 (or IRNO_BACKEND=reference) turns it off."""
+        if os.environ.get("IRNO_FUSED_BLOCKS", "1") == "0":
+            return False
+        for conv in (self.net[0], self.net[3]):
+            p = conv.padding
+            if not (conv.padding_mode == "circular" and isinstance(p, tuple) and p[0] == p[1]
+                    and isinstance(p[0], int) and p[0] <= min(x.shape[-2:])):
+                return False
+        try:
+            kernels = (resolve("channel_layer_norm", x.device, None, (x,)) == "triton"
+                       and resolve("periodic_pad2d", x.device, None, (x,)) == "triton")
+        except RuntimeError:  # a forced IRNO_BACKEND without these kernels: the module chain
+            return False
+        return kernels and all(type(a) is nn.GELU and a.approximate == "none" for a in (self.net[2], self.net[5]))
+
+    def forward_fused(self, x: torch.Tensor | list[torch.Tensor], backend: str | None = None) -> torch.Tensor:
+        """``self.net(x)`` (of ``torch.cat(x, 1)`` for a list) in fewer passes over memory (the path on
+        CUDA): the input (the concatenation) is written once, periodically padded, in the conv's
+        compute dtype; each LayerNorm + GELU is one kernel, and the first writes its output straight
+        into the periodic halo that the second conv reads (no pad copy), in the conv's compute dtype
+        under autocast (which the conv would cast it to anyway). Same parameters, same function;
+        ``backend`` forces the norm's and the pad's backend."""
         conv1, ln1, _, conv2, ln2, _ = self.net
-        dev = x.device.type
+        xs = list(x) if isinstance(x, (list, tuple)) else [x]
+        dev = xs[0].device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        a = ik.channel_layer_norm(conv1(x), ln1.weight, ln1.bias, ln1.eps, activation="gelu",
+        a = ik.periodic_pad_cat(xs, conv1.padding[0], out_dtype=dtype, backend=backend)
+        z = F.conv2d(a, conv1.weight, conv1.bias, conv1.stride, 0, conv1.dilation, conv1.groups)
+        a = ik.channel_layer_norm(z, ln1.weight, ln1.bias, ln1.eps, activation="gelu",
                                   halo=conv2.padding[0], out_dtype=dtype, backend=backend)
         z = F.conv2d(a, conv2.weight, conv2.bias, conv2.stride, 0, conv2.dilation, conv2.groups)
         return ik.channel_layer_norm(z, ln2.weight, ln2.bias, ln2.eps, activation="gelu", backend=backend)
@@ -144,7 +163,7 @@ class UNetRefiner(nn.Module):
         x = self.bottleneck(x)
         for up_conv, block, skip in zip(self.up_convs, self.up_blocks, reversed(skips)):
             x = self._upsample(x)
-            x = block(torch.cat([skip, up_conv(x)], dim=1))
+            x = block.forward_cat([skip, up_conv(x)])
         return crop(x, size)
 
     def _upsample(self, x: torch.Tensor) -> torch.Tensor:

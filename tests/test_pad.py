@@ -1,0 +1,196 @@
+"""irno_kernels.periodic_pad_cat / periodic_pad2d: the reference pinned by hand, the Triton kernels
+(through the interpreter on CPU) against it on odd shapes, layouts, halos up to the grid, several
+inputs and mixed dtypes, forward, backward and forward mode; the GPU checks are marked ``gpu``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _cuda_graphs import replay_after_poisoning
+
+import irno_kernels as ik
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON = ik.available("periodic_pad2d", "triton", DEVICE)
+needs_triton = pytest.mark.skipif(not TRITON, reason="needs triton (and a GPU or TRITON_INTERPRET=1)")
+gpu = pytest.mark.gpu
+
+
+def field(*shape, dtype=torch.float32, layout="contiguous", seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g, dtype=dtype)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":  # a view with the grid dims swapped in memory
+        t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "sliced":  # channels 1.. of a wider tensor
+        t = torch.randn(shape[0], shape[1] + 1, *shape[2:], generator=g, dtype=dtype)[:, 1:]
+    return t.to(device)
+
+
+def test_reference_hand_computed():
+    x = torch.arange(6.0).view(1, 1, 2, 3)  # [[0, 1, 2], [3, 4, 5]]
+    want = torch.tensor([[5.0, 3, 4, 5, 3],
+                         [2.0, 0, 1, 2, 0],
+                         [5.0, 3, 4, 5, 3],
+                         [2.0, 0, 1, 2, 0]]).view(1, 1, 4, 5)
+    torch.testing.assert_close(ik.periodic_pad_cat_ref([x], 1), want)
+    y = torch.full((1, 1, 2, 3), 7.0)
+    both = ik.periodic_pad_cat_ref([x, y], 1)
+    assert both.shape == (1, 2, 4, 5)
+    torch.testing.assert_close(both[:, :1], want)
+    assert (both[:, 1] == 7).all()
+    torch.testing.assert_close(ik.periodic_pad2d(x, 0, backend="reference"), x)
+
+
+CASES = [  # (input channel counts, B, H, W, halo)
+    ((3,), 2, 5, 7, 1),
+    ((2, 5), 1, 9, 4, 2),
+    ((1, 1, 3), 2, 3, 3, 3),  # halo = the whole grid: 9 copies of every point
+    ((4,), 1, 1, 6, 1),  # H = 1: the row wraps onto itself
+    ((2, 3), 3, 6, 5, 0),  # no halo: a concatenation
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
+def test_triton_matches_reference(case, dtype, layout):
+    chans, B, H, W, halo = case
+    xs = [field(B, c, H, W, dtype=dtype, layout=layout, seed=k).requires_grad_() for k, c in enumerate(chans)]
+    got = ik.periodic_pad_cat(xs, halo, backend="triton")
+    want = ik.periodic_pad_cat_ref(xs, halo)
+    assert got.shape == (B, sum(chans), H + 2 * halo, W + 2 * halo) and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # a copy: bit for bit
+    if layout == "channels_last" and chans[0] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    elif layout == "contiguous":
+        assert got.is_contiguous()
+    gy = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(got, xs, gy), torch.autograd.grad(want, xs, gy)):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        torch.testing.assert_close(a, e)
+        if layout == "channels_last" and a.shape[1] > 1:
+            assert a.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_triton
+def test_mixed_dtypes_out_dtype_and_grads_of_some_inputs():
+    a = field(2, 3, 6, 5, dtype=torch.float64, seed=1).requires_grad_()
+    b = field(2, 2, 6, 5, dtype=torch.float32, seed=2)  # no gradient wanted
+    got = ik.periodic_pad_cat([a, b], 1, backend="triton")
+    assert got.dtype == torch.float64  # promoted, as torch.cat
+    torch.testing.assert_close(got, ik.periodic_pad_cat_ref([a, b], 1))
+    low = ik.periodic_pad_cat([a, b], 1, out_dtype=torch.float32, backend="triton")
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ik.periodic_pad_cat_ref([a, b], 1, torch.float32), rtol=0, atol=0)
+    (ga,) = torch.autograd.grad(low.square().sum(), [a])
+    (ea,) = torch.autograd.grad(ik.periodic_pad_cat_ref([a, b], 1, torch.float32).square().sum(), [a])
+    assert ga.dtype == torch.float64
+    torch.testing.assert_close(ga, ea)
+
+
+@needs_triton
+def test_gradcheck_and_forward_mode():
+    from irno_kernels.triton.pad import periodic_pad_cat as tr
+
+    a = field(1, 2, 4, 3, dtype=torch.float64, seed=3).requires_grad_()
+    b = field(1, 1, 4, 3, dtype=torch.float64, seed=4).requires_grad_()
+    torch.autograd.gradcheck(lambda p, q: tr([p, q], 2), (a, b), fast_mode=True)
+    import torch.autograd.forward_ad as fwAD
+
+    ta, tb = torch.randn_like(a), torch.randn_like(b)
+    with fwAD.dual_level():
+        out = tr([fwAD.make_dual(a.detach(), ta), fwAD.make_dual(b.detach(), tb)], 1)
+        tangent = fwAD.unpack_dual(out).tangent
+        # the public op hands tangents to the reference (its autograd has forward mode)
+        ref = ik.periodic_pad_cat([fwAD.make_dual(a.detach(), ta), b.detach()], 1)
+        ref_tangent = fwAD.unpack_dual(ref).tangent
+    torch.testing.assert_close(tangent, ik.periodic_pad_cat_ref([ta, tb], 1))
+    torch.testing.assert_close(ref_tangent, ik.periodic_pad_cat_ref([ta, torch.zeros_like(b)], 1))
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU every test already runs the GPU configurations")
+def test_gpu_launch_configuration_under_the_interpreter(monkeypatch):
+    """The GPU tiles (64 channels x 64 points): several channel blocks and point blocks per item."""
+    from irno_kernels.triton import pad
+
+    monkeypatch.setattr(pad, "INTERPRET", False)
+    assert pad._blocks(70, 300) == (64, 64)
+    xs = [field(2, 70, 11, 30, seed=5, layout="channels_last").requires_grad_(), field(2, 3, 11, 30, seed=6)]
+    got = ik.periodic_pad_cat(xs, 1, backend="triton")
+    torch.testing.assert_close(got, ik.periodic_pad_cat_ref(xs, 1), rtol=0, atol=0)
+    gy = torch.randn_like(got)
+    (a,) = torch.autograd.grad(got, xs[:1], gy)
+    (e,) = torch.autograd.grad(ik.periodic_pad_cat_ref(xs, 1), xs[:1], gy)
+    torch.testing.assert_close(a, e)
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(1, 2, 4, 5)
+    with pytest.raises(TypeError, match="xs: expected a non-empty sequence"):
+        ik.periodic_pad_cat(x, 1)
+    with pytest.raises(TypeError, match="xs: expected a non-empty sequence"):
+        ik.periodic_pad_cat([], 1)
+    with pytest.raises(ValueError, match=r"xs\[1\]: expected \(B, C, H, W\) = \(1, C, 4, 5\)"):
+        ik.periodic_pad_cat([x, torch.randn(1, 2, 4, 6)], 1)
+    with pytest.raises(ValueError, match=r"xs\[0\]: expected a 4-D tensor"):
+        ik.periodic_pad2d(torch.randn(2, 4, 5), 1)
+    with pytest.raises(ValueError, match="halo: a periodic halo of 5 wraps at most once"):
+        ik.periodic_pad2d(x, 5)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="halo: expected an int >= 0"):
+            ik.periodic_pad2d(x, bad)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ik.periodic_pad2d(x, 1, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"xs\[0\]: expected dtype"):
+        ik.periodic_pad2d(x.long(), 1)
+
+
+def test_under_torch_compile_the_reference_is_traced():
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    fn = torch.compile(lambda t: ik.periodic_pad2d(t, 1).square().sum(), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), F.pad(x, (1,) * 4, mode="circular").square().sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_pad_cat_bf16_paper_sized_and_graph_capture(layout):
+    """The decoder's input at 256 x 256 (skip fp32 + upsampled bf16 -> bf16, the autocast case): bit for
+    bit the reference's values; the fp32 gradients fold to fp32 rounding; capture and replay."""
+    skip = field(4, 16, 256, 256, layout=layout, seed=7).requires_grad_()
+    up = field(4, 16, 256, 256, dtype=torch.bfloat16, layout=layout, seed=8).requires_grad_()
+    got = ik.periodic_pad_cat([skip, up], 1, out_dtype=torch.bfloat16)
+    want = ik.periodic_pad_cat_ref([skip, up], 1, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    gy = torch.randn_like(want)
+    got_g = torch.autograd.grad(got, [skip, up], gy)
+    want_g = torch.autograd.grad(want, [skip, up], gy)
+    torch.testing.assert_close(got_g[0], want_g[0], rtol=1e-2, atol=1e-2)  # reference sums in bf16
+    torch.testing.assert_close(got_g[1].float(), want_g[1].float(), rtol=2e-2, atol=2e-2)
+    x = field(2, 8, 64, 96, layout=layout, seed=9)
+    replayed, eager = replay_after_poisoning(lambda: (ik.periodic_pad2d(x, 1),))
+    torch.testing.assert_close(replayed[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(eager[0], F.pad(x, (1,) * 4, mode="circular"), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_circular_pad2d_takes_the_kernel(monkeypatch):
+    from irno.models._layers import circular_pad2d
+
+    calls = []
+    real = ik.periodic_pad2d
+    monkeypatch.setattr(ik, "periodic_pad2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = field(2, 5, 33, 47, layout="channels_last", seed=10).requires_grad_()
+    y = circular_pad2d(x, 1)
+    assert calls and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, F.pad(x, (1,) * 4, mode="circular"), rtol=0, atol=0)
