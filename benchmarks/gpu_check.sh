@@ -35,7 +35,7 @@ fi
 "$PY" -c "import irno_kernels as ik; print(ik.build_info()); print(ik.backends())" 2>&1 | tee -a "$OUT/device.txt"
 
 log "pytest -m gpu"
-timeout 160 "$PY" -m pytest -m gpu -q --no-header --tb=short --durations=15 -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
+timeout 180 "$PY" -m pytest -m gpu -q --no-header --tb=short --durations=15 -p no:cacheprovider tests > "$OUT/pytest_gpu.log" 2>&1
 log "pytest rc=$? (124: timeout)"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | cut -c1-220 | head -20
 tail -n 2 "$OUT/pytest_gpu.log"

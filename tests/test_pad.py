@@ -174,8 +174,10 @@ def test_cuda_pad_cat_bf16_paper_sized_and_graph_capture(layout):
     gy = torch.randn_like(want)
     got_g = torch.autograd.grad(got, [skip, up], gy)
     want_g = torch.autograd.grad(want, [skip, up], gy)
-    torch.testing.assert_close(got_g[0], want_g[0], rtol=1e-2, atol=1e-2)  # reference sums in bf16
-    torch.testing.assert_close(got_g[1].float(), want_g[1].float(), rtol=2e-2, atol=2e-2)
+    # the reference adds the (up to 4) copies of an edge point in bf16, the kernel in fp32
+    torch.testing.assert_close(got_g[0], want_g[0], rtol=2e-2, atol=6e-2)
+    torch.testing.assert_close(got_g[1].float(), want_g[1].float(), rtol=2e-2, atol=6e-2)
+    assert (got_g[0] - want_g[0]).abs().mean() < 1e-2  # off only by rounding, at the edges
     x = field(2, 8, 64, 96, layout=layout, seed=9)
     replayed, eager = replay_after_poisoning(lambda: (ik.periodic_pad2d(x, 1),))
     torch.testing.assert_close(replayed[0], eager[0], rtol=0, atol=0)
