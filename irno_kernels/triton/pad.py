@@ -30,20 +30,23 @@ __all__ = ["periodic_pad_cat"]
 
 
 @triton.jit
-def _pad_fwd_kernel(
-    x_ptr, y_ptr, C, S1, S2, nblk, ncblk,
-    xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr,
-):
+def _tile(C, S1, S2, nblk, ncblk, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's tile: batch item b, channels c (valid: cmask) by grid points (i, j) (nmask)."""
     pid = tl.program_id(0)
     b = pid // (nblk * ncblk)
     rest = pid % (nblk * ncblk)
     c = (rest // nblk) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = (rest % nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
-    nmask = n < S1 * S2
-    cmask = c < C
-    i = n // S2
-    j = n % S2
+    return b, c, c < C, n // S2, n % S2, n < S1 * S2
+
+
+@triton.jit
+def _pad_fwd_kernel(
+    x_ptr, y_ptr, C, S1, S2, nblk, ncblk,
+    xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr,
+):
+    b, c, cmask, i, j, nmask = _tile(C, S1, S2, nblk, ncblk, BLOCK_C, BLOCK_P)
     x = tl.load(x_ptr + b * xs0 + c[:, None] * xs1 + (i * xs2 + j * xs3)[None, :],
                 mask=cmask[:, None] & nmask[None, :], other=0.0)
     y = x.to(y_ptr.dtype.element_ty)
@@ -60,15 +63,7 @@ def _pad_bwd_kernel(
     gs0, gs1, gs2, gs3, os0, os1, os2, os3,
     IS_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // (nblk * ncblk)
-    rest = pid % (nblk * ncblk)
-    c = (rest // nblk) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = (rest % nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
-    nmask = n < S1 * S2
-    cmask = c < C
-    i = n // S2
-    j = n % S2
+    b, c, cmask, i, j, nmask = _tile(C, S1, S2, nblk, ncblk, BLOCK_C, BLOCK_P)
     acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
     g = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_ty)
     for a in tl.static_range(3):
