@@ -91,3 +91,13 @@ def channels_last_like(t: torch.Tensor) -> bool:
     if t.dim() != 4 or t.shape[1] < 2 or t.is_contiguous():
         return False
     return all(t.stride(1) < t.stride(d) for d in (2, 3) if t.shape[d] > 1)
+
+
+#: elements a Triton kernel of this project addresses with 32-bit offsets (program ids, strides)
+INT32_ELEMENTS = (1 << 31) - 1
+
+
+def int32_addressable(*tensors: torch.Tensor, extra: int = 0) -> bool:
+    """Whether every tensor (and an output of ``extra`` elements) stays below 2^31 - 1 elements, the
+    reach of the Triton kernels' 32-bit offsets; larger fields go to the reference."""
+    return all(t.numel() < INT32_ELEMENTS for t in tensors) and extra < INT32_ELEMENTS

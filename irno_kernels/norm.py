@@ -80,7 +80,8 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias
     """
     eps = _check(x, weight, bias, eps, activation, halo, out_dtype)
     impl = resolve("channel_layer_norm", x.device, backend, (x, weight, bias))
-    if impl == "reference" or x.dim() > 4 or x.dim() < 3:
+    out_numel = x.numel() if not halo else x.shape[0] * x.shape[1] * (x.shape[2] + 2 * halo) * (x.shape[3] + 2 * halo)
+    if impl == "reference" or x.dim() > 4 or x.dim() < 3 or not _checks.int32_addressable(x, extra=out_numel):
         return channel_layer_norm_ref(x, weight, bias, eps, activation, halo, out_dtype)
     from irno_kernels.triton import channel_layer_norm as tr
 

@@ -70,7 +70,9 @@ def periodic_pad_cat(xs: Sequence[torch.Tensor], halo: int, *, out_dtype: torch.
     """
     xs = _check(xs, halo, out_dtype)
     impl = resolve("periodic_pad2d", xs[0].device, backend, xs)
-    if impl == "reference" or torch.compiler.is_compiling():
+    B, _, H, W = xs[0].shape
+    out_numel = B * sum(x.shape[1] for x in xs) * (H + 2 * halo) * (W + 2 * halo)
+    if impl == "reference" or torch.compiler.is_compiling() or not _checks.int32_addressable(*xs, extra=out_numel):
         return periodic_pad_cat_ref(xs, halo, out_dtype)
     from irno_kernels.triton import periodic_pad_cat as tr
 

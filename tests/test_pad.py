@@ -129,6 +129,27 @@ def test_gpu_launch_configuration_under_the_interpreter(monkeypatch):
     torch.testing.assert_close(a, e)
 
 
+@needs_triton
+def test_fields_beyond_32_bit_offsets_go_to_the_reference(monkeypatch):
+    """The Triton kernels (pad and LayerNorm) address with 32-bit offsets: a field whose input or
+    output reaches 2^31 elements runs the reference (the limit is lowered here to a small field)."""
+    import irno_kernels.triton as tr
+    from irno_kernels import _checks
+
+    def refuse(*a, **k):
+        raise AssertionError("the Triton kernel was called")
+
+    monkeypatch.setattr(tr, "periodic_pad_cat", refuse)
+    monkeypatch.setattr(tr, "channel_layer_norm", refuse)
+    monkeypatch.setattr(_checks, "INT32_ELEMENTS", 100)
+    x = field(1, 2, 6, 7)  # 84 elements in, 144 out with the halo
+    torch.testing.assert_close(ik.periodic_pad2d(x, 1, backend="triton"), F.pad(x, (1,) * 4, mode="circular"))
+    y = ik.channel_layer_norm(x, halo=1, backend="triton")
+    torch.testing.assert_close(y, ik.channel_layer_norm_ref(x, halo=1))
+    with pytest.raises(AssertionError, match="Triton kernel was called"):
+        ik.periodic_pad2d(x, 0, backend="triton")  # 84 elements each way: the kernel
+
+
 def test_bad_inputs_name_the_argument():
     x = torch.randn(1, 2, 4, 5)
     with pytest.raises(TypeError, match="xs: expected a non-empty sequence"):
