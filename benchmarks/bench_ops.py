@@ -224,6 +224,20 @@ def pad_case(B, C, H, W, cat=False) -> Case:
                 lambda mode: fwd if mode == "fwd" else 2 * fwd, (0, 1) if cat else (0,))
 
 
+def upsample_case(B, C, H, W) -> Case:
+    """The U-Net decoder's upsampling (channels-last fp32 in, bf16 out with the up-conv's halo, the
+    autocast case) against pad + F.interpolate + crop + pad + cast."""
+    def make(device, dt):
+        return (torch.randn(B, C, H, W, device=device, dtype=dt).contiguous(memory_format=torch.channels_last),)
+
+    n = B * C * H * W
+    fwd = 4 * n + 2 * 4 * n  # read x (fp32), write 4 outputs per point (bf16)
+    return Case("periodic_upsample2x", f"B{B} C{C} {H}x{W} CL", make,
+                lambda x: ik.periodic_upsample2x_ref(x, 1, torch.bfloat16),
+                lambda x, backend: ik.periodic_upsample2x(x, 1, out_dtype=torch.bfloat16, backend=backend),
+                lambda mode: fwd if mode == "fwd" else 2 * fwd, (0,))
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     if device == "cuda":
         out = [spectral_conv_case(16, 64, 256, 256, 16), spectral_conv_case(4, 32, 128, 384, 16),
@@ -242,7 +256,8 @@ def cases(device: str, quick: bool) -> list[Case]:
                 layer_norm_case(16, 128, 32, 32), layer_norm_case(16, 16, 256, 256, fused=True),
                 layer_norm_case(16, 16, 256, 256, True, fused=True)]
         # the U-Net's remaining pad copies (conv inputs, the decoder's concatenation)
-        out += [pad_case(16, 16, 256, 256), pad_case(16, 16, 256, 256, cat=True), pad_case(16, 128, 32, 32)]
+        out += [pad_case(16, 16, 256, 256), pad_case(16, 16, 256, 256, cat=True), pad_case(16, 128, 32, 32),
+                upsample_case(16, 32, 128, 128)]
         fields = [(16, 4, 128, 384), (16, 11, 256, 256), (16, 1, 64, 64)]
     else:
         out = [spectral_conv_case(8, 32, 64, 64, 12), spectral_conv_case(4, 32, 128, 128, 16),

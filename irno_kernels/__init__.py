@@ -12,11 +12,18 @@ Ops (see each docstring for shapes):
     spectral_loss(pred, target, lam, f0, mode) progressive spectral loss (one pass over the spectra)
     channel_layer_norm(x, weight, bias, eps)   LayerNorm over the channels at every grid point
     periodic_pad_cat(xs, halo)                 cat(xs, 1) padded periodically (periodic_pad2d: one x)
+    periodic_upsample2x(x, halo)               periodic bilinear x2, written with a periodic halo
 """
 
 from irno_kernels.backend import BACKENDS, HAS_C, available, backends, resolve
 from irno_kernels.norm import channel_layer_norm, channel_layer_norm_ref
-from irno_kernels.pad import periodic_pad2d, periodic_pad_cat, periodic_pad_cat_ref
+from irno_kernels.pad import (
+    periodic_pad2d,
+    periodic_pad_cat,
+    periodic_pad_cat_ref,
+    periodic_upsample2x,
+    periodic_upsample2x_ref,
+)
 from irno_kernels.spectral_conv import (
     FFT_NORM,
     spectral_conv2d,
@@ -62,5 +69,5 @@ __all__ = [
     "residual_update", "residual_update_", "residual_update_ref",
     "refine_update", "refine_update_", "refine_update_ref",
     "channel_layer_norm", "channel_layer_norm_ref",
-    "periodic_pad2d", "periodic_pad_cat", "periodic_pad_cat_ref",
+    "periodic_pad2d", "periodic_pad_cat", "periodic_pad_cat_ref", "periodic_upsample2x", "periodic_upsample2x_ref",
 ]

@@ -1,5 +1,6 @@
 """Periodic padding of a field, optionally of several fields concatenated along the channels (the
-inputs of the refiner U-Net's periodic 3 x 3 convolutions).
+inputs of the refiner U-Net's periodic 3 x 3 convolutions), and periodic bilinear x2 upsampling
+written with such a halo (the input of its up-convolutions; second part of this module).
 
     periodic_pad_cat([x_1, ..., x_n], h)[b, :, r, q] = cat(x_1, ..., x_n)[b, :, (r - h) mod H, (q - h) mod W]
 
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from irno_kernels import _checks
 from irno_kernels.backend import resolve
 
-__all__ = ["periodic_pad2d", "periodic_pad_cat", "periodic_pad_cat_ref"]
+__all__ = ["periodic_pad2d", "periodic_pad_cat", "periodic_pad_cat_ref", "periodic_upsample2x",
+           "periodic_upsample2x_ref"]
 
 
 def periodic_pad_cat_ref(xs: Sequence[torch.Tensor], halo: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -84,3 +86,48 @@ def periodic_pad2d(x: torch.Tensor, halo: int, *, out_dtype: torch.dtype | None 
     """x (B, C, H, W) padded periodically by ``halo`` on both sides of both grid dims:
     ``F.pad(x, (halo,) * 4, mode="circular")``; see :func:`periodic_pad_cat`."""
     return periodic_pad_cat([x], halo, out_dtype=out_dtype, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# periodic bilinear x2 upsampling, optionally written with the next conv's periodic halo
+# ---------------------------------------------------------------------------------------------
+def periodic_upsample2x_ref(x: torch.Tensor, halo: int = 0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Bilinear x2 upsampling (align_corners=False) of a periodic field, in pure PyTorch: x padded by
+    one periodic pixel, ``F.interpolate``, cropped to (2H, 2W) (so the edges interpolate across the
+    wrap), cast to ``out_dtype``, then padded periodically by ``halo``.
+    x: (B, C, H, W) -> (B, C, 2H + 2 halo, 2W + 2 halo)."""
+    up = F.interpolate(F.pad(x, (1,) * 4, mode="circular"), scale_factor=2, mode="bilinear",
+                       align_corners=False)[..., 2:-2, 2:-2]
+    if out_dtype is not None:
+        up = up.to(out_dtype)
+    return F.pad(up, (halo,) * 4, mode="circular") if halo else up
+
+
+def periodic_upsample2x(x: torch.Tensor, halo: int = 0, *, out_dtype: torch.dtype | None = None,
+                        backend: str | None = None) -> torch.Tensor:
+    """Periodic bilinear x2 upsampling with an optional periodic halo (the input of the refiner
+    U-Net's up-convolution, written in that conv's dtype): see :func:`periodic_upsample2x_ref`.
+
+    Per output axis, sample 2i takes 3/4 of x_i and 1/4 of x_{i-1}, sample 2i+1 3/4 of x_i and 1/4
+    of x_{i+1} (indices modulo the grid). Differentiable in x (and in forward mode). The Triton
+    kernel (CUDA) reads x once and writes the padded result once; its backward folds the halo and
+    applies the adjoint stencil, deterministically (ATen's bilinear backward adds with atomics).
+    x: (B, C, H, W) floating point; 0 <= halo <= min(2H, 2W). Returns (B, C, 2H + 2 halo, 2W + 2 halo)
+    in out_dtype (default x's), channels-last when x is.
+    """
+    _checks.tensor("x", x, ndim=4)
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ValueError(f"halo: expected an int >= 0, got {halo!r}")
+    H, W = x.shape[-2:]
+    if halo > 2 * min(H, W):
+        raise ValueError(f"halo: a periodic halo of {halo} wraps at most once, so it needs an upsampled grid of "
+                         f"at least {halo} x {halo}, got {2 * H} x {2 * W}")
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected None or one of {_checks.FLOAT_DTYPES}, got {out_dtype!r}")
+    impl = resolve("periodic_upsample2x", x.device, backend, (x,))
+    out_numel = x.shape[0] * x.shape[1] * (2 * H + 2 * halo) * (2 * W + 2 * halo)
+    if impl == "reference" or torch.compiler.is_compiling() or not _checks.int32_addressable(x, extra=out_numel):
+        return periodic_upsample2x_ref(x, halo, out_dtype)
+    from irno_kernels.triton import periodic_upsample2x as tr
+
+    return tr(x, halo, out_dtype if out_dtype is not None else x.dtype)

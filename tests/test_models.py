@@ -509,6 +509,45 @@ def test_conv_block_fused_path_is_the_same_function(backend, layout):
         torch.testing.assert_close(a, e)
 
 
+@_triton_cpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unet_fused_triton_path_is_the_module_chain(monkeypatch, layout):
+    """The whole refiner on its fused path (what CUDA runs; here IRNO_BACKEND=triton through the
+    interpreter): every block fused, the decoder's concatenations and every conv's input padded by the
+    Triton pad, the upsampling written with the up-conv's halo; equal to the module chain
+    (IRNO_BACKEND=reference) in float64, output and every gradient."""
+    import irno.models.unet as unet
+
+    torch.manual_seed(0)
+    net = UNetRefiner(3, 2, width=4, depth=2, out_gain=1.0).double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, ChannelLayerNorm):
+                m.weight.normal_(), m.bias.normal_()
+    x = torch.randn(2, 3, 12, 20, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [x.requires_grad_(), *net.parameters()]
+
+    def run():
+        y = net(x)
+        return y, torch.autograd.grad(y.square().sum(), leaves)
+
+    monkeypatch.setenv("IRNO_BACKEND", "reference")
+    want = run()
+    fused, ups = [], []
+    monkeypatch.setattr(unet.ConvBlock, "forward_fused",
+                        lambda self, t, _f=unet.ConvBlock.forward_fused, **k: fused.append(1) or _f(self, t, **k))
+    monkeypatch.setattr(irno_kernels, "periodic_upsample2x",
+                        lambda *a, _f=irno_kernels.periodic_upsample2x, **k: ups.append(1) or _f(*a, **k))
+    monkeypatch.setenv("IRNO_BACKEND", "triton")
+    got = run()
+    assert len(fused) == 2 * 2 + 1 and len(ups) == 2  # depth 2: every block, every upsampling
+    torch.testing.assert_close(got[0], want[0])
+    for a, e in zip(got[1], want[1]):
+        torch.testing.assert_close(a, e)
+
+
 def test_conv_block_fuses_only_what_it_can(monkeypatch):
     import irno.models.unet as unet
 

@@ -178,6 +178,83 @@ def test_under_torch_compile_the_reference_is_traced():
 
 
 # ---------------------------------------------------------------------------------------------
+# periodic bilinear x2 upsampling with a halo
+# ---------------------------------------------------------------------------------------------
+def test_upsample_reference_hand_computed():
+    # H = 1, W = 2: along W, 2j -> 1/4 x_{j-1} + 3/4 x_j and 2j+1 -> 3/4 x_j + 1/4 x_{j+1}
+    x = torch.tensor([[[[0.0, 4.0]]]])
+    row = torch.tensor([1.0, 1.0, 3.0, 3.0])
+    torch.testing.assert_close(ik.periodic_upsample2x_ref(x), row.expand(2, 4).reshape(1, 1, 2, 4))
+    torch.testing.assert_close(ik.periodic_upsample2x_ref(x, 1)[0, 0, 1], torch.tensor([3.0, 1, 1, 3, 3, 1]))
+    from irno.models._layers import upsample2x_periodic  # the U-Net's own route, the same function
+
+    y = torch.randn(2, 3, 5, 6)
+    torch.testing.assert_close(ik.periodic_upsample2x_ref(y), upsample2x_periodic(y))
+
+
+UP_CASES = [((2, 3, 5, 7), 1), ((1, 2, 1, 4), 2), ((2, 4, 6, 6), 0), ((1, 1, 2, 1), 2), ((1, 3, 3, 8), 6)]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", UP_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_upsample_triton_matches_reference(case, dtype, layout):
+    shape, halo = case
+    x = field(*shape, dtype=dtype, layout=layout, seed=11).requires_grad_()
+    got = ik.periodic_upsample2x(x, halo, backend="triton")
+    want = ik.periodic_upsample2x_ref(x, halo)
+    assert got.shape == want.shape == (shape[0], shape[1], 2 * shape[2] + 2 * halo, 2 * shape[3] + 2 * halo)
+    tol = {torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if layout == "channels_last" and shape[1] > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    gy = torch.randn_like(want)
+    (a,), (e,) = torch.autograd.grad(got, [x], gy), torch.autograd.grad(want, [x], gy)
+    assert a.dtype == dtype
+    torch.testing.assert_close(a, e, rtol=10 * tol, atol=10 * tol)
+
+
+@needs_triton
+def test_upsample_out_dtype_gradcheck_forward_mode_and_gpu_tiles(monkeypatch):
+    from irno_kernels.triton import pad
+    from irno_kernels.triton.pad import periodic_upsample2x as tr
+
+    x = field(2, 3, 4, 5, dtype=torch.float64, seed=12).requires_grad_()
+    low = ik.periodic_upsample2x(x, 1, out_dtype=torch.float32, backend="triton")
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ik.periodic_upsample2x_ref(x, 1, torch.float32))
+    torch.autograd.gradcheck(lambda t: tr(t, 2, torch.float64), (x[:1, :2, :3].detach().requires_grad_(),),
+                             fast_mode=True)
+    import torch.autograd.forward_ad as fwAD
+
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(tr(fwAD.make_dual(x.detach(), t), 1, torch.float64)).tangent
+    torch.testing.assert_close(tangent, ik.periodic_upsample2x_ref(t, 1))
+    monkeypatch.setattr(pad, "INTERPRET", False)  # GPU tiles: 2 channel blocks, several point blocks
+    y = field(1, 70, 9, 20, seed=13, layout="channels_last").requires_grad_()
+    got = ik.periodic_upsample2x(y, 1, backend="triton")
+    torch.testing.assert_close(got, ik.periodic_upsample2x_ref(y, 1), rtol=1e-6, atol=1e-6)
+    gy = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, [y], gy)[0],
+                               torch.autograd.grad(ik.periodic_upsample2x_ref(y, 1), [y], gy)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_bad_inputs():
+    x = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="x: expected a 4-D tensor"):
+        ik.periodic_upsample2x(torch.randn(2, 3, 4), 1)
+    with pytest.raises(ValueError, match="halo: a periodic halo of 7 wraps at most once"):
+        ik.periodic_upsample2x(x, 7)
+    with pytest.raises(ValueError, match="halo: expected an int >= 0"):
+        ik.periodic_upsample2x(x, -1)
+    with pytest.raises(ValueError, match="out_dtype"):
+        ik.periodic_upsample2x(x, 1, out_dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
 @gpu
@@ -217,3 +294,25 @@ def test_cuda_circular_pad2d_takes_the_kernel(monkeypatch):
     y = circular_pad2d(x, 1)
     assert calls and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, F.pad(x, (1,) * 4, mode="circular"), rtol=0, atol=0)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_upsample_bf16_paper_sized_and_graph_capture():
+    """The decoder's upsampling at 128 -> 256 (fp32 in, bf16 out with the halo, the autocast case):
+    within one bf16 rounding of the reference; fp32 gradients to fp32 rounding; capture and replay."""
+    x = field(4, 32, 128, 128, layout="channels_last", seed=14).requires_grad_()
+    got = ik.periodic_upsample2x(x, 1, out_dtype=torch.bfloat16)
+    want = ik.periodic_upsample2x_ref(x, 1, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert (got != want).float().mean() < 1e-3  # only values at a rounding tie of the fp32 sums differ
+    x32 = x.detach().requires_grad_()
+    got32, want32 = ik.periodic_upsample2x(x32, 1), ik.periodic_upsample2x_ref(x32, 1)
+    torch.testing.assert_close(got32, want32, rtol=1e-6, atol=1e-6)
+    gy = torch.randn_like(want32)
+    torch.testing.assert_close(torch.autograd.grad(got32, [x32], gy)[0], torch.autograd.grad(want32, [x32], gy)[0],
+                               rtol=1e-5, atol=1e-5)
+    small = field(2, 8, 32, 48, layout="channels_last", seed=15)
+    replayed, eager = replay_after_poisoning(lambda: (ik.periodic_upsample2x(small, 1),))
+    torch.testing.assert_close(replayed[0], eager[0], rtol=0, atol=0)

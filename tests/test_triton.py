@@ -408,6 +408,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         bc, bp = P._blocks(32, 1 << 16)
         build(P._pad_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
         build(P._pad_bwd_kernel, dict(g_ptr=dst, gx_ptr=src), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
+        build(P._up_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
+        build(P._up_bwd_kernel, dict(g_ptr="fp32", gx_ptr=src), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp))
     print("ok")
 """)
 

@@ -12,15 +12,16 @@ set before triton was imported. Importing this package raises ImportError withou
 
 from irno_kernels.triton._lib import INTERPRET, NAMESPACE
 from irno_kernels.triton.norm import channel_layer_norm
-from irno_kernels.triton.pad import periodic_pad_cat
+from irno_kernels.triton.pad import periodic_pad_cat, periodic_upsample2x
 from irno_kernels.triton.spectral_conv import spectral_conv2d
 from irno_kernels.triton.spectrum import radial_spectrum, spectral_loss
 from irno_kernels.triton.update import refine_update, refine_update_, residual_update, residual_update_
 
 #: ops with a Triton kernel, named as in irno_kernels.backend.OPS
 OPS = ("spectral_conv2d", "residual_update", "refine_update", "radial_spectrum", "spectral_loss",
-       "channel_layer_norm", "periodic_pad2d")
+       "channel_layer_norm", "periodic_pad2d", "periodic_upsample2x")
 
 __all__ = ["OPS", "INTERPRET", "NAMESPACE",
            "residual_update", "residual_update_", "refine_update", "refine_update_",
-           "radial_spectrum", "spectral_loss", "spectral_conv2d", "channel_layer_norm", "periodic_pad_cat"]
+           "radial_spectrum", "spectral_loss", "spectral_conv2d", "channel_layer_norm", "periodic_pad_cat",
+           "periodic_upsample2x"]

@@ -1,5 +1,5 @@
-"""Triton kernels for ``irno_kernels.periodic_pad_cat`` (periodic padding of a concatenation), forward
-and backward.
+"""Triton kernels for ``irno_kernels.periodic_pad_cat`` (periodic padding of a concatenation) and
+``irno_kernels.periodic_upsample2x`` (periodic bilinear x2 written with a halo), forward and backward.
 
 Forward: one launch per input. A program takes a tile of one batch item, a block of channels by a
 block of grid points, reads it once and writes it to each of its copies in the padded result at the
@@ -26,7 +26,7 @@ from irno_kernels._checks import channels_last_like
 from irno_kernels.triton._lib import INTERPRET, launch, pow2
 from irno_kernels.triton.norm import _halo_copy
 
-__all__ = ["periodic_pad_cat"]
+__all__ = ["periodic_pad_cat", "periodic_upsample2x"]
 
 
 @triton.jit
@@ -161,3 +161,138 @@ def periodic_pad_cat(xs: list[torch.Tensor], halo: int, out_dtype: torch.dtype |
         for x in xs[1:]:
             out_dtype = torch.promote_types(out_dtype, x.dtype)
     return _PeriodicPadCat.apply(int(halo), out_dtype, *xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# periodic bilinear x2 upsampling with a halo (irno_kernels.periodic_upsample2x)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _wrap(k, n):
+    """k in [-1, n] taken modulo n."""
+    return tl.where(k < 0, k + n, tl.where(k >= n, k - n, k))
+
+
+@triton.jit
+def _lerp_row(x_ptr, base, c, cmask, r, j, nmask, xs1, xs2, xs3, S2, acc_ty: tl.constexpr):
+    """Row r of x interpolated along the grid's second dim at columns 2j and 2j + 1:
+    (0.25 x[r, j-1] + 0.75 x[r, j], 0.75 x[r, j] + 0.25 x[r, j+1]), periodic."""
+    m = cmask[:, None] & nmask[None, :]
+    row = base + c[:, None] * xs1 + (r * xs2)[None, :]
+    left = tl.load(x_ptr + row + (_wrap(j - 1, S2) * xs3)[None, :], mask=m, other=0.0).to(acc_ty)
+    mid = tl.load(x_ptr + row + (j * xs3)[None, :], mask=m, other=0.0).to(acc_ty)
+    right = tl.load(x_ptr + row + (_wrap(j + 1, S2) * xs3)[None, :], mask=m, other=0.0).to(acc_ty)
+    return 0.25 * left + 0.75 * mid, 0.75 * mid + 0.25 * right
+
+
+@triton.jit
+def _store_copies(y_ptr, base, c, cmask, r, q, nmask, v, ys1, ys2, ys3, S1, S2, HALO: tl.constexpr):
+    """v at (r, q) of an S1 x S2 grid and at its periodic halo copies."""
+    for a in tl.static_range(3):
+        for e in tl.static_range(3):
+            rr, qq, ok = _halo_copy(r, q, nmask, a, e, S1, S2, HALO)
+            tl.store(y_ptr + base + c[:, None] * ys1 + (rr * ys2 + qq * ys3)[None, :], v,
+                     mask=cmask[:, None] & ok[None, :])
+
+
+@triton.jit
+def _up_fwd_kernel(
+    x_ptr, y_ptr, C, S1, S2, nblk, ncblk,
+    xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
+    IS_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr,
+):
+    """The four outputs (2i + a, 2j + e) of each input point of the tile, from its 3 x 3 periodic
+    neighbourhood (interpolated along the columns first, then the rows, as ATen's bilinear kernel),
+    each written with its halo copies into y (B, C, 2 S1 + 2 HALO, 2 S2 + 2 HALO)."""
+    b, c, cmask, i, j, nmask = _tile(C, S1, S2, nblk, ncblk, BLOCK_C, BLOCK_P)
+    acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
+    xb = b * xs0
+    u0, u1 = _lerp_row(x_ptr, xb, c, cmask, _wrap(i - 1, S1), j, nmask, xs1, xs2, xs3, S2, acc_ty)
+    m0, m1 = _lerp_row(x_ptr, xb, c, cmask, i, j, nmask, xs1, xs2, xs3, S2, acc_ty)
+    d0, d1 = _lerp_row(x_ptr, xb, c, cmask, _wrap(i + 1, S1), j, nmask, xs1, xs2, xs3, S2, acc_ty)
+    yb = b * ys0
+    ty = y_ptr.dtype.element_ty
+    _store_copies(y_ptr, yb, c, cmask, 2 * i, 2 * j, nmask, (0.25 * u0 + 0.75 * m0).to(ty),
+                  ys1, ys2, ys3, 2 * S1, 2 * S2, HALO)
+    _store_copies(y_ptr, yb, c, cmask, 2 * i, 2 * j + 1, nmask, (0.25 * u1 + 0.75 * m1).to(ty),
+                  ys1, ys2, ys3, 2 * S1, 2 * S2, HALO)
+    _store_copies(y_ptr, yb, c, cmask, 2 * i + 1, 2 * j, nmask, (0.75 * m0 + 0.25 * d0).to(ty),
+                  ys1, ys2, ys3, 2 * S1, 2 * S2, HALO)
+    _store_copies(y_ptr, yb, c, cmask, 2 * i + 1, 2 * j + 1, nmask, (0.75 * m1 + 0.25 * d1).to(ty),
+                  ys1, ys2, ys3, 2 * S1, 2 * S2, HALO)
+
+
+@triton.jit
+def _up_bwd_kernel(
+    g_ptr, gx_ptr, C, S1, S2, nblk, ncblk,
+    gs0, gs1, gs2, gs3, os0, os1, os2, os3,
+    IS_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The adjoint of the upsampling, for g the gradient of the (2 S1, 2 S2) field (halo folded):
+    per axis, grad x_i = 3/4 (g_2i + g_2i+1) + 1/4 (g_2i-1 + g_2i+2), periodic: 16 taps per point."""
+    b, c, cmask, i, j, nmask = _tile(C, S1, S2, nblk, ncblk, BLOCK_C, BLOCK_P)
+    acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
+    m = cmask[:, None] & nmask[None, :]
+    base = g_ptr + b * gs0 + c[:, None] * gs1
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_ty)
+    for a in tl.static_range(4):
+        wa = 0.25 if (a == 0 or a == 3) else 0.75
+        r = _wrap(2 * i + a - 1, 2 * S1)
+        row = tl.zeros((BLOCK_C, BLOCK_P), dtype=acc_ty)
+        for e in tl.static_range(4):
+            we = 0.25 if (e == 0 or e == 3) else 0.75
+            q = _wrap(2 * j + e - 1, 2 * S2)
+            row += we * tl.load(base + (r * gs2 + q * gs3)[None, :], mask=m, other=0.0).to(acc_ty)
+        acc += wa * row
+    tl.store(gx_ptr + b * os0 + c[:, None] * os1 + (i * os2 + j * os3)[None, :],
+             acc.to(gx_ptr.dtype.element_ty), mask=m)
+
+
+def _upsample(x: torch.Tensor, halo: int, out_dtype: torch.dtype) -> torch.Tensor:
+    B, C, H, W = x.shape
+    fmt = torch.channels_last if channels_last_like(x) else torch.contiguous_format
+    y = torch.empty((B, C, 2 * H + 2 * halo, 2 * W + 2 * halo), dtype=out_dtype, device=x.device,
+                    memory_format=fmt)
+    grid, nblk, ncblk, bc, bp = _tiles(B, C, H * W)
+    launch(_up_fwd_kernel, grid, x, y, C, H, W, nblk, ncblk, *x.stride(), *y.stride(),
+           IS_F64=torch.float64 in (x.dtype, out_dtype), BLOCK_C=bc, BLOCK_P=bp, HALO=halo, num_warps=4)
+    return y
+
+
+def _upsample_adjoint(gy: torch.Tensor, shape, dtype: torch.dtype, channels_last: bool, halo: int) -> torch.Tensor:
+    B, C, H, W = shape
+    f64 = torch.float64 in (gy.dtype, dtype)
+    if halo:  # fold the halo first, in the accumulation precision
+        gy = _fold(gy, (B, C, 2 * H, 2 * W), torch.float64 if f64 else torch.float32, channels_last, halo)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gx = torch.empty(shape, dtype=dtype, device=gy.device, memory_format=fmt)
+    grid, nblk, ncblk, bc, bp = _tiles(B, C, H * W)
+    launch(_up_bwd_kernel, grid, gy, gx, C, H, W, nblk, ncblk, *gy.stride(), *gx.stride(),
+           IS_F64=f64, BLOCK_C=bc, BLOCK_P=bp, num_warps=4)
+    return gx
+
+
+class _PeriodicUpsample2x(torch.autograd.Function):
+    @staticmethod
+    def forward(x, halo, out_dtype):
+        return _upsample(x, halo, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, halo, out_dtype = inputs
+        ctx.meta = (x.shape, x.dtype, channels_last_like(x))
+        ctx.halo, ctx.out_dtype = halo, out_dtype
+
+    @staticmethod
+    def backward(ctx, gy):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _upsample_adjoint(gy, *ctx.meta, ctx.halo), None, None
+
+    @staticmethod
+    def jvp(ctx, t, _dhalo, _ddtype):
+        return _upsample(t, ctx.halo, ctx.out_dtype)
+
+
+def periodic_upsample2x(x: torch.Tensor, halo: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Periodic bilinear x2 of x padded by halo (arguments validated by irno_kernels.periodic_upsample2x)."""
+    return _PeriodicUpsample2x.apply(x, int(halo), out_dtype)

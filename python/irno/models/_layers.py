@@ -134,7 +134,7 @@ def circular_pad2d(x: torch.Tensor, p: int) -> torch.Tensor:
         raise ValueError(f"p: periodic padding of {p} needs a grid of at least {p} x {p}, got {H} x {W}")
     if torch.compiler.is_compiling():  # traced: ATen's pad (dynamo cannot trace the custom jvp below)
         return F.pad(x, (p, p, p, p), mode="circular")
-    if x.is_cuda and x.dim() == 4 and _triton_pad(x):  # one Triton pass (ATen stitches ~5 copies)
+    if x.dim() == 4 and _triton_pad(x):  # CUDA: one Triton pass (ATen stitches ~5 copies)
         return ik.periodic_pad2d(x, p, backend="triton")
     if not (x.requires_grad and torch.is_grad_enabled()) and torch.autograd.forward_ad._current_level < 0:
         # nothing to differentiate: skip the autograd.Function (its Python costs more than the copies

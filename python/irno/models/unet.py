@@ -34,6 +34,15 @@ from irno_kernels.backend import resolve
 __all__ = ["UNetRefiner", "ConvBlock", "periodic_coordinates"]
 
 
+def _triton_serves(op: str, x: torch.Tensor) -> bool:
+    """Whether the automatic (or IRNO_BACKEND's) choice for ``op`` on x is its Triton kernel; a forced
+    backend that lacks the op means no (the module chain runs)."""
+    try:
+        return resolve(op, x.device, None, (x,)) == "triton"
+    except RuntimeError:
+        return False
+
+
 class ConvBlock(nn.Module):
     """2 x (3x3 conv -> channel LayerNorm -> GELU): (B, cin, H, W) -> (B, cout, H, W)."""
 
@@ -46,20 +55,21 @@ class ConvBlock(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        if x.is_cuda and self._fusable(x):
+        if self._fusable(x):
             return self.forward_fused(x)
         return self.net(x)
 
     def forward_cat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """``self(torch.cat(xs, 1))``; on the fused path the concatenation is written straight into
         the first conv's padded input (one pass, no separate cat and pad)."""
-        if xs[0].is_cuda and self._fusable(xs[0]):
+        if self._fusable(xs[0]):
             return self.forward_fused(xs)
         return self.net(torch.cat(xs, 1))
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """The fused path applies: periodic convs with a symmetric halo that fits the grid, exact
-        GELUs, and the Triton channel LayerNorm and periodic pad serving x's device.
+        GELUs, and the Triton channel LayerNorm and periodic pad serving x (the automatic choice on
+        CUDA; on CPU only when IRNO_BACKEND=triton forces triton's interpreter).
         IRNO_FUSED_BLOCKS=0 (or IRNO_BACKEND=reference) turns it off."""
         if os.environ.get("IRNO_FUSED_BLOCKS", "1") == "0":
             return False
@@ -68,11 +78,7 @@ class ConvBlock(nn.Module):
             if not (conv.padding_mode == "circular" and isinstance(p, tuple) and p[0] == p[1]
                     and isinstance(p[0], int) and p[0] <= min(x.shape[-2:])):
                 return False
-        try:
-            kernels = (resolve("channel_layer_norm", x.device, None, (x,)) == "triton"
-                       and resolve("periodic_pad2d", x.device, None, (x,)) == "triton")
-        except RuntimeError:  # a forced IRNO_BACKEND without these kernels: the module chain
-            return False
+        kernels = _triton_serves("channel_layer_norm", x) and _triton_serves("periodic_pad2d", x)
         return kernels and all(type(a) is nn.GELU and a.approximate == "none" for a in (self.net[2], self.net[5]))
 
     def forward_fused(self, x: torch.Tensor | list[torch.Tensor], backend: str | None = None) -> torch.Tensor:
@@ -162,9 +168,23 @@ class UNetRefiner(nn.Module):
             x = F.max_pool2d(x, 2)
         x = self.bottleneck(x)
         for up_conv, block, skip in zip(self.up_convs, self.up_blocks, reversed(skips)):
-            x = self._upsample(x)
-            x = block.forward_cat([skip, up_conv(x)])
+            x = block.forward_cat([skip, self._up(up_conv, x)])
         return crop(x, size)
+
+    def _up(self, up_conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``up_conv(self._upsample(x))``. On the fused path (periodic, the Triton kernel serving x) the
+        upsampled field is written once, already padded for up_conv and in its compute dtype under
+        autocast, by ``irno_kernels.periodic_upsample2x`` (in place of a pad, the interpolation, a
+        crop, a second pad and a cast)."""
+        p = up_conv.padding
+        if (self.padding in ("periodic", "circular") and up_conv.padding_mode == "circular"
+                and isinstance(p, tuple) and p[0] == p[1] and isinstance(p[0], int) and p[0] <= 2 * min(x.shape[-2:])
+                and os.environ.get("IRNO_FUSED_BLOCKS", "1") != "0" and _triton_serves("periodic_upsample2x", x)):
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            a = ik.periodic_upsample2x(x, p[0], out_dtype=dtype)
+            return F.conv2d(a, up_conv.weight, up_conv.bias, up_conv.stride, 0, up_conv.dilation, up_conv.groups)
+        return up_conv(self._upsample(x))
 
     def _upsample(self, x: torch.Tensor) -> torch.Tensor:
         """Bilinear x2. With periodic boundaries the edge pixels interpolate across the wrap (a 1-pixel
