@@ -79,7 +79,14 @@ def launch(kernel, grid, *args, fp_fusion: bool = True, **meta):
 
 
 def pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The smallest power of two >= n (>= 1), in plain Python (triton.next_power_of_2 goes through a
+    constexpr-function wrapper: microseconds per call on the launch path)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints, in plain Python (see pow2)."""
+    return -(-a // b)
 
 
 def is_f64(t: torch.Tensor) -> bool:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels._checks import channels_last_like
-from irno_kernels.triton._lib import INTERPRET, as_4d, is_f64, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, as_4d, cdiv, is_f64, launch, pow2, register
 
 __all__ = ["channel_layer_norm"]
 
@@ -208,7 +208,7 @@ def _cln_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     rstd = torch.empty((B, N), dtype=st, device=x.device)
     c_pad = pow2(C)
     block = _block(N, c_pad)
-    nblk = triton.cdiv(N, block)
+    nblk = cdiv(N, block)
     launch(_cln_fwd_kernel, (B * nblk,), x4, weight if weight is not None else x4,
            bias if bias is not None else x4, y4, mean, rstd, float(eps), C, S1, S2, nblk,
            *x4.stride(), *y4.stride(), HAS_W=weight is not None, HAS_B=bias is not None, IS_F64=is_f64(x),
@@ -237,7 +237,7 @@ def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, b
     block = _block(N, c_pad)
     # about 8 blocks per program on a GPU: enough programs to fill it, few partial rows to add up
     chunk = N if INTERPRET else block * 8
-    nchunk = triton.cdiv(N, chunk)
+    nchunk = cdiv(N, chunk)
     acc = _stats_dtype(x)
     pw = torch.empty((B * nchunk, C), dtype=acc, device=x.device)
     pb = torch.empty((B * nchunk, C), dtype=acc, device=x.device)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels.spectral_conv import FFT_NORM, hermitian_edges
-from irno_kernels.triton._lib import INTERPRET, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, cdiv, launch, pow2, register
 
 __all__ = ["spectral_conv2d"]
 
@@ -169,7 +169,7 @@ def _mix_into(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, m1: int,
     if conj_transpose:
         s_i, s_o = s_o, s_i
     bm, bb, bo = _mix_blocks(m2, B, CO)
-    n_mb, n_bb, n_ob = triton.cdiv(m2, bm), triton.cdiv(B, bb), triton.cdiv(CO, bo)
+    n_mb, n_bb, n_ob = cdiv(m2, bm), cdiv(B, bb), cdiv(CO, bo)
     launch(_spectral_mix_kernel, (2 * m1 * n_mb * n_bb * n_ob,),
            torch.view_as_real(a), wv, torch.view_as_real(out),
            B, CI, CO, H, Wr, m1, m2, s_i, s_o, s_r, s_c, n_mb, n_bb, n_ob,
@@ -218,7 +218,7 @@ def _spectral_conv2d_backward_op(grad: torch.Tensor, X: torch.Tensor, weight: to
     if need_w:
         gw = torch.empty((CI, CO, 2 * m1, m2), dtype=weight.dtype, device=weight.device)
         bm, bi, bo = _mix_blocks(m2, CI, CO)
-        n_mb, n_ib, n_ob = triton.cdiv(m2, bm), triton.cdiv(CI, bi), triton.cdiv(CO, bo)
+        n_mb, n_ib, n_ob = cdiv(m2, bm), cdiv(CI, bi), cdiv(CO, bo)
         launch(_spectral_mix_grad_w_kernel, (2 * m1 * n_mb * n_ib * n_ob,),
                torch.view_as_real(X), torch.view_as_real(Gy), torch.view_as_real(gw),
                B, CI, CO, H, W, Wr, m1, m2, n_mb, n_ib, n_ob,

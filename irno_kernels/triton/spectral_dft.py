@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.triton._lib import INTERPRET, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, cdiv, launch, pow2, register
 
 __all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "MAX_ROWS", "MAX_COLS"]
 
@@ -162,7 +162,7 @@ def _m2g_op(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tenso
     y = torch.empty((*lead, H, W), dtype=torch.float32, device=z.device)
     N = y.numel() // (H * W)
     bh, bw, rp, mp = _blocks(H, W, R, M)
-    launch(_modes_to_grid_kernel, (N, triton.cdiv(H, bh)), torch.view_as_real(z), pr, pi, qr, qi, y, H, W, R, M,
+    launch(_modes_to_grid_kernel, (N, cdiv(H, bh)), torch.view_as_real(z), pr, pi, qr, qi, y, H, W, R, M,
            PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, num_warps=4)
     return y
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels.spectrum import num_shells
-from irno_kernels.triton._lib import INTERPRET, is_f64, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, cdiv, is_f64, launch, pow2, register
 
 __all__ = ["radial_spectrum", "spectral_loss"]
 
@@ -258,7 +258,7 @@ def _radial_config(H: int, W: int, R: int) -> dict:
                 if rw * tile > limit:
                     continue
                 if INTERPRET:
-                    cost = (triton.cdiv(H, bh) * triton.cdiv(Wr, bw), rw)
+                    cost = (cdiv(H, bh) * cdiv(Wr, bw), rw)
                 else:
                     cost = (2 * rw + 2 * r_pad / tile, 0)
                 if best is None or cost < best[0]:
@@ -317,7 +317,7 @@ def _radial_spectrum_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     R = num_shells(H, W)
     X = _spectrum(x)
     cfg = _radial_config(H, W, R)
-    nchunk = triton.cdiv(H, cfg["rows"])
+    nchunk = cdiv(H, cfg["rows"])
     acc_dtype = torch.float64 if is_f64(x) else torch.float32
     part = torch.empty((B * C, nchunk, R), dtype=acc_dtype, device=x.device)
     launch(_radial_spectrum_fwd_kernel, (B * C * nchunk,), torch.view_as_real(X), part,
@@ -340,7 +340,7 @@ def _radial_spectrum_backward_op(grad: torch.Tensor, X: torch.Tensor, W: int) ->
     G = torch.empty_like(X)
     total = B * C * H * Wr
     block = _flat_block(total)
-    launch(_radial_spectrum_bwd_kernel, (triton.cdiv(total, block),), torch.view_as_real(X),
+    launch(_radial_spectrum_bwd_kernel, (cdiv(total, block),), torch.view_as_real(X),
            grad.contiguous(), torch.view_as_real(G), total, H, W, Wr, R, 2.0 / (H * W),
            BLOCK=block, IS_F64=X.dtype == torch.complex128, num_warps=4, fp_fusion=False)
     return torch.fft.irfft2(G, s=(H, W), norm="forward").to(grad.dtype)
@@ -369,7 +369,7 @@ _radial_spectrum_op.register_autograd(_radial_backward, setup_context=_radial_se
 def _loss_reduce(P: torch.Tensor, Y: torch.Tensor | None, H: int, W: int, lam: float, f0: float) -> torch.Tensor:
     total = P.numel()
     block = _flat_block(total)
-    nprog = triton.cdiv(total, block)
+    nprog = cdiv(total, block)
     acc_dtype = _real_of(P)
     part = torch.empty((nprog,), dtype=acc_dtype, device=P.device)
     Pr = torch.view_as_real(P)
@@ -412,7 +412,7 @@ def _loss_grads(grad, P, Y, W, lam, f0, need_y):
     GP = torch.empty_like(P)
     GY = torch.empty_like(Y) if need_y and not error_mode else None
     Pr = torch.view_as_real(P)
-    launch(_spectral_loss_bwd_kernel, (triton.cdiv(total, block),), Pr,
+    launch(_spectral_loss_bwd_kernel, (cdiv(total, block),), Pr,
            torch.view_as_real(Y) if Y is not None else Pr, grad.reshape(1),
            torch.view_as_real(GP), torch.view_as_real(GY) if GY is not None else Pr,
            total, H, W, Wr, *_weight_args(H, W, lam, f0), 2.0 / (total * H * W),

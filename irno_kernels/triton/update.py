@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.triton._lib import INTERPRET, as_4d, is_f64, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, as_4d, cdiv, is_f64, launch, pow2, register
 
 __all__ = ["residual_update", "residual_update_", "refine_update", "refine_update_"]
 
@@ -163,7 +163,7 @@ def _residual_into(out: torch.Tensor, h: torch.Tensor | None, phi: torch.Tensor,
     """out = h + alpha * phi (h may be None); all three are (B, C, S1, S2) views."""
     B, C, S1, S2 = phi.shape
     block = _elementwise_block(S1 * S2)
-    nblk = triton.cdiv(S1 * S2, block)
+    nblk = cdiv(S1 * S2, block)
     hh = h if h is not None else phi
     launch(_residual_update_kernel, (B * C * nblk,), hh, phi, out, float(alpha), C, S1, S2, nblk,
            *_strides4(hh), *_strides4(phi), *_strides4(out),
@@ -178,7 +178,7 @@ def _project_into(out: torch.Tensor, h: torch.Tensor | None, z: torch.Tensor, we
     CO = weight.shape[0]
     co_pad = pow2(CO)
     block = _projection_block(S1 * S2, co_pad)
-    nblk = triton.cdiv(S1 * S2, block)
+    nblk = cdiv(S1 * S2, block)
     hh = h if h is not None else out
     launch(_refine_update_kernel, (B * nblk,), hh, z, weight, bias if bias is not None else weight, out,
            float(alpha), CO, F, S1, S2, nblk,
@@ -283,8 +283,8 @@ def _refine_grad_wb_op(grad: torch.Tensor, z: torch.Tensor, alpha: float) -> tup
     N = S1 * S2
     co_pad, f_pad = pow2(CO), pow2(F)
     block, chunk = _reduction_config(N, co_pad)
-    chunk = triton.cdiv(min(chunk, N), block) * block
-    nchunk = triton.cdiv(N, chunk)
+    chunk = cdiv(min(chunk, N), block) * block
+    nchunk = cdiv(N, chunk)
     acc_dtype = torch.float64 if is_f64(grad) else torch.float32
     pw = torch.empty((B * nchunk, CO, F), dtype=acc_dtype, device=grad.device)
     pb = torch.empty((B * nchunk, CO), dtype=acc_dtype, device=grad.device)

@@ -99,12 +99,9 @@ class _CircularPad2d(torch.autograd.Function):
     quarter of the U-Net refiner's training step on CPU)."""
 
     @staticmethod
-    def forward(x, p):
+    def forward(ctx, x, p):  # ctx-style: Function.apply binds a setup_context-style signature per call
+        ctx.p = p
         return _wrap_pad(x, p)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.p = inputs[1]
 
     @staticmethod
     def backward(ctx, g):
@@ -172,12 +169,8 @@ class _Upsample2xPeriodic(torch.autograd.Function):
     backward (a scatter) took 3-10x its forward's time and ~7 % of a U-Net refiner's training step."""
 
     @staticmethod
-    def forward(x):
+    def forward(ctx, x):
         return _upsample2x_periodic(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def backward(ctx, g):
