@@ -139,14 +139,27 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
         if dual and forced not in ("reference", "dft"):
             raise RuntimeError(f"irno backend {forced!r} has no forward-mode AD formula for {op}; use "
                                f"backend='reference' (or the automatic choice) under torch.autograd.forward_ad")
+        if forced == "triton" and not _triton_fits(tensors):
+            raise RuntimeError(f"irno backend 'triton' cannot run {op} on a tensor of {TRITON_MAX_ELEMENTS} elements "
+                               f"or more (its kernels address with 32-bit offsets); use the automatic choice")
         return forced
     if dual:
         return "reference"
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
-        if available(op, name, device):
+        if available(op, name, device) and (name != "triton" or _triton_fits(tensors)):
             return name
     return "reference"
+
+
+#: inputs of a Triton kernel stay below this many elements: the kernels address with 32-bit offsets,
+#: and an op's internal buffers (an rfft2 spectrum, a padded or upsampled output) can be up to a few
+#: times its input (the ops with a larger output also check that: irno_kernels/pad.py, norm.py)
+TRITON_MAX_ELEMENTS = 1 << 29
+
+
+def _triton_fits(tensors) -> bool:
+    return all(t.numel() < TRITON_MAX_ELEMENTS for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _absent_message(op: str, backend: str, device: torch.device) -> str:

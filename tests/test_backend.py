@@ -60,6 +60,20 @@ def test_absent_backends_raise_with_a_hint(monkeypatch):
         bk.resolve("conv3d", "cpu")
 
 
+@pytest.mark.skipif(not bk._triton_ops(), reason="needs triton")
+def test_fields_too_large_for_32_bit_offsets_skip_triton(monkeypatch):
+    """The automatic choice passes over Triton for inputs of TRITON_MAX_ELEMENTS or more (its kernels
+    address with 32-bit offsets); forcing it then is a clear error (the limit is lowered here)."""
+    monkeypatch.setattr(bk, "TRITON_MAX_ELEMENTS", 100)
+    small, big = torch.empty(2, 3, 4, 4), torch.empty(2, 3, 5, 4)  # 96 and 120 elements
+    cuda = torch.device("cuda")  # resolve looks at the device type only: no GPU needed
+    assert bk.resolve("periodic_pad2d", cuda, None, (small,)) == "triton"
+    assert bk.resolve("periodic_pad2d", cuda, None, (small, big)) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="cannot run periodic_pad2d on a tensor of 100 elements or more"):
+        bk.resolve("periodic_pad2d", "cpu", "triton", (big,))
+
+
 def test_build_info_reports_the_build():
     info = ik.build_info()
     if ik.HAS_C:
