@@ -53,6 +53,28 @@ def test_demo_then_evaluate_and_resume(tmp_path, capsys):
     torch.testing.assert_close(model(x, steps=0), model.base(x))
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         irno.load(tmp_path)
+    # irno.predict / `irno predict`: raw fields in, physical units out, with the run's statistics
+    import numpy as np
+    from irno.data import Normalization
+
+    norm = Normalization.from_dict(meta["normalization"])
+    raw = torch.randn(3, meta["in_channels"], 16, 16) * 3 + 2
+    got = irno.predict(run, raw, steps=2, batch_size=2, progress=False)
+    with torch.no_grad():
+        want = norm.denormalize(model(norm.normalize(raw, channel_dim=1), steps=2), channel_dim=1)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(irno.predict(base, raw, normalization=meta["normalization"], progress=False),
+                               norm.denormalize(base(norm.normalize(raw, channel_dim=1)), channel_dim=1))
+    np.save(tmp_path / "x.npy", raw.numpy())
+    assert cli.main(["predict", "--model", str(run), "--input", str(tmp_path / "x.npy"),
+                     "--out", str(tmp_path / "out" / "y.npy"), "--steps", "2"]) == 0
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "out" / "y.npy")), got)
+    np.save(tmp_path / "bad.npy", raw[:, :1].numpy())  # one input channel too few
+    assert cli.main(["predict", "--model", str(run), "--input", str(tmp_path / "bad.npy"),
+                     "--out", str(tmp_path / "y2.npy")]) == 2
+    assert "x: expected" in capsys.readouterr().err and not (tmp_path / "y2.npy").exists()
+    with pytest.raises(ValueError, match="steps: the model is a base operator"):
+        irno.predict(base, raw, steps=2)
     # the CLI's other commands work on the same run folder
     assert cli.main(["evaluate", *_args(tmp_path)]) == 0
     assert cli.main(["train", *_args(tmp_path, "irno.train.epochs=2"), "--resume"]) == 0

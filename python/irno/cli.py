@@ -5,6 +5,7 @@
     irno train       --config ...  [--base RUN/base/best]    train IRNO on a frozen base
     irno evaluate    --config ...  [--model RUN/irno/best] [--transfer-base OTHER/base/best]
     irno demo        [--config demo]                         everything, then the report
+    irno predict     --model RUN --input x.npy --out y.npy   a trained model on raw inputs
 
 --config takes a YAML file or the name of a built-in config (demo, navier_stokes, super_resolution,
 well_tr2d, well_active_matter: the files of the repository's configs/, installed with irno);
@@ -46,7 +47,72 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--model", type=Path, default=None, help="IRNO checkpoint (default RUN_DIR/irno/best)")
             s.add_argument("--transfer-base", type=Path, default=None,
                            help="another base's checkpoint: evaluate the refiner on its predictions")
+    s = sub.add_parser("predict", help="run a trained model on raw inputs (physical units in and out)")
+    s.add_argument("--model", type=Path, required=True,
+                   help="run folder (its irno/best) or checkpoint folder (an IRNO or a base)")
+    s.add_argument("--input", type=Path, required=True,
+                   help="x as a (B, C_in, H, W) array: .npy, .npz (array --key) or .pt (a tensor)")
+    s.add_argument("--key", default="x", help="array name inside an .npz input (default x)")
+    s.add_argument("--out", type=Path, required=True, help="where to write the predictions: .npy or .pt")
+    s.add_argument("--steps", type=int, default=None, help="refinement steps (default the model's K)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     return p
+
+
+def _read_array(path: Path, key: str):
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"input: no such file {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        t = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"input: {path} holds a {type(t).__name__}, expected a tensor")
+        return t
+    if suffix == ".npy":
+        return torch.from_numpy(np.load(path))
+    if suffix == ".npz":
+        with np.load(path) as z:
+            if key not in z:
+                raise ValueError(f"input: {path} has no array {key!r} (it has {sorted(z.files)}); pass --key")
+            return torch.from_numpy(z[key])
+    raise ValueError(f"input: expected a .npy, .npz or .pt file, got {path}")
+
+
+def _write_array(path: Path, y) -> None:
+    """Written to a temporary file beside ``path``, then renamed: never a half-written output."""
+    import os
+
+    import numpy as np
+    import torch
+
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".pt"):
+        raise ValueError(f"out: expected a .npy or .pt file name, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{suffix}")
+    if suffix == ".npy":
+        np.save(tmp, y.numpy())
+    else:
+        torch.save(y, tmp)
+    os.replace(tmp, path)
+
+
+def _predict(args) -> int:
+    try:
+        x = _read_array(args.input, args.key)
+        if not x.is_floating_point():
+            x = x.float()
+        y = pipeline.predict(args.model, x, steps=args.steps, batch_size=args.batch_size, device=args.device)
+        _write_array(args.out, y)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"irno: {err}", file=sys.stderr)
+        return 2
+    print(f"predictions {tuple(y.shape)} written to {args.out}")
+    return 0
 
 
 def _load(loader, path, device, flag: str, produce: str | None = None):
@@ -62,6 +128,8 @@ def _load(loader, path, device, flag: str, produce: str | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "predict":
+        return _predict(args)
     try:
         cfg = pipeline.load_config(args.config, args.overrides)
     except (FileNotFoundError, ValueError) as err:

@@ -467,6 +467,62 @@ def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     return model.eval(), meta
 
 
+def predict(model, x: torch.Tensor, *, steps: int | None = None, normalization=None, batch_size: int = 32,
+            device=None, progress: bool = True) -> torch.Tensor:
+    """Predictions in physical units for raw inputs, with a trained model.
+
+    model: a run or checkpoint folder (loaded with :func:`load`, whose stored data statistics are used
+        unless ``normalization`` is given), or a model (then ``normalization`` is a dict as stored with
+        a checkpoint, an ``irno.data.Normalization``, or None for data used as it is).
+    x: (B, C_in, H, W) raw fields, channels as the training data's x (the input frames of every field,
+        time-major).
+    steps: refinement steps of an IRNO (default its K); a base model takes none.
+    Returns (B, C_out, H, W) float32 on the CPU: the model's output, denormalised. Runs in batches of
+    ``batch_size`` under torch.no_grad on ``device`` (default: the model's, or CUDA when available for a
+    folder), with a progress bar when there are several batches.
+    """
+    from irno.data import Normalization
+    from irno.irno import IRNO
+
+    if isinstance(model, (str, Path)):
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, meta = load(model, dev)
+        if normalization is None:
+            normalization = meta.get("normalization")
+    else:
+        first = next(iter(model.parameters()), None)
+        dev = torch.device(device) if device is not None else (first.device if first is not None else "cpu")
+        model = model.to(dev)
+    if isinstance(normalization, dict):
+        normalization = Normalization.from_dict(normalization)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a floating-point (B, C_in, H, W) tensor, got {got}")
+    if not isinstance(model, IRNO) and steps is not None:
+        raise ValueError("steps: the model is a base operator (no refinement steps); leave steps out")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = []
+    starts = range(0, x.shape[0], batch_size)
+    try:
+        with torch.no_grad():
+            for i in tqdm(starts, desc="predict", disable=None if progress and len(starts) > 1 else True):
+                xb = x[i:i + batch_size].to(dev, torch.float32)
+                if normalization is not None:
+                    xb = normalization.normalize(xb, channel_dim=1)
+                yb = model(xb, steps=steps) if isinstance(model, IRNO) else model(xb)
+                if normalization is not None:
+                    yb = normalization.denormalize(yb.float(), channel_dim=1)
+                out.append(yb.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation and the whole job
 # ---------------------------------------------------------------------------------------------
