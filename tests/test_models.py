@@ -586,10 +586,15 @@ def test_cuda_unet_fused_blocks_match_the_module_chain(monkeypatch, autocast):
         y.float().square().mean().backward()
         return y.float(), [p.grad.clone() for p in net.parameters()]
 
+    ups = []
+    monkeypatch.setattr(irno_kernels, "periodic_upsample2x",
+                        lambda *a, _f=irno_kernels.periodic_upsample2x, **k: ups.append(1) or _f(*a, **k))
     got = run()
     assert len(calls) == 2 * 4 + 1  # every block of depth 4: 4 down, the bottleneck, 4 up
-    monkeypatch.setattr(unet.ConvBlock, "_fusable", lambda self, t: False)
+    assert len(ups) == 4  # every upsampling written padded for its conv
+    monkeypatch.setenv("IRNO_FUSED_BLOCKS", "0")  # the module chain (blocks and upsampling)
     want = run()
+    assert len(calls) == 9 and len(ups) == 4
     tol = 2e-2 if autocast else 1e-4
     torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol * want[0].abs().max().item())
     for a, e in zip(got[1], want[1]):
