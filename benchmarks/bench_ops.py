@@ -163,25 +163,49 @@ def _mix_ref(X, w):
     return out
 
 
-def _mix_triton(X, w, backend):
-    from irno_kernels.triton import spectral_conv as tc
+class _MixTriton(torch.autograd.Function):
+    """The Triton mixing kernel alone, with the layer's backward kernels: the input spectrum's
+    gradient (the mixing with conj-transposed weights: equal to autograd's of _mix_ref) and the
+    weight's (autograd's of _mix_ref times the layer's conjugate-pair multiplicity, 2 on the
+    non-edge columns, which the reference layer applies in irfft2's backward instead: the same
+    products)."""
 
-    B, _, H, Wr = X.shape
-    out = torch.zeros(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
-    tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False)
-    return out
+    @staticmethod
+    def forward(ctx, X, w):
+        from irno_kernels.triton import spectral_conv as tc
+
+        B, _, H, Wr = X.shape
+        out = torch.zeros(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
+        tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False)
+        ctx.save_for_backward(X, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, G):
+        from irno_kernels.triton import spectral_conv as tc
+
+        X, w = ctx.saved_tensors
+        G = G.contiguous()
+        gX = torch.zeros_like(X)
+        tc._mix_into(gX, G, w, w.shape[2] // 2, w.shape[3], conj_transpose=True)
+        return gX, tc._mix_grad_weight(X, G, w, 2 * (X.shape[-1] - 1))
+
+
+def _mix_triton(X, w, backend):
+    return _MixTriton.apply(X, w)
 
 
 def spectral_mix_case(B, C, H, W, m) -> Case:
-    """The mode mixing alone (forward), on the rfft2 spectrum of the layer's input (issue target:
-    the Triton kernel vs the reference's gather + einsum + zero-padded scatter)."""
+    """The mode mixing alone, on the rfft2 spectrum of the layer's input (issue target: the Triton
+    kernel vs the reference's gather + einsum + zero-padded scatter), forward, and forward+backward
+    (both gradients: PyTorch's autograd of the reference vs the layer's two backward kernels)."""
     def make(device, dt):
         x, w = spectral_conv_case(B, C, H, W, m).make(device, dt)
         return torch.fft.rfft2(x, norm="forward").contiguous(), w
 
     nbytes = B * C * H * (W // 2 + 1) * 8 * 2  # read the spectrum, write the output spectrum
     return Case("spectral_mix", f"B{B} C{C} {H}x{W} m{m}", make, _mix_ref, _mix_triton,
-                lambda mode: nbytes, (0, 1), only=("reference", "triton"))
+                lambda mode: nbytes if mode == "fwd" else 2 * nbytes, (0, 1), only=("reference", "triton"))
 
 
 def layer_norm_case(B, C, H, W, channels_last=False, fused=False) -> Case:
@@ -250,7 +274,6 @@ def cases(device: str, quick: bool) -> list[Case]:
             out.append(spectral_conv_case(B, C, H, W, 16))
             out[-1].op, out[-1].only = "spectral_conv2d[sweep]", ("reference", "cuda", "dft")
         out += [spectral_mix_case(16, 64, 256, 256, 16), spectral_mix_case(4, 32, 128, 384, 16)]
-        out[-1].modes = out[-2].modes = ("fwd",)
         # the refiner U-Net's normalisation at bench_irno's 256x256 batch 16 (widths 16 and 128)
         out += [layer_norm_case(16, 16, 256, 256), layer_norm_case(16, 16, 256, 256, True),
                 layer_norm_case(16, 128, 32, 32), layer_norm_case(16, 16, 256, 256, fused=True),

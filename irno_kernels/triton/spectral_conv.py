@@ -207,7 +207,7 @@ def _spectral_conv2d_backward_op(grad: torch.Tensor, X: torch.Tensor, weight: to
                                  need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, CI, H, Wr = (int(s) for s in X.shape)
     W = int(grad.shape[-1])
-    CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
+    m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
     Gy = torch.fft.rfft2(grad, norm="backward").contiguous()
     if need_x:
         GX = torch.zeros((B, CI, H, Wr), dtype=X.dtype, device=X.device)
@@ -215,17 +215,23 @@ def _spectral_conv2d_backward_op(grad: torch.Tensor, X: torch.Tensor, weight: to
         gx = torch.fft.irfft2(hermitian_edges(GX, W, m2), s=(H, W), norm="backward")
     else:
         gx = grad.new_empty((0,))
-    if need_w:
-        gw = torch.empty((CI, CO, 2 * m1, m2), dtype=weight.dtype, device=weight.device)
-        bm, bi, bo = _mix_blocks(m2, CI, CO)
-        n_mb, n_ib, n_ob = cdiv(m2, bm), cdiv(CI, bi), cdiv(CO, bo)
-        launch(_spectral_mix_grad_w_kernel, (2 * m1 * n_mb * n_ib * n_ob,),
-               torch.view_as_real(X), torch.view_as_real(Gy), torch.view_as_real(gw),
-               B, CI, CO, H, W, Wr, m1, m2, n_mb, n_ib, n_ob,
-               IS_F64=X.dtype == torch.complex128, BLOCK_M=bm, BLOCK_I=bi, BLOCK_O=bo, num_warps=4)
-    else:
-        gw = weight.new_empty((0,))
+    gw = _mix_grad_weight(X, Gy, weight, W) if need_w else weight.new_empty((0,))
     return gx, gw
+
+
+def _mix_grad_weight(X: torch.Tensor, Gy: torch.Tensor, weight: torch.Tensor, W: int) -> torch.Tensor:
+    """The weight's gradient of the mixing, from the input spectrum X (B, C_in, H, Wr) and the output
+    spectrum's gradient Gy (B, C_out, H, Wr): (C_in, C_out, 2 m1, m2) like weight."""
+    B, CI, H, Wr = (int(s) for s in X.shape)
+    CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
+    gw = torch.empty((CI, CO, 2 * m1, m2), dtype=weight.dtype, device=weight.device)
+    bm, bi, bo = _mix_blocks(m2, CI, CO)
+    n_mb, n_ib, n_ob = cdiv(m2, bm), cdiv(CI, bi), cdiv(CO, bo)
+    launch(_spectral_mix_grad_w_kernel, (2 * m1 * n_mb * n_ib * n_ob,),
+           torch.view_as_real(X), torch.view_as_real(Gy), torch.view_as_real(gw),
+           B, CI, CO, H, W, Wr, m1, m2, n_mb, n_ib, n_ob,
+           IS_F64=X.dtype == torch.complex128, BLOCK_M=bm, BLOCK_I=bi, BLOCK_O=bo, num_warps=4)
+    return gw
 
 
 def _setup(ctx, inputs, output):
