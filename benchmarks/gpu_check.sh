@@ -102,3 +102,6 @@ for v in ("plain", "irno", "graphed", "graphed+bf16"):
 print("ms per step (fit over the steps sweep): " + ", ".join(fits))
 PYEOF
 
+
+log "targets of issues 5 and 6 (ratios from this run's CSVs)"
+"$PY" benchmarks/targets.py "$OUT/bench_ops.csv" "$OUT/bench_irno.csv"

@@ -383,9 +383,8 @@ def _loss_magnitude_fake(pred, target, lam, f0):
     return pred.new_empty(()), _empty_spectrum(pred), _empty_spectrum(target)
 
 
-@register("spectral_loss_magnitude", _loss_magnitude_fake)
-def _loss_magnitude_op(pred: torch.Tensor, target: torch.Tensor, lam: float,
-                       f0: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _loss_magnitude(pred: torch.Tensor, target: torch.Tensor, lam: float,
+                    f0: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     H, W = int(pred.shape[-2]), int(pred.shape[-1])
     P, Y = _spectrum(pred), _spectrum(target)
     return _loss_reduce(P, Y, H, W, lam, f0).to(pred.dtype), P, Y
@@ -395,12 +394,14 @@ def _loss_error_fake(pred, target, lam, f0):
     return pred.new_empty(()), _empty_spectrum(pred)
 
 
-@register("spectral_loss_error", _loss_error_fake)
-def _loss_error_op(pred: torch.Tensor, target: torch.Tensor, lam: float,
-                   f0: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_error(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: float) -> tuple[torch.Tensor, torch.Tensor]:
     H, W = int(pred.shape[-2]), int(pred.shape[-1])
     D = _spectrum(pred - target)  # |P - Y|^2 needs only the spectrum of the difference
     return _loss_reduce(D, None, H, W, lam, f0).to(pred.dtype), D
+
+
+_loss_magnitude_op = register("spectral_loss_magnitude", _loss_magnitude_fake)(_loss_magnitude)
+_loss_error_op = register("spectral_loss_error", _loss_error_fake)(_loss_error)
 
 
 def _loss_grads(grad, P, Y, W, lam, f0, need_y):
@@ -493,8 +494,38 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
 
     pred, target: (B, C, H, W) float32/float64; see irno_kernels.spectral_loss_ref.
     """
-    if mode == "magnitude":
-        return _loss_magnitude_op(pred, target, float(lam), float(f0))[0]
-    if mode == "error":
-        return _loss_error_op(pred, target, float(lam), float(f0))[0]
-    raise ValueError(f"mode: expected 'magnitude' or 'error', got {mode!r}")
+    if mode not in ("magnitude", "error"):
+        raise ValueError(f"mode: expected 'magnitude' or 'error', got {mode!r}")
+    lam, f0 = float(lam), float(f0)
+    if torch.compiler.is_compiling():
+        op = _loss_magnitude_op if mode == "magnitude" else _loss_error_op
+        return op(pred, target, lam, f0)[0]
+    if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad):
+        return _EagerSpectralLoss.apply(pred, target, lam, f0, mode)
+    return (_loss_magnitude if mode == "magnitude" else _loss_error)(pred, target, lam, f0)[0]
+
+
+class _EagerSpectralLoss(torch.autograd.Function):
+    """The registered ops' kernels and formulas without their Python dispatch (eager mode: on small
+    fields the dispatch cost more than the kernels)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, lam, f0, mode):
+        if mode == "magnitude":
+            loss, P, Y = _loss_magnitude(pred, target, lam, f0)
+        else:
+            (loss, P), Y = _loss_error(pred, target, lam, f0), None
+        ctx.W, ctx.lam, ctx.f0, ctx.mode = pred.shape[-1], lam, f0, mode
+        ctx.save_for_backward(P, Y)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        P, Y = ctx.saved_tensors
+        need_pred, need_target = ctx.needs_input_grad[:2]
+        if ctx.mode == "magnitude":
+            gp, gy = _loss_grads(grad, P, Y, ctx.W, ctx.lam, ctx.f0, need_target)
+        else:
+            gp = _loss_grads(grad, P, None, ctx.W, ctx.lam, ctx.f0, False)[0]
+            gy = -gp if need_target else None
+        return (gp if need_pred else None), (gy if need_target else None), None, None, None
