@@ -57,6 +57,9 @@ for args in "--batch 16 --variant bf16 --top 8" "--batch 1 --top 5" "--batch 1 -
   timeout 40 "$PY" benchmarks/profile_irno.py $args 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
     | tee -a "$OUT/bench_irno.log"
 done
+log "profile: the same B16 bf16 call with the U-Net's fused kernels off (IRNO_FUSED_BLOCKS=0), for comparison"
+IRNO_FUSED_BLOCKS=0 timeout 40 "$PY" benchmarks/profile_irno.py --batch 16 --variant bf16 --top 3 2>&1 \
+  | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" | tee -a "$OUT/bench_irno.log"
 
 log "summary (speed-up over the reference, median of CUDA-event timings)"
 "$PY" - "$OUT/bench_ops.csv" <<'PYEOF'
