@@ -41,6 +41,16 @@ def _tile(C, S1, S2, nblk, ncblk, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _store_copies(y_ptr, base, c, cmask, r, q, nmask, v, ys1, ys2, ys3, S1, S2, HALO: tl.constexpr):
+    """v at (r, q) of an S1 x S2 grid and at its periodic halo copies."""
+    for a in tl.static_range(3):
+        for e in tl.static_range(3):
+            rr, qq, ok = _halo_copy(r, q, nmask, a, e, S1, S2, HALO)
+            tl.store(y_ptr + base + c[:, None] * ys1 + (rr * ys2 + qq * ys3)[None, :], v,
+                     mask=cmask[:, None] & ok[None, :])
+
+
+@triton.jit
 def _pad_fwd_kernel(
     x_ptr, y_ptr, C, S1, S2, nblk, ncblk,
     xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
@@ -49,12 +59,7 @@ def _pad_fwd_kernel(
     b, c, cmask, i, j, nmask = _tile(C, S1, S2, nblk, ncblk, BLOCK_C, BLOCK_P)
     x = tl.load(x_ptr + b * xs0 + c[:, None] * xs1 + (i * xs2 + j * xs3)[None, :],
                 mask=cmask[:, None] & nmask[None, :], other=0.0)
-    y = x.to(y_ptr.dtype.element_ty)
-    for a in tl.static_range(3):
-        for e in tl.static_range(3):
-            r, q, ok = _halo_copy(i, j, nmask, a, e, S1, S2, HALO)
-            tl.store(y_ptr + b * ys0 + c[:, None] * ys1 + (r * ys2 + q * ys3)[None, :], y,
-                     mask=cmask[:, None] & ok[None, :])
+    _store_copies(y_ptr, b * ys0, c, cmask, i, j, nmask, x.to(y_ptr.dtype.element_ty), ys1, ys2, ys3, S1, S2, HALO)
 
 
 @triton.jit
@@ -179,16 +184,6 @@ def _lerp_row(x_ptr, base, c, cmask, r, j, nmask, xs1, xs2, xs3, S2, acc_ty: tl.
     mid = tl.load(x_ptr + row + (j * xs3)[None, :], mask=m, other=0.0).to(acc_ty)
     right = tl.load(x_ptr + row + (_wrap(j + 1, S2) * xs3)[None, :], mask=m, other=0.0).to(acc_ty)
     return 0.25 * left + 0.75 * mid, 0.75 * mid + 0.25 * right
-
-
-@triton.jit
-def _store_copies(y_ptr, base, c, cmask, r, q, nmask, v, ys1, ys2, ys3, S1, S2, HALO: tl.constexpr):
-    """v at (r, q) of an S1 x S2 grid and at its periodic halo copies."""
-    for a in tl.static_range(3):
-        for e in tl.static_range(3):
-            rr, qq, ok = _halo_copy(r, q, nmask, a, e, S1, S2, HALO)
-            tl.store(y_ptr + base + c[:, None] * ys1 + (rr * ys2 + qq * ys3)[None, :], v,
-                     mask=cmask[:, None] & ok[None, :])
 
 
 @triton.jit
