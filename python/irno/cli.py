@@ -103,6 +103,8 @@ def _write_array(path: Path, y) -> None:
 
 def _predict(args) -> int:
     try:
+        if args.out.suffix.lower() not in (".npy", ".pt"):  # before the work, not after
+            raise ValueError(f"out: expected a .npy or .pt file name, got {args.out}")
         x = _read_array(args.input, args.key)
         if not x.is_floating_point():
             x = x.float()
