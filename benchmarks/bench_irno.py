@@ -42,7 +42,7 @@ from _common import environment, time_fn, write_csv  # noqa: E402
 from _plain import PlainIRNO, plain_irno_loss, spectral_weight  # noqa: E402
 from irno import FNO, IRNO, GraphedIRNO, IRNOLoss, UNetRefiner  # noqa: E402
 from irno.analysis import count_flops  # noqa: E402
-from irno.graphed import no_autocast_cache  # noqa: E402
+from irno.graphed_train import GraphedTrainStep  # noqa: E402
 from irno.losses import spectral_lambda  # noqa: E402
 
 VARIANTS = ("plain", "irno", "graphed", "graphed+bf16")
@@ -191,23 +191,6 @@ def train_step_fn(loss_fn, params: list[torch.Tensor], capturable: bool = False)
         return loss.detach()
 
     return step, opt
-
-
-def capture_train_step(step, opt):
-    """The whole training step as one CUDA graph (PyTorch's 'whole network capture'): warm-up on a
-    side stream, grads set to None so the captured backward allocates them in the graph's pool,
-    Adam(capturable=True). Returns (replay, static loss)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), no_autocast_cache():
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), no_autocast_cache():
-        static_loss = step(zero=False)
-    return graph.replay, static_loss
 
 
 def check_train_agreement(model: IRNO, plain: PlainIRNO, x, y, K: int, tol: float) -> dict:
@@ -405,10 +388,13 @@ class Bench:
             err, ok = (agree["err"], agree["ok"]) if v == "irno" else ("", "")
             if v in CUDA_ONLY:
                 try:
-                    fn, static_loss = capture_train_step(step, opt)
+                    # the library's whole-step capture (3 warm-up steps, then one graph per shape)
+                    graphed_step = GraphedTrainStep(lambda m=m, bf16=bf16: project_loss(m, x, y, K, bf16, dev),
+                                                    list(m.refiner_parameters()), opt, clip=CLIP, warmup=3)
+                    fn = graphed_step
+                    fn()  # warm-up, capture, first replay
                     snap = copy.deepcopy(m)  # the weights the next replay starts from
-                    fn()
-                    err = rel_err(static_loss, project_loss(snap, x, y, K, bf16, dev))
+                    err = rel_err(fn(), project_loss(snap, x, y, K, bf16, dev))
                     ok = err <= (self.tol if not bf16 else 5e-2)
                     print(
                         f"  {v}: replayed loss vs eager loss on the same weights: rel err {err:.1e}"

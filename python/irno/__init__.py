@@ -15,6 +15,7 @@ Subpackages: :mod:`irno.models` (FNO, TFNO, WDSR, UNetRefiner, FNORefiner), :mod
 
 from irno import analysis, losses, metrics, models
 from irno.graphed import GraphedIRNO
+from irno.graphed_train import GraphedTrainStep
 from irno.irno import IRNO, pick_refiner_dtype, resample
 from irno.losses import H1Loss, IRNOLoss, LpLoss, ProgressiveSpectralLoss, fixed_point_loss, fixed_point_weight
 from irno.models import FNO, TFNO, WDSR, FNORefiner, SpectralConv2d, TuckerSpectralConv2d, UNetRefiner
@@ -23,7 +24,7 @@ from irno.pipeline import load, predict
 __version__ = "0.1.0"
 
 __all__ = [
-    "IRNO", "GraphedIRNO", "resample", "pick_refiner_dtype", "load", "predict",
+    "IRNO", "GraphedIRNO", "GraphedTrainStep", "resample", "pick_refiner_dtype", "load", "predict",
     "FNO", "TFNO", "WDSR", "UNetRefiner", "FNORefiner", "SpectralConv2d", "TuckerSpectralConv2d",
     "ProgressiveSpectralLoss", "IRNOLoss", "LpLoss", "H1Loss", "fixed_point_loss", "fixed_point_weight",
     "models", "losses", "metrics", "analysis",

@@ -1,0 +1,136 @@
+"""A whole training step replayed as one CUDA graph (PyTorch's "whole-network capture").
+
+Training IRNO's refiner unrolls K U-Net calls forward and backward: a few thousand small launches
+per step, which at moderate batch sizes cost more host time than the GPU spends running them.
+:class:`GraphedTrainStep` captures
+
+    loss = loss_fn(*batch);  loss.backward();  clip_grad_norm_(params, clip);  optimizer.step()
+
+once per batch shape and dtype and replays it: the batch is copied into static tensors, the graph
+replays, and the loss comes back as a 0-D tensor on the device (no host sync; read it when you need
+it). ``benchmarks/bench_irno.py`` times it against plain eager PyTorch ("graphed" training rows).
+
+Rules (those of CUDA-graph capture):
+- The first call for a new batch shape runs ``warmup`` eager training steps on that batch on a side
+  stream (so Triton compiles, cuDNN/cuFFT/cuBLAS pick their algorithms and the optimizer creates its
+  state outside the capture), then captures one step and replays it: those are real training steps,
+  as in PyTorch's recipe.
+- The optimizer must update on the device without host syncs: Adam/AdamW with ``capturable=True``
+  (checked); SGD needs nothing.
+- ``loss_fn`` may not synchronise with the host (``.item()``, data-dependent Python control flow) nor
+  skip non-finite losses; the Python code runs once, at capture. Learning-rate changes through an LR
+  scheduler are not seen by the graph unless the optimizer keeps ``lr`` as a tensor.
+- Parameters are updated in place; their gradients live in the graphs' memory pool (one pool for all
+  shapes of this object). Autocast inside ``loss_fn`` works (the weight-cast cache is off during
+  capture, see irno.graphed).
+
+On CPU tensors (or with ``enabled=False``) the same step runs eagerly, so code written for the GPU
+runs anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from irno.graphed import no_autocast_cache
+
+__all__ = ["GraphedTrainStep"]
+
+
+class GraphedTrainStep:
+    """One optimisation step, captured as a CUDA graph per batch shape (module docstring).
+
+    Args:
+        loss_fn: ``loss_fn(*batch) -> loss`` (a 0-D tensor), e.g.
+            ``lambda x, y: irno.IRNOLoss(K=6)(model, x, y)[0]``.
+        params: the parameters the optimizer updates (their gradients are clipped).
+        optimizer: a torch optimizer over ``params``; Adam/AdamW need ``capturable=True``.
+        clip: max total gradient norm (``torch.nn.utils.clip_grad_norm_``), or None.
+        warmup: eager steps before each capture (>= 1; see the module docstring).
+        enabled: False runs every step eagerly.
+
+    ``step(*batch)`` -> the loss (0-D, detached, on the device). Tensors of the batch are copied into
+    the graph's static inputs; other arguments must not change between calls of one shape.
+    """
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Iterable[torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer, clip: float | None = None, warmup: int = 3,
+                 enabled: bool = True):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        self.params = [p for p in params]
+        if not self.params or not all(isinstance(p, torch.Tensor) for p in self.params):
+            raise ValueError("params: expected a non-empty iterable of tensors (the trained parameters)")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if clip is not None and not (float(clip) > 0):
+            raise ValueError(f"clip: expected a number > 0 or None, got {clip!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup: expected an int >= 1, got {warmup!r}")
+        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self.clip, self.warmup, self.enabled = (None if clip is None else float(clip)), warmup, bool(enabled)
+        self._graphs: dict = {}  # key -> (graph, static inputs, static loss)
+        self._pool = None
+
+    def __len__(self) -> int:
+        """Number of captured graphs (one per batch shape seen on CUDA)."""
+        return len(self._graphs)
+
+    def _step(self, batch, zero: bool = True) -> torch.Tensor:
+        if zero:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(*batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss_fn: expected a scalar loss tensor, got "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+        loss.backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _check_capturable(self) -> None:
+        for group in self.optimizer.param_groups:
+            if "capturable" in group and not group["capturable"]:
+                name = type(self.optimizer).__name__
+                raise ValueError(f"optimizer: {name} must be built with capturable=True to be replayed in a "
+                                 f"CUDA graph (e.g. torch.optim.{name}(params, ..., capturable=True))")
+
+    def __call__(self, *batch) -> torch.Tensor:
+        tensors = [b for b in batch if isinstance(b, torch.Tensor)]
+        on_cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in self.params)
+        if not (self.enabled and on_cuda and torch.cuda.is_available()):
+            return self._step(batch)
+        key = tuple((tuple(b.shape), b.dtype, b.device) if isinstance(b, torch.Tensor) else ("const", repr(b))
+                    for b in batch)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, batch)
+        graph, static, loss = entry
+        for s, b in zip(static, batch):
+            if isinstance(s, torch.Tensor):
+                s.copy_(b)
+        graph.replay()
+        return loss.clone()
+
+    def _capture(self, key, batch):
+        self._check_capturable()
+        static = [b.detach().clone() if isinstance(b, torch.Tensor) else b for b in batch]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), no_autocast_cache():
+            for _ in range(self.warmup):
+                self._step(static)
+        torch.cuda.current_stream().wait_stream(side)
+        # gradients set to None: the captured backward allocates them in the graph's pool and writes
+        # (not accumulates) them on every replay
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), no_autocast_cache():
+            loss = self._step(static, zero=False)
+        self._graphs[key] = (graph, static, loss)
+        return self._graphs[key]
