@@ -32,7 +32,8 @@ as ONE CUDA graph per (shape, dtype, device, steps, autocast dtype) and replays 
 
 Inference only: the call runs under ``torch.no_grad()`` whatever the grad mode, and the output never
 requires grad (a refiner whose parameters require grad is fine; an ``x`` that requires grad under
-grad mode is an error, since gradients cannot flow through a replay). Use the IRNO module to train.
+grad mode is an error, since gradients cannot flow through a replay). To train with CUDA graphs, capture the
+whole training step instead: :class:`irno.GraphedTrainStep`.
 
 Fallback: on CPU tensors, or when CUDA is not available, the same code runs eagerly (no capture),
 so the results are those of ``model(x, steps)`` under no_grad, bit for bit, and the early-stop logic
