@@ -367,7 +367,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                    "speedup_vs_ref": round(ref_t / t, 3) if ref_t else ""}
             rows.append(row)
             print(f"  {case.op:26s} {case.shape:24s} {mode:6s} {prov:9s} {t * 1e3:9.3f} ms "
-                  f"{gbs:8.2f} GB/s  x{row['speedup_vs_ref'] or math.nan:.2f}")
+                  f"{gbs:8.2f} GB/s  x{row['speedup_vs_ref'] if row['speedup_vs_ref'] != '' else math.nan:.2f}")
     return rows
 
 
