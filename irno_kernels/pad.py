@@ -10,10 +10,10 @@ periodically on both sides of both dims (h <= H, W: one wrap at most), which is
 
 Backends: "reference" (torch.cat + F.pad: the CPU route) and "triton" (irno_kernels/triton/pad.py: one
 launch per input writes its channels of the padded result, NCHW or channels-last, reading the input
-once; the automatic choice for CUDA tensors when triton is present). On CUDA, ATen's circular pad
+once; the automatic choice for CUDA tensors when triton is present; registered ops with fake kernels
+and autograd under torch.compile). On CUDA, ATen's circular pad
 stitches the result together from about five strided copies, and the U-Net's concatenation is one
 more pass: an H100 profile of the refiner spent 16 % of its GPU time in such copy kernels.
-Under torch.compile the reference is traced (Inductor generates its own fused copy).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def periodic_pad_cat(xs: Sequence[torch.Tensor], halo: int, *, out_dtype: torch.
     impl = resolve("periodic_pad2d", xs[0].device, backend, xs)
     B, _, H, W = xs[0].shape
     out_numel = B * sum(x.shape[1] for x in xs) * (H + 2 * halo) * (W + 2 * halo)
-    if impl == "reference" or torch.compiler.is_compiling() or not _checks.int32_addressable(*xs, extra=out_numel):
+    if impl == "reference" or not _checks.int32_addressable(*xs, extra=out_numel):
         return periodic_pad_cat_ref(xs, halo, out_dtype)
     from irno_kernels.triton import periodic_pad_cat as tr
 
@@ -128,7 +128,7 @@ def periodic_upsample2x(x: torch.Tensor, halo: int = 0, *, out_dtype: torch.dtyp
         raise ValueError(f"out_dtype: expected None or one of {_checks.FLOAT_DTYPES}, got {out_dtype!r}")
     impl = resolve("periodic_upsample2x", x.device, backend, (x,))
     out_numel = x.shape[0] * x.shape[1] * (2 * H + 2 * halo) * (2 * W + 2 * halo)
-    if impl == "reference" or torch.compiler.is_compiling() or not _checks.int32_addressable(x, extra=out_numel):
+    if impl == "reference" or not _checks.int32_addressable(x, extra=out_numel):
         return periodic_upsample2x_ref(x, halo, out_dtype)
     from irno_kernels.triton import periodic_upsample2x as tr
 

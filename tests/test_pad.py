@@ -173,10 +173,23 @@ def test_bad_inputs_name_the_argument():
         ik.periodic_pad2d(x.long(), 1)
 
 
-def test_under_torch_compile_the_reference_is_traced():
-    x = torch.randn(2, 3, 5, 4, requires_grad=True)
-    fn = torch.compile(lambda t: ik.periodic_pad2d(t, 1).square().sum(), fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(fn(x), F.pad(x, (1,) * 4, mode="circular").square().sum())
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    """torch.compile(fullgraph) traces both ops (the Triton backend through its registered ops, with
+    their fake kernels and autograd) and gives eager's values and gradients."""
+    torch._dynamo.reset()
+    a = field(2, 3, 5, 4, seed=16, device=DEVICE).requires_grad_()
+    b = field(2, 2, 5, 4, seed=17, device=DEVICE).requires_grad_()
+
+    def fn(p, q):
+        y = ik.periodic_pad_cat([p, q], 1, backend=backend)
+        return y.square().sum() + ik.periodic_upsample2x(p, 1, backend=backend).sin().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, want = compiled(a, b), fn(a, b)
+    torch.testing.assert_close(got, want)
+    for g, e in zip(torch.autograd.grad(got, [a, b]), torch.autograd.grad(want, [a, b])):
+        torch.testing.assert_close(g, e)
 
 
 # ---------------------------------------------------------------------------------------------

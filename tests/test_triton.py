@@ -475,6 +475,15 @@ def _opcheck_cases():
         "dft_modes_to_grid": (ops.dft_modes_to_grid,
                               (randn(2, 3, 4, 3, dtype=torch.complex64, requires_grad=True),
                                *tr_dft._matrices(5, 7, 2, 3, DEVICE)[1])),
+        "periodic_pad_cat": (ops.periodic_pad_cat,
+                             ([x, h.contiguous(memory_format=torch.channels_last)], 1, torch.float32)),
+        "periodic_pad_cat[f64 out]": (ops.periodic_pad_cat, ([x], 2, torch.float64)),
+        "periodic_pad_fold": (ops.periodic_pad_fold, (randn(2, 3, 7, 9), 1, torch.float32, True)),
+        "periodic_upsample2x": (ops.periodic_upsample2x,
+                                (x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(), 1,
+                                 torch.float32)),
+        "periodic_upsample2x_adjoint": (ops.periodic_upsample2x_adjoint, (randn(2, 3, 12, 16), 1, torch.float32,
+                                                                          False)),
     }
 
 

@@ -12,8 +12,9 @@ positions of the padded gradient, at the input's channel offset), in float32 (fl
 and writes the input's gradient once, in its dtype and memory format.
 
 Both address every tensor through its strides (NCHW, channels-last, views); the result is
-channels-last when the first input is. Eager mode runs an autograd.Function over the raw kernels;
-``irno_kernels.periodic_pad_cat`` traces the reference under torch.compile instead.
+channels-last when the first input is. Every kernel is a registered op (``irno_triton::periodic_*``,
+fake kernels and autograd), which torch.compile traces; eager mode runs autograd.Functions over the
+same functions without the ops' Python dispatch (the refiner calls them ~30 times per step).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels._checks import channels_last_like
-from irno_kernels.triton._lib import INTERPRET, cdiv, launch, pow2
+from irno_kernels.triton._lib import INTERPRET, cdiv, launch, pow2, register
 from irno_kernels.triton.norm import _halo_copy
 
 __all__ = ["periodic_pad_cat", "periodic_upsample2x"]
@@ -162,6 +163,8 @@ def periodic_pad_cat(xs: list[torch.Tensor], halo: int, out_dtype: torch.dtype |
         out_dtype = xs[0].dtype
         for x in xs[1:]:
             out_dtype = torch.promote_types(out_dtype, x.dtype)
+    if torch.compiler.is_compiling():
+        return _pad_cat_op(list(xs), int(halo), out_dtype)
     return _PeriodicPadCat.apply(int(halo), out_dtype, *xs)
 
 
@@ -283,4 +286,79 @@ class _PeriodicUpsample2x(torch.autograd.Function):
 
 def periodic_upsample2x(x: torch.Tensor, halo: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Periodic bilinear x2 of x padded by halo (arguments validated by irno_kernels.periodic_upsample2x)."""
+    if torch.compiler.is_compiling():
+        return _upsample_op(x, int(halo), out_dtype)
     return _PeriodicUpsample2x.apply(x, int(halo), out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# registered ops (torch.library: fake kernels and autograd), what torch.compile traces; eager mode
+# runs the autograd.Functions above over the same functions, without the ops' Python dispatch
+# ---------------------------------------------------------------------------------------------
+def _empty(like: torch.Tensor, shape, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=like.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _pad_cat_fake(xs, halo, out_dtype):
+    B, _, H, W = xs[0].shape
+    return _empty(xs[0], (B, sum(x.shape[1] for x in xs), H + 2 * halo, W + 2 * halo), out_dtype,
+                  channels_last_like(xs[0]))
+
+
+def _pad_fold(gy: torch.Tensor, halo: int, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    B, C, Hp, Wp = gy.shape
+    return _fold(gy, (B, C, Hp - 2 * halo, Wp - 2 * halo), dtype, channels_last, halo)
+
+
+def _pad_fold_fake(gy, halo, dtype, channels_last):
+    B, C, Hp, Wp = gy.shape
+    return _empty(gy, (B, C, Hp - 2 * halo, Wp - 2 * halo), dtype, channels_last)
+
+
+def _upsample_fake(x, halo, out_dtype):
+    B, C, H, W = x.shape
+    return _empty(x, (B, C, 2 * H + 2 * halo, 2 * W + 2 * halo), out_dtype, channels_last_like(x))
+
+
+def _up_adjoint(gy: torch.Tensor, halo: int, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    B, C, Hp, Wp = gy.shape
+    return _upsample_adjoint(gy, (B, C, (Hp - 2 * halo) // 2, (Wp - 2 * halo) // 2), dtype, channels_last, halo)
+
+
+def _up_adjoint_fake(gy, halo, dtype, channels_last):
+    B, C, Hp, Wp = gy.shape
+    return _empty(gy, (B, C, (Hp - 2 * halo) // 2, (Wp - 2 * halo) // 2), dtype, channels_last)
+
+
+_pad_cat_op = register("periodic_pad_cat", _pad_cat_fake)(_pad_cat)
+_pad_fold_op = register("periodic_pad_fold", _pad_fold_fake)(_pad_fold)
+_upsample_op = register("periodic_upsample2x", _upsample_fake)(_upsample)
+_up_adjoint_op = register("periodic_upsample2x_adjoint", _up_adjoint_fake)(_up_adjoint)
+
+
+def _pad_cat_setup(ctx, inputs, output):
+    xs, halo, _ = inputs
+    ctx.halo = halo
+    ctx.metas = [(x.shape[1], x.dtype, channels_last_like(x)) for x in xs]
+
+
+def _pad_cat_backward(ctx, gy):
+    grads, off = [], 0
+    for (c, dtype, cl), need in zip(ctx.metas, ctx.needs_input_grad[0]):
+        grads.append(_pad_fold_op(gy[:, off:off + c], ctx.halo, dtype, cl) if need else None)
+        off += c
+    return grads, None, None
+
+
+def _upsample_setup(ctx, inputs, output):
+    x, halo, _ = inputs
+    ctx.halo, ctx.dtype, ctx.cl = halo, x.dtype, channels_last_like(x)
+
+
+def _upsample_backward(ctx, gy):
+    return _up_adjoint_op(gy, ctx.halo, ctx.dtype, ctx.cl), None, None
+
+
+_pad_cat_op.register_autograd(_pad_cat_backward, setup_context=_pad_cat_setup)
+_upsample_op.register_autograd(_upsample_backward, setup_context=_upsample_setup)
