@@ -31,8 +31,8 @@ ENV_VAR = "IRNO_BACKEND"
 #: public op name -> name of the compiled op in torch.ops.irno
 OPS = ("spectral_conv2d", "residual_update", "refine_update", "radial_spectrum", "spectral_loss",
        "channel_layer_norm", "periodic_pad2d", "periodic_upsample2x")
-#: ops with kernels in the compiled module _C (channel_layer_norm and periodic_pad2d have a reference
-#: and a Triton kernel)
+#: ops with kernels in the compiled module _C (channel_layer_norm, periodic_pad2d and periodic_upsample2x
+#: have a reference and a Triton kernel)
 C_OPS = OPS[:5]
 
 _BUILD_HINT = (

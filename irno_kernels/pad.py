@@ -97,7 +97,8 @@ def periodic_upsample2x_ref(x: torch.Tensor, halo: int = 0, out_dtype: torch.dty
     """Bilinear x2 upsampling (align_corners=False) of a periodic field, in pure PyTorch: x padded by
     one periodic pixel, ``F.interpolate``, cropped to (2H, 2W) (so the edges interpolate across the
     wrap), cast to ``out_dtype``, then padded periodically by ``halo``.
-    x: (B, C, H, W) -> (B, C, 2H + 2 halo, 2W + 2 halo)."""
+    x: (B, C, H, W) -> (B, C, 2H + 2 halo, 2W + 2 halo). The U-Net's unfused route
+    (irno.models._layers.upsample2x_periodic) computes the same values with its layout-keeping pad."""
     up = F.interpolate(F.pad(x, (1,) * 4, mode="circular"), scale_factor=2, mode="bilinear",
                        align_corners=False)[..., 2:-2, 2:-2]
     if out_dtype is not None:
