@@ -15,7 +15,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,8 @@ class Case:
     # mode ("fwd"/"fwdbwd") -> a callable doing only the FFTs any cuFFT-based implementation must run;
     # timed as provider "fft_floor": its speedup_vs_ref is the best ratio such an implementation can reach
     floor: Callable[[str], Callable] | None = None
+    # more providers of this case only: name -> (backend it needs, fn(*args) like ref)
+    extra: dict[str, tuple[str, Callable]] = field(default_factory=dict)
 
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
@@ -115,11 +117,18 @@ def loss_case(B, C, H, W, mode_name, lam=1.6) -> Case:
     def make(device, dt):
         return torch.randn(B, C, H, W, device=device, dtype=dt), torch.randn(B, C, H, W, device=device, dtype=dt)
 
+    def triton_fft(p, t):  # the Triton FFT route also where the one-kernel route serves "triton"
+        from irno_kernels.triton.spectrum import spectral_loss_fft
+
+        return spectral_loss_fft(p, t, lam, 0.5, mode_name)
+
     n = B * C * H * W * 4
+    extra = {"triton_fft": ("triton", triton_fft)} if max(H, W) <= 64 else {}
     return Case(f"spectral_loss[{mode_name}]", f"B{B} C{C} {H}x{W}", make,
                 lambda p, t: ik.spectral_loss_ref(p, t, lam, 0.5, mode_name),
                 lambda p, t, backend: ik.spectral_loss(p, t, lam, 0.5, mode_name, backend=backend),
-                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0,), floor=_loss_floor(mode_name, H, W))
+                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0,), floor=_loss_floor(mode_name, H, W),
+                extra=extra)
 
 
 def _loss_floor(mode_name: str, H: int, W: int) -> Callable[[str], Callable]:
@@ -309,10 +318,11 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
         modes = [*modes, *(m + "_graph" for m in modes if not m.endswith("_graph"))]
     for mode in modes:
         ref_t = None
-        for prov in [*providers, "fft_floor"] if case.floor else providers:
+        for prov in [*providers, *case.extra, *(["fft_floor"] if case.floor else [])]:
             base = case.op.split("[")[0]
             base = "spectral_conv2d" if base == "spectral_mix" else base
-            if prov in PROVIDER_BACKEND and not ik.available(base, PROVIDER_BACKEND[prov], device):
+            need = case.extra[prov][0] if prov in case.extra else PROVIDER_BACKEND.get(prov)
+            if need is not None and not ik.available(base, need, device):
                 continue
             if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "dft", "dft_tf32"):
                 continue
@@ -326,6 +336,8 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 def call(floor_fn=floor_fn):
                     with torch.no_grad():
                         return floor_fn(*args)
+            elif prov in case.extra:
+                fn = case.extra[prov][1]
             elif prov == "reference":
                 fn = case.ref
             elif prov == "compile":

@@ -55,10 +55,10 @@ def targets(ops: list[dict], irno: list[dict]) -> list[tuple[str, str, float, tu
     roof = _best(ops, "roofline_frac", op=LAYER[0], shape=LAYER[1], mode="fwd", provider=fast)
     out.append(("6", "fused spectral layer within 2x of the memory roofline (fraction >= 0.5)", 0.5, roof))
     loss_rows = [r for r in ops if r["op"].startswith("spectral_loss")]
-    for issue, prov in (("5", "triton"), ("6", "cuda")):
+    for issue, provs in (("5", ("triton", "triton_fft")), ("6", ("cuda",))):
         for graph in ("", "_graph"):
-            out.append((issue, f"spectral loss fwd+bwd, {prov}, {'graph replay' if graph else 'eager'}, worst shape",
-                        4.0, _worst_of_best(loss_rows, "fwdbwd" + graph, (prov,))))
+            out.append((issue, f"spectral loss fwd+bwd, {provs[0]}, {'graph replay' if graph else 'eager'}, worst shape",
+                        4.0, _worst_of_best(loss_rows, "fwdbwd" + graph, provs)))
     floor = _worst_of_best(loss_rows, "fwdbwd_graph", ("fft_floor",))
     if floor is not None:
         out.append(("5/6", "  bound: the transforms alone (fft_floor), graph replay, worst shape", 4.0, floor))

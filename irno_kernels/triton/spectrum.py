@@ -32,7 +32,7 @@ import triton.language as tl
 from irno_kernels.spectrum import num_shells
 from irno_kernels.triton._lib import INTERPRET, cdiv, is_f64, launch, pow2, register
 
-__all__ = ["radial_spectrum", "spectral_loss"]
+__all__ = ["radial_spectrum", "spectral_loss", "spectral_loss_fft"]
 
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
@@ -496,6 +496,18 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
     """
     if mode not in ("magnitude", "error"):
         raise ValueError(f"mode: expected 'magnitude' or 'error', got {mode!r}")
+    lam, f0 = float(lam), float(f0)
+    from irno_kernels.triton import spectrum_dft
+
+    if spectrum_dft.fits(pred):  # small fields: one kernel does it all (irno_kernels/triton/spectrum_dft.py)
+        return spectrum_dft.spectral_loss_dft(pred, target, lam, f0, mode)
+    return spectral_loss_fft(pred, target, lam, f0, mode)
+
+
+def spectral_loss_fft(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: float = 0.5,
+                      mode: str = "magnitude") -> torch.Tensor:
+    """spectral_loss by the FFT route (rfft2, the loss kernel, the gradient kernel, irfft2), on any
+    field size; arguments as spectral_loss."""
     lam, f0 = float(lam), float(f0)
     if torch.compiler.is_compiling():
         op = _loss_magnitude_op if mode == "magnitude" else _loss_error_op
