@@ -17,6 +17,10 @@ Backward: the kernels write dL/dSpectrum and torch applies the adjoint of rfft2,
 (unscaled: norm "forward") with the non-edge columns (those standing for a conjugate pair) halved;
 the halving and the scale are folded into the kernels. The forward ops also return the spectra,
 which autograd keeps for the backward instead of transforming the inputs again.
+
+That is the FFT route of spectral_loss (``spectral_loss_fft``); float32 fields of at most
+spectrum_dft.MAX_SIDE on a side take the one-kernel DFT route instead (irno_kernels/triton/
+spectrum_dft.py: transforms as matrix products, loss and gradient in one launch).
 """
 
 from __future__ import annotations
