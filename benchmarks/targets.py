@@ -57,8 +57,9 @@ def targets(ops: list[dict], irno: list[dict]) -> list[tuple[str, str, float, tu
     loss_rows = [r for r in ops if r["op"].startswith("spectral_loss")]
     for issue, provs in (("5", ("triton", "triton_fft")), ("6", ("cuda",))):
         for graph in ("", "_graph"):
-            out.append((issue, f"spectral loss fwd+bwd, {provs[0]}, {'graph replay' if graph else 'eager'}, worst shape",
-                        4.0, _worst_of_best(loss_rows, "fwdbwd" + graph, provs)))
+            how = "graph replay" if graph else "eager"
+            out.append((issue, f"spectral loss fwd+bwd, {provs[0]}, {how}, worst shape", 4.0,
+                        _worst_of_best(loss_rows, "fwdbwd" + graph, provs)))
     floor = _worst_of_best(loss_rows, "fwdbwd_graph", ("fft_floor",))
     if floor is not None:
         out.append(("5/6", "  bound: the transforms alone (fft_floor), graph replay, worst shape", 4.0, floor))

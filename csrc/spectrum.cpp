@@ -83,7 +83,7 @@ int64_t num_shells(int64_t H, int64_t W) {
 
 // w(f) = 1 + (|f| / f0)^lam per entry (not normalised); returns the sum over the table.
 // Rows i and H - i share |fy|, so only rows 0..H/2 are evaluated.
-double build_weight_table(int64_t H, int64_t W, double lam, double f0, std::vector<double>& w) {
+void build_weight_table(int64_t H, int64_t W, double lam, double f0, std::vector<double>& w) {
   const int64_t Wr = W / 2 + 1;
   w.resize(H * Wr);
   const int64_t half = H / 2 + 1;
@@ -94,9 +94,6 @@ double build_weight_table(int64_t H, int64_t W, double lam, double f0, std::vect
     }
   });
   for (int64_t i = half; i < H; ++i) std::copy_n(w.data() + (H - i) * Wr, Wr, w.data() + i * Wr);
-  double sum = 0.0;
-  for (double v : w) sum += v;
-  return sum;
 }
 
 // 1 / c per column: the adjoint of rfft2 halves the columns that stand for a conjugate pair
@@ -309,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_loss_spectra_cpu(const a
                                weights->w.data(), B * C, H, Wr);
   });
   // mean over the B*C*H*Wr entries of w / mean(w) * e = total / (B*C * sum(w))
-  return {at::scalar_tensor(total / (static_cast<double>(B * C) * weights->sum), pred.options()), P, Y};
+  return {at::scalar_tensor(total / (static_cast<double>(B * C) * loss_weight_sum(H, W, lam, f0)), pred.options()), P, Y};
 }
 
 at::Tensor spectral_loss_cpu(const at::Tensor& pred, const at::Tensor& target, double lam, double f0,
@@ -356,7 +353,7 @@ at::Tensor spectral_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const auto weights = loss_weights(H, W, lam, f0);
   const std::vector<double>& w = weights->w;
   const double sign = (m == LossMode::kError && wrt_target) ? -1.0 : 1.0;
-  const double scale = sign * 2.0 * grad.item<double>() / (static_cast<double>(B * C) * weights->sum);
+  const double scale = sign * 2.0 * grad.item<double>() / (static_cast<double>(B * C) * loss_weight_sum(H, W, lam, f0));
   at::Tensor S;
   at::Tensor other;
   const bool saved = spec_pred.has_value();  // the forward's spectra (read, never written)
@@ -388,29 +385,58 @@ at::Tensor spectral_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 
 namespace {
 constexpr size_t kMaxCachedWeights = size_t{1} << 23;  // doubles (64 MiB) over all cached tables
+constexpr size_t kMaxCachedSums = 4096;                // keys of the sum-only cache
+using WeightKey = std::tuple<int64_t, int64_t, double, double>;
 }  // namespace
 
 std::shared_ptr<const LossWeights> loss_weights(int64_t H, int64_t W, double lam, double f0) {
-  using Key = std::tuple<int64_t, int64_t, double, double>;
   static std::mutex mutex;
-  static std::map<Key, std::shared_ptr<const LossWeights>> cache;
+  static std::map<WeightKey, std::shared_ptr<const LossWeights>> cache;
   static size_t cached = 0;
-  const Key key{H, W, lam, f0};
+  const WeightKey key{H, W, lam, f0};
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
   auto table = std::make_shared<LossWeights>();
-  table->sum = build_weight_table(H, W, lam, f0, table->w);  // outside the lock: it runs parallel_for
+  build_weight_table(H, W, lam, f0, table->w);  // outside the lock: it runs parallel_for
   std::lock_guard<std::mutex> lock(mutex);
-  if (cached + table->w.size() > kMaxCachedWeights) {
-    cache.clear();
-    cached = 0;
-  }
+  if (cached + table->w.size() > kMaxCachedWeights) return table;  // for this call only: keep the cached ones
   const auto inserted = cache.emplace(key, std::move(table));
   if (inserted.second) cached += inserted.first->second->w.size();
   return inserted.first->second;
+}
+
+double loss_weight_sum(int64_t H, int64_t W, double lam, double f0) {
+  static std::mutex mutex;
+  static std::map<WeightKey, double> cache;
+  const WeightKey key{H, W, lam, f0};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  // rows i and H - i hold the same weights: sum the first H/2 + 1 rows, each counted as often as it
+  // occurs; the row sums are independent of the thread count, and are added in a fixed order
+  const int64_t Wr = W / 2 + 1, half = H / 2 + 1;
+  std::vector<double> rows(half);
+  at::parallel_for(0, half, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double r = 0.0;
+      for (int64_t j = 0; j < Wr; ++j) r += 1.0 + std::pow(std::sqrt(freq_sq(i, j, H, W)) / f0, lam);
+      rows[i] = r;
+    }
+  });
+  double sum = 0.0;
+  for (int64_t i = 0; i < half; ++i) {
+    const bool paired = i != 0 && 2 * i != H;  // row H - i repeats it
+    sum += paired ? 2.0 * rows[i] : rows[i];
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= kMaxCachedSums) cache.clear();  // a double per key: rebuilding them is cheap
+  cache.emplace(key, sum);
+  return sum;
 }
 
 TORCH_LIBRARY_IMPL(irno, CPU, m) {

@@ -52,8 +52,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-__device__ __forceinline__ float magnitude(float re, float im) { return sqrtf(re * re + im * im); }
-__device__ __forceinline__ double magnitude(double re, double im) { return sqrt(re * re + im * im); }
+// hypot: the unscaled spectra are sqrt(H W) times the definition's, so re^2 + im^2 overflows float
+// for fields sqrt(H W) times smaller than the definition's own abs() does; hypot does not
+__device__ __forceinline__ float magnitude(float re, float im) { return hypotf(re, im); }
+__device__ __forceinline__ double magnitude(double re, double im) { return hypot(re, im); }
 
 // ------------------------------------------------------------------------------------------------
 // frequencies, shells, weights

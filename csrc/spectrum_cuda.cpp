@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spectral_loss_spectra_cuda(const 
   at::Tensor out = at::empty({}, pred.options().dtype(compute_dtype(pred)));
   // mean over the planes*H*Wr entries of w / mean(w) * err = sum(w err) / (planes * sum(w))
   const double norm =
-      inv_grid(pred) / (static_cast<double>(s.planes) * loss_weights(s.H, s.W, lam, f0)->sum);
+      inv_grid(pred) / (static_cast<double>(s.planes) * loss_weight_sum(s.H, s.W, lam, f0));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   if (compute_dtype(pred) == at::kDouble) {
     cuda::spectral_loss(real_ptr<double>(P), m == LossMode::kMagnitude ? real_ptr<double>(Y) : nullptr, lam, f0,
@@ -195,7 +195,7 @@ at::Tensor spectral_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
   // d/dS of sum(w err) / (planes * sum w) is 2 w (...) / (planes * sum w); the unscaled spectra and
   // the unscaled inverse transform add 1 / (H W)
   const double scale =
-      sign * 2.0 * inv_grid(pred) / (static_cast<double>(s.planes) * loss_weights(s.H, s.W, lam, f0)->sum);
+      sign * 2.0 * inv_grid(pred) / (static_cast<double>(s.planes) * loss_weight_sum(s.H, s.W, lam, f0));
   // the incoming gradient stays on the device: read by the kernel, never by the host (float32 and
   // float64 as they are; a 16-bit gradient is widened first)
   at::Tensor g = grad.reshape({1}).resolve_neg();

@@ -455,7 +455,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             else:
                 sig[p.name] = p.annotation_type or "i32"
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": fusion})
+        opts = {"num_warps": num_warps, "enable_fp_fusion": fusion}
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
     f32 = dict(IS_F64=False)
     build(U._residual_update_kernel, dict(h_ptr="fp32", phi_ptr="fp32", out_ptr="fp32"),
