@@ -83,17 +83,26 @@ int64_t num_shells(int64_t H, int64_t W) {
 
 // w(f) = 1 + (|f| / f0)^lam per entry (not normalised); returns the sum over the table.
 // Rows i and H - i share |fy|, so only rows 0..H/2 are evaluated.
-void build_weight_table(int64_t H, int64_t W, double lam, double f0, std::vector<double>& w) {
+// rows 0 .. H/2 of the (H, W/2+1) table of 1 + (|f| / f0)^lam; row i >= H/2 + 1 equals row H - i
+void weight_half_rows(int64_t H, int64_t W, double lam, double f0, std::vector<double>& w) {
   const int64_t Wr = W / 2 + 1;
-  w.resize(H * Wr);
   const int64_t half = H / 2 + 1;
+  w.resize(half * Wr);
   at::parallel_for(0, half, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       double* row = w.data() + i * Wr;
       for (int64_t j = 0; j < Wr; ++j) row[j] = 1.0 + std::pow(std::sqrt(freq_sq(i, j, H, W)) / f0, lam);
     }
   });
-  for (int64_t i = half; i < H; ++i) std::copy_n(w.data() + (H - i) * Wr, Wr, w.data() + i * Wr);
+}
+
+inline int64_t mirrored_row(int64_t i, int64_t H) { return i <= H / 2 ? i : H - i; }
+
+void build_weight_table(int64_t H, int64_t W, double lam, double f0, std::vector<double>& w) {
+  const int64_t Wr = W / 2 + 1;
+  weight_half_rows(H, W, lam, f0, w);
+  w.resize(H * Wr);
+  for (int64_t i = H / 2 + 1; i < H; ++i) std::copy_n(w.data() + mirrored_row(i, H) * Wr, Wr, w.data() + i * Wr);
 }
 
 // 1 / c per column: the adjoint of rfft2 halves the columns that stand for a conjugate pair
@@ -417,21 +426,15 @@ double loss_weight_sum(int64_t H, int64_t W, double lam, double f0) {
     const auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  // rows i and H - i hold the same weights: sum the first H/2 + 1 rows, each counted as often as it
-  // occurs; the row sums are independent of the thread count, and are added in a fixed order
-  const int64_t Wr = W / 2 + 1, half = H / 2 + 1;
-  std::vector<double> rows(half);
-  at::parallel_for(0, half, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      double r = 0.0;
-      for (int64_t j = 0; j < Wr; ++j) r += 1.0 + std::pow(std::sqrt(freq_sq(i, j, H, W)) / f0, lam);
-      rows[i] = r;
-    }
-  });
+  // the entries of the whole table added one by one in row-major order (rows past H/2 read their
+  // mirror): the same sum whatever the thread count, from half a table held for this call only
+  std::vector<double> half;
+  weight_half_rows(H, W, lam, f0, half);
+  const int64_t Wr = W / 2 + 1;
   double sum = 0.0;
-  for (int64_t i = 0; i < half; ++i) {
-    const bool paired = i != 0 && 2 * i != H;  // row H - i repeats it
-    sum += paired ? 2.0 * rows[i] : rows[i];
+  for (int64_t i = 0; i < H; ++i) {
+    const double* row = half.data() + mirrored_row(i, H) * Wr;
+    for (int64_t j = 0; j < Wr; ++j) sum += row[j];
   }
   std::lock_guard<std::mutex> lock(mutex);
   if (cache.size() >= kMaxCachedSums) cache.clear();  // a double per key: rebuilding them is cheap

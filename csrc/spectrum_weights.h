@@ -25,9 +25,8 @@ struct LossWeights {
 // the table of (H, W, lam, f0): built on first use, then shared (never modified)
 std::shared_ptr<const LossWeights> loss_weights(int64_t H, int64_t W, double lam, double f0);
 
-// the sum of that table's entries (rows i and H - i are equal: each distinct row summed once and
-// counted as often as it occurs, in a fixed order whatever the thread count), cached per key
-// without the table
+// the sum of that table's entries, added in row-major order (a fixed order, whatever the thread
+// count), cached per key without the table
 double loss_weight_sum(int64_t H, int64_t W, double lam, double f0);
 
 }  // namespace irno

@@ -97,7 +97,16 @@ def channels_last_like(t: torch.Tensor) -> bool:
 INT32_ELEMENTS = (1 << 31) - 1
 
 
+def reach(t: torch.Tensor) -> int:
+    """Elements from a tensor's first element to its last in memory, plus one: how far a kernel that
+    addresses it by its strides reaches (a view of a larger tensor reaches beyond its numel)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+
+
 def int32_addressable(*tensors: torch.Tensor, extra: int = 0) -> bool:
-    """Whether every tensor (and an output of ``extra`` elements) stays below 2^31 - 1 elements, the
-    reach of the Triton kernels' 32-bit offsets; larger fields go to the reference."""
-    return all(t.numel() < INT32_ELEMENTS for t in tensors) and extra < INT32_ELEMENTS
+    """Whether every tensor (its numel and its reach in memory, see ``reach``) and an output of
+    ``extra`` elements stay below 2^31 - 1, the reach of the Triton kernels' 32-bit offsets; larger
+    fields go to the reference."""
+    return all(max(t.numel(), reach(t)) < INT32_ELEMENTS for t in tensors) and extra < INT32_ELEMENTS

@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from irno_kernels._checks import reach
+
 BACKENDS = ("reference", "cpu", "cuda", "triton", "dft")
 #: ops with a "dft" implementation (pure PyTorch matrix products; automatic for large CUDA fields)
 DFT_OPS = ("spectral_conv2d",)
@@ -141,7 +143,8 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
                                f"backend='reference' (or the automatic choice) under torch.autograd.forward_ad")
         if forced == "triton" and not _triton_fits(tensors):
             raise RuntimeError(f"irno backend 'triton' cannot run {op} on a tensor of {TRITON_MAX_ELEMENTS} elements "
-                               f"or more (its kernels address with 32-bit offsets); use the automatic choice")
+                               f"or more, or a view reaching that far into its storage (its kernels address "
+                               f"with 32-bit offsets); use the automatic choice")
         return forced
     if dual:
         return "reference"
@@ -152,14 +155,15 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
     return "reference"
 
 
-#: inputs of a Triton kernel stay below this many elements: the kernels address with 32-bit offsets,
+#: inputs of a Triton kernel stay below this many elements (and reach no further in memory: a view of
+#: a larger tensor counts by its strides): the kernels address with 32-bit offsets,
 #: and an op's internal buffers (an rfft2 spectrum, a padded or upsampled output) can be up to a few
 #: times its input (the ops with a larger output also check that: irno_kernels/pad.py, norm.py)
 TRITON_MAX_ELEMENTS = 1 << 29
 
 
 def _triton_fits(tensors) -> bool:
-    return all(t.numel() < TRITON_MAX_ELEMENTS for t in tensors if isinstance(t, torch.Tensor))
+    return all(max(t.numel(), reach(t)) < TRITON_MAX_ELEMENTS for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _absent_message(op: str, backend: str, device: torch.device) -> str:

@@ -69,8 +69,10 @@ def test_fields_too_large_for_32_bit_offsets_skip_triton(monkeypatch):
     cuda = torch.device("cuda")  # resolve looks at the device type only: no GPU needed
     assert bk.resolve("periodic_pad2d", cuda, None, (small,)) == "triton"
     assert bk.resolve("periodic_pad2d", cuda, None, (small, big)) == "reference"
+    # a view of fewer elements counts by how far its strides reach into the storage
+    assert bk.resolve("periodic_pad2d", cuda, None, (torch.empty(2, 12, 4, 4)[:, :1],)) == "reference"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(RuntimeError, match="cannot run periodic_pad2d on a tensor of 100 elements or more"):
+    with pytest.raises(RuntimeError, match="cannot run periodic_pad2d on a tensor of 100 elements or more, or a view"):
         bk.resolve("periodic_pad2d", "cpu", "triton", (big,))
 
 

@@ -120,6 +120,35 @@ def test_triton_widest_tile_and_the_reference_beyond(C):
 
 
 @triton_only
+@pytest.mark.parametrize("gelu,halo,out_dtype", [(False, 0, None), (True, 1, torch.bfloat16), (True, 0, None)])
+def test_triton_beyond_the_widest_tile_under_autocast_computes_in_float32(monkeypatch, gelu, halo, out_dtype):
+    """C > MAX_CHANNELS (the U-Net's 256-channel bottleneck) runs the reference inside the Triton
+    backend, with autocast turned off by the caller around a 16-bit x and float32 weights: CUDA's
+    layer_norm refuses that mix, so the reference must see one dtype (float32, as autocast's
+    layer_norm), and return float32 (or out_dtype) like the kernel."""
+    import torch.nn.functional as F
+
+    real = F.layer_norm
+    seen = []
+
+    def strict(x, shape, weight=None, bias=None, eps=1e-5):
+        seen.append((x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype))
+        assert weight is None or weight.dtype == x.dtype, (x.dtype, weight.dtype)
+        return real(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(F, "layer_norm", strict)
+    x = torch.randn(2, 200, 5, 6, device=DEVICE).bfloat16()
+    w, b = torch.randn(200, device=DEVICE), torch.randn(200, device=DEVICE)
+    act = "gelu" if gelu else None
+    with torch.autocast(DEVICE, torch.bfloat16):
+        y = ik.channel_layer_norm(x, w, b, activation=act, halo=halo, out_dtype=out_dtype, backend="triton")
+    assert seen == [(torch.float32, torch.float32, torch.float32)]
+    assert y.dtype == (out_dtype or torch.float32)
+    want = ik.channel_layer_norm_ref(x.float(), w, b, activation=act, halo=halo)
+    torch.testing.assert_close(y, want.to(y.dtype))
+
+
+@triton_only
 @pytest.mark.parametrize("shape,halo", [((2, 5, 7, 9), 1), ((1, 16, 3, 10), 2), ((2, 3, 4, 5), 4), ((1, 4, 1, 6), 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_triton_fused_gelu_and_periodic_halo(shape, halo, dtype):
@@ -288,6 +317,21 @@ def test_cuda_autocast_computes_in_float32():
         y = m(x.bfloat16())
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ik.channel_layer_norm_ref(x.bfloat16().float(), m.weight, m.bias))
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_beyond_the_widest_tile():
+    """The U-Net's 256-channel bottleneck under bf16 autocast (the reference inside the Triton
+    backend): float32 out, as autocast's layer_norm, and the fused GELU + halo form too."""
+    x = torch.randn(2, 256, 8, 8, device="cuda")
+    m = ChannelLayerNorm(256).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        y = m(x.bfloat16())
+        z = ik.channel_layer_norm(x.bfloat16(), m.weight, m.bias, activation="gelu", halo=1, out_dtype=torch.bfloat16)
+    assert y.dtype == torch.float32 and z.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ik.channel_layer_norm_ref(x.bfloat16().float(), m.weight, m.bias))
+    want = ik.channel_layer_norm_ref(x.bfloat16().float(), m.weight, m.bias, activation="gelu", halo=1)
+    torch.testing.assert_close(z, want.bfloat16())
 
 
 @pytest.mark.gpu

@@ -152,6 +152,28 @@ def test_fields_beyond_32_bit_offsets_go_to_the_reference(monkeypatch):
         ik.periodic_pad2d(x, 0, backend="triton")  # 84 elements each way: the kernel
 
 
+def test_views_reaching_beyond_32_bit_offsets_go_to_the_reference(monkeypatch):
+    """A small view of a large tensor reaches as far into memory as its strides say: the guard
+    counts that reach, not the view's elements (the limit is lowered here: a view of 60 elements whose
+    batch stride spans 12 channels reaches 1 + 1*240 + 1*20 + 2*5 + 4*1 = 275 elements)."""
+    import irno_kernels.triton as tr
+    from irno_kernels import _checks
+
+    def refuse(*a, **k):
+        raise AssertionError("the Triton kernel was called")
+
+    big = torch.randn(2, 12, 4, 5)
+    view = big[:, :2, :3]
+    assert view.numel() == 60 and _checks.reach(view) == 275
+    assert _checks.reach(big) == big.numel() and _checks.reach(big.transpose(1, 3)) == big.numel()
+    monkeypatch.setattr(tr, "periodic_pad_cat", refuse)
+    monkeypatch.setattr(_checks, "INT32_ELEMENTS", 200)
+    torch.testing.assert_close(ik.periodic_pad2d(view, 1, backend="triton"), F.pad(view, (1,) * 4, mode="circular"))
+    monkeypatch.setattr(_checks, "INT32_ELEMENTS", 400)
+    with pytest.raises(AssertionError, match="Triton kernel was called"):
+        ik.periodic_pad2d(view, 1, backend="triton")
+
+
 def test_bad_inputs_name_the_argument():
     x = torch.randn(1, 2, 4, 5)
     with pytest.raises(TypeError, match="xs: expected a non-empty sequence"):

@@ -314,7 +314,13 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     if x.shape[1] > MAX_CHANNELS:
         from irno_kernels.norm import channel_layer_norm_ref
 
-        return channel_layer_norm_ref(x, weight, bias, eps, "gelu" if gelu else None, halo, out_dtype)
+        # the kernel's dtype rules, by the reference: computed in float32 at least (the caller may
+        # have turned autocast off around a 16-bit x and float32 weights, which CUDA's layer_norm
+        # refuses to mix), returned in out_dtype or x's dtype
+        wide = torch.promote_types(x.dtype, torch.float32)
+        y = channel_layer_norm_ref(x.to(wide), weight if weight is None else weight.to(wide),
+                                   bias if bias is None else bias.to(wide), eps, "gelu" if gelu else None, halo)
+        return y.to(out_dtype if out_dtype is not None else x.dtype)
     if torch.compiler.is_compiling():
         return _cln_fwd_op(x, weight, bias, eps, gelu, halo, out_dtype)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
