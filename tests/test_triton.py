@@ -502,13 +502,17 @@ _COMPILE_SCRIPT = textwrap.dedent("""
               dict(HAS_W=True, HAS_B=True, C_PAD=16, BLOCK_P=N._block(1 << 16, 16), GELU=gelu, HALO=halo, **f32))
         build(N._cln_bwd_kernel, dict(g_ptr=dt, x_ptr=dt, w_ptr="fp32", b_ptr="fp32", mean_ptr="fp32",
                                       rstd_ptr="fp32", gx_ptr=dt, pw_ptr="fp32", pb_ptr="fp32"),
-              dict(HAS_W=True, HAS_B=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128), GELU=gelu, HALO=halo, **f32))
+              dict(HAS_W=True, HAS_B=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128, N.BWD_VALUES), GELU=gelu,
+                   HALO=halo, **f32), num_warps=N.BWD_WARPS)
     for src, dst, halo in (("fp32", "bf16", 1), ("bf16", "bf16", 1), ("fp32", "fp32", 0)):
         bc, bp = P._blocks(32, 1 << 16)
         build(P._pad_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
         build(P._pad_bwd_kernel, dict(g_ptr=dst, gx_ptr=src), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
-        build(P._up_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
-        build(P._up_bwd_kernel, dict(g_ptr="fp32", gx_ptr=src), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp))
+        build(P._up_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo),
+              num_warps=P.UP_WARPS)
+        bc, bp = P._blocks(32, 1 << 16, P.UP_BWD_VALUES)
+        build(P._up_bwd_kernel, dict(g_ptr="fp32", gx_ptr=src), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp),
+              num_warps=P.UP_WARPS)
     print("ok")
 """)
 
