@@ -54,6 +54,32 @@ def prefer_dft(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 _CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _CACHE_MAX = 32
+#: keys whose matrices a CUDA graph read while it was captured: a replay reads them by address, so
+#: they stay cached (never evicted) for the life of the process
+_PINNED: set[tuple] = set()
+
+
+def capturing(device) -> bool:
+    """Whether the current CUDA stream of ``device`` is being captured into a CUDA graph."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def cache_put(cache: dict, pinned: set, key, value, limit: int):
+    """Insert into a bounded cache that evicts its oldest entry not in ``pinned``; returns value."""
+    if len(cache) >= limit:
+        old = next((k for k in cache if k not in pinned), None)
+        if old is not None:
+            cache.pop(old)
+    cache[key] = value
+    return value
+
+
+def cache_get(cache: dict, pinned: set, key, device):
+    """cache.get(key), pinning the key when a CUDA graph is being captured on ``device``."""
+    hit = cache.get(key)
+    if hit is not None and capturing(device):
+        pinned.add(key)
+    return hit
 
 
 def _real_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -66,7 +92,7 @@ def dft_matrices(H: int, W: int, m1: int, m2: int, dtype: torch.dtype, device) -
     (H, 2*m1) complex inverse; iw (2*m2, W) real, rows c*cos, -c*sin interleaved. Angles are reduced
     modulo the period in integers before the trigonometry, so large grids keep full accuracy."""
     key = (H, W, m1, m2, dtype, torch.device(device))
-    hit = _CACHE.get(key)
+    hit = cache_get(_CACHE, _PINNED, key, device)
     if hit is not None:
         return hit
     cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
@@ -86,10 +112,9 @@ def dft_matrices(H: int, W: int, m1: int, m2: int, dtype: torch.dtype, device) -
     eh = torch.polar(torch.full_like(ang_h, 1.0 / (H * W)), -ang_h)  # forward, "forward" norm
     eh_inv = torch.polar(torch.ones_like(ang_h), ang_h).T  # (H, 2*m1)
     out = (fw.to(dtype), eh.to(cdtype), eh_inv.to(cdtype).contiguous(), iw.to(dtype))
-    if len(_CACHE) >= _CACHE_MAX:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = out
-    return out
+    if capturing(device):
+        _PINNED.add(key)
+    return cache_put(_CACHE, _PINNED, key, out, _CACHE_MAX)
 
 
 def spectral_conv2d_dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

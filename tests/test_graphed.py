@@ -405,6 +405,48 @@ def test_recapture_after_clear_with_the_dft_route(monkeypatch):
 
 
 @gpu
+def test_tfno_base_replays_after_train_eval_and_a_new_state_dict():
+    """A frozen TFNO base caches its dense weights in eval mode; model.train() frees that cache. The
+    capture rebuilds them inside the graph, so a replay after train()/eval() reads live memory, and
+    a load_state_dict of new Tucker factors reaches the next replay."""
+    from irno import TFNO
+
+    torch.manual_seed(0)
+    base = TFNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    model = IRNO(base, UNetRefiner(3, 1, depth=2, width=4, out_gain=1.0), alpha=0.3, K=3).cuda().eval()
+    g = GraphedIRNO(model)
+    x = torch.randn(2, 2, 32, 32, device="cuda")
+    g(x)
+    model.train()
+    model.eval()
+    torch.empty(1 << 20, device="cuda").fill_(float("nan"))  # reuse whatever was freed
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), model(x), rtol=1e-5, atol=1e-5)
+        state = {k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()}
+        base.load_state_dict(state)
+        torch.testing.assert_close(g(x), model(x), rtol=1e-5, atol=1e-5)
+    assert g.n_captures == 1
+
+
+@gpu
+def test_dft_matrices_read_by_a_graph_outlive_the_cache_bound(monkeypatch):
+    """The dft route's matrices are cached with a bound; those a captured graph reads stay cached
+    however many other shapes pass through afterwards."""
+    from irno_kernels import spectral_dft
+
+    monkeypatch.setattr(spectral_dft, "prefer_dft", lambda x, w: x.is_cuda)
+    model = _model("cuda", K=2)
+    g = GraphedIRNO(model)
+    x = torch.randn(2, 2, 32, 32, device="cuda")
+    first = g(x)
+    with torch.no_grad():
+        for n in range(40):  # more keys than the caches hold
+            model(torch.randn(1, 2, 24 + n, 24, device="cuda"))
+    torch.empty(1 << 20, device="cuda").fill_(float("nan"))
+    torch.testing.assert_close(g(x), first, rtol=1e-6, atol=1e-6)
+
+
+@gpu
 def test_new_shape_recaptures():
     model = _model("cuda")
     g = GraphedIRNO(model, max_graphs=2)

@@ -50,6 +50,26 @@ def test_cpu_fallback_is_the_plain_training_step():
     assert len(step) == 0  # nothing captured on CPU
 
 
+def test_cpu_fallback_takes_a_capturable_optimizer():
+    """Code written for the GPU (Adam with capturable=True) runs on CPU parameters: the flag, which
+    PyTorch refuses there, is turned off, and the step is the plain one."""
+    a, b = _model(), _model()
+    fn_a, params_a, opt_a = _setup(a, capturable=True)
+    fn_b, params_b, opt_b = _setup(b)
+    step = GraphedTrainStep(fn_a, params_a, opt_a)
+    for seed in (1, 2):
+        x, y = _batch(seed=seed)
+        got = step(x, y)
+        opt_b.zero_grad(set_to_none=True)
+        want = fn_b(x, y)
+        want.backward()
+        opt_b.step()
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    assert all(not g["capturable"] for g in opt_a.param_groups)
+    for p, q in zip(params_a, params_b):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_bad_arguments_name_the_argument():
     fn, params, opt = _setup(_model())
     with pytest.raises(TypeError, match="loss_fn: expected a callable"):
@@ -103,3 +123,38 @@ def test_replayed_steps_equal_eager_steps_and_new_shapes_recapture():
     bad = GraphedTrainStep(fn_g, params_g, torch.optim.Adam(params_g, lr=1e-3))
     with pytest.raises(ValueError, match="capturable=True"):
         bad(x, y)
+    cpu_state = GraphedTrainStep(fn_g, params_g, torch.optim.Adagrad(params_g, lr=1e-3))
+    with pytest.raises(ValueError, match="keeps its state 'step' on the CPU"):
+        cpu_state(x, y)
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loading_an_optimizer_state_recaptures():
+    """optimizer.load_state_dict replaces the state tensors a graph updates by address: the next
+    call captures anew, and the replays then train from the loaded state as eager steps do."""
+    model = _model("cuda")
+    twin = copy.deepcopy(model)
+    fn, params, opt = _setup(model, capturable=True)
+    fn_t, params_t, opt_t = _setup(twin, capturable=True)
+    step = GraphedTrainStep(fn, params, opt, warmup=1)
+    x, y = _batch(device="cuda")
+    step(x, y)
+    saved_w = [p.detach().clone() for p in params]
+    saved_opt = copy.deepcopy(opt.state_dict())
+    step(x, y)
+    assert len(step) == 1
+    with torch.no_grad():  # back to the saved point, in both
+        for p, q, w in zip(params, params_t, saved_w):
+            p.copy_(w)
+            q.copy_(w)
+    opt.load_state_dict(saved_opt)
+    opt_t.load_state_dict(copy.deepcopy(saved_opt))
+    step(x, y)  # captures anew: 1 warm-up step + the captured one
+    assert len(step) == 1
+    eager = GraphedTrainStep(fn_t, params_t, opt_t, enabled=False)
+    eager(x, y)
+    eager(x, y)
+    moved = torch.cat([(p.detach() - w).flatten() for p, w in zip(params, saved_w)])
+    moved_t = torch.cat([(p.detach() - w).flatten() for p, w in zip(params_t, saved_w)])
+    assert (moved - moved_t).norm() / moved_t.norm() < 1e-2

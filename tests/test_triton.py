@@ -548,6 +548,31 @@ def test_reductions_are_deterministic():
         assert torch.equal(a, b)
 
 
+def test_tf32_switch_is_read_by_the_api_that_set_it():
+    """The DFT kernels' precision follows PyTorch's matmul TF32 setting whichever API set it; reading
+    the legacy allow_tf32 raises once the new fp32_precision API was used (torch >= 2.9)."""
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has the legacy TF32 switch only")
+    saved = m.fp32_precision, getattr(torch.backends, "fp32_precision", None), torch.get_float32_matmul_precision()
+    try:
+        for setting, want in (("ieee", False), ("tf32", True)):
+            m.fp32_precision = setting
+            assert tr_dft.matmul_tf32() is want and tr_dft._precision() == ("tf32" if want else "tf32x3")
+        torch.set_float32_matmul_precision("highest")
+        assert not tr_dft.matmul_tf32()
+        m.allow_tf32 = True
+        assert tr_dft.matmul_tf32()
+        torch.set_float32_matmul_precision("highest")
+        m.fp32_precision = "tf32"  # the new API: the legacy read would raise
+        assert tr_dft._precision() == "tf32"
+    finally:
+        m.fp32_precision = saved[0]
+        if saved[1] is not None:
+            torch.backends.fp32_precision = saved[1]
+        torch.set_float32_matmul_precision(saved[2])
+
+
 def _opcheck_cases():
     h, z = randn(2, 3, 5, 7, requires_grad=True), randn(2, 4, 5, 7, requires_grad=True)
     w, b = randn(3, 4, requires_grad=True), randn(3, requires_grad=True)

@@ -19,8 +19,9 @@ block of rows stays in registers, so x is read once and the compact spectrum wri
 inverse reads the compact spectrum and writes y once.
 
 Precision: float32 data; the products take tl.dot's "tf32x3" (three TF32 products, about float32
-accuracy) unless PyTorch's matmul TF32 switch is on (``torch.backends.cuda.matmul.allow_tf32``),
-then "tf32" (the fast mode). float64 runs irno_kernels.spectral_dft (PyTorch matmuls) instead.
+accuracy) unless PyTorch's matmul TF32 switch is on (``torch.backends.cuda.matmul.allow_tf32`` or
+its successor ``fp32_precision``: see matmul_tf32), then "tf32" (the fast mode). float64 runs
+irno_kernels.spectral_dft (PyTorch matmuls) instead.
 
 Used by the "triton" backend of spectral_conv2d where the automatic CUDA choice would take the dft
 route (irno_kernels.spectral_dft.prefer_dft), with at most MAX_ROWS kept rows and MAX_COLS kept
@@ -117,8 +118,22 @@ def _modes_to_grid_kernel(
 # ---------------------------------------------------------------------------------------------
 # launch configurations
 # ---------------------------------------------------------------------------------------------
+def matmul_tf32() -> bool:
+    """Whether PyTorch's float32 matmuls may use TF32 now, by the API that set it: the per-backend
+    ``torch.backends.cuda.matmul.fp32_precision`` ("none" inherits ``torch.backends.fp32_precision``;
+    ``allow_tf32 = True`` and ``set_float32_matmul_precision("high")`` set it to "tf32"). Reading
+    the legacy ``allow_tf32`` raises once the new API was used, so it serves older torch only."""
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    if prec is None:
+        return bool(m.allow_tf32)
+    if prec == "none":
+        return getattr(torch.backends, "fp32_precision", "none") == "tf32"
+    return prec == "tf32"
+
+
 def _precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "tf32" if matmul_tf32() else "tf32x3"
 
 
 def _blocks(H: int, W: int, R: int, M: int) -> tuple[int, int, int, int]:
@@ -209,22 +224,24 @@ _m2g_op.register_autograd(_m2g_backward, setup_context=_m2g_setup)
 # the layer
 # ---------------------------------------------------------------------------------------------
 _MATS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_MATS_PINNED: set[tuple] = set()  # read by a captured CUDA graph: never evicted (spectral_dft.cache_put)
 
 
 def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """((ar, ai, er, ei) of the forward transform, (pr, pi, qr, qi) of the inverse), float32,
-    contiguous, from irno_kernels.spectral_dft.dft_matrices (cached)."""
-    key = (H, W, m1, m2, torch.device(device))
-    hit = _MATS.get(key)
-    if hit is None:
-        from irno_kernels.spectral_dft import dft_matrices
+    contiguous, from irno_kernels.spectral_dft.dft_matrices (cached; kept for good once a CUDA graph
+    captured reading them)."""
+    from irno_kernels.spectral_dft import cache_get, cache_put, capturing, dft_matrices
 
+    key = (H, W, m1, m2, torch.device(device))
+    hit = cache_get(_MATS, _MATS_PINNED, key, device)
+    if hit is None:
         fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, torch.float32, device)
         fwd = (fw[:, 0::2].contiguous(), fw[:, 1::2].contiguous(), eh.real.contiguous(), eh.imag.contiguous())
         inv = (eh_inv.real.contiguous(), eh_inv.imag.contiguous(), iw[0::2].contiguous(), iw[1::2].contiguous())
-        if len(_MATS) >= 32:
-            _MATS.pop(next(iter(_MATS)))
-        hit = _MATS[key] = (fwd, inv)
+        if capturing(device):
+            _MATS_PINNED.add(key)
+        hit = cache_put(_MATS, _MATS_PINNED, key, (fwd, inv), 32)
     return hit
 
 

@@ -16,7 +16,11 @@ Rules (those of CUDA-graph capture):
   state outside the capture), then captures one step and replays it: those are real training steps,
   as in PyTorch's recipe.
 - The optimizer must update on the device without host syncs: Adam/AdamW with ``capturable=True``
-  (checked); SGD needs nothing.
+  (checked); SGD needs nothing; an optimizer that keeps state on the CPU for CUDA parameters (e.g.
+  Adagrad's step counter) is refused at capture.
+- A changed optimizer state (``optimizer.load_state_dict``: new state tensors) or parameters that
+  got new storage (``model.to(...)``) drop the graphs; the next call captures anew (with its warm-up
+  steps).
 - ``loss_fn`` may not synchronise with the host (``.item()``, data-dependent Python control flow) nor
   skip non-finite losses; the Python code runs once, at capture. Learning-rate changes through an LR
   scheduler are not seen by the graph unless the optimizer keeps ``lr`` as a tensor.
@@ -25,7 +29,8 @@ Rules (those of CUDA-graph capture):
   capture, see irno.graphed).
 
 On CPU tensors (or with ``enabled=False``) the same step runs eagerly, so code written for the GPU
-runs anywhere.
+runs anywhere (an optimizer over CPU parameters built with ``capturable=True`` has it turned off:
+PyTorch's capturable update takes device tensors only).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class GraphedTrainStep:
         self.clip, self.warmup, self.enabled = (None if clip is None else float(clip)), warmup, bool(enabled)
         self._graphs: dict = {}  # key -> (graph, static inputs, static loss)
         self._pool = None
+        self._identity = None  # what the graphs were captured against (see _state_identity)
 
     def __len__(self) -> int:
         """Number of captured graphs (one per batch shape seen on CUDA)."""
@@ -98,11 +104,42 @@ class GraphedTrainStep:
                 raise ValueError(f"optimizer: {name} must be built with capturable=True to be replayed in a "
                                  f"CUDA graph (e.g. torch.optim.{name}(params, ..., capturable=True))")
 
+    def _check_state_on_device(self) -> None:
+        """After the warm-up: every state tensor of a CUDA parameter is on its device (a CPU tensor,
+        e.g. Adagrad's step counter, would be read once at capture and never updated)."""
+        for p, st in self.optimizer.state.items():
+            for name, v in st.items():
+                if isinstance(v, torch.Tensor) and p.is_cuda and not v.is_cuda:
+                    opt = type(self.optimizer).__name__
+                    raise ValueError(f"optimizer: {opt} keeps its state {name!r} on the CPU for CUDA parameters; "
+                                     f"its update cannot be replayed in a CUDA graph (use enabled=False, or an "
+                                     f"optimizer with capturable=True such as Adam/AdamW)")
+
+    def _state_identity(self) -> tuple:
+        """The storage of the parameters and the optimizer's state and groups, which the graphs read by
+        address: a change (model.to(...), optimizer.load_state_dict) makes them stale."""
+        opt = self.optimizer
+        return (tuple(p.data_ptr() for p in self.params), id(opt.state), tuple(id(g) for g in opt.param_groups))
+
+    def _cpu_step(self, batch) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            if group.get("capturable") and not any(p.is_cuda for p in group["params"]):
+                group["capturable"] = False  # PyTorch's capturable update refuses CPU tensors
+        return self._step(batch)
+
+    def clear(self) -> None:
+        """Drop every captured graph (the next call on CUDA captures anew)."""
+        self._graphs.clear()
+        self._pool = None
+        self._identity = None
+
     def __call__(self, *batch) -> torch.Tensor:
         tensors = [b for b in batch if isinstance(b, torch.Tensor)]
         on_cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in self.params)
         if not (self.enabled and on_cuda and torch.cuda.is_available()):
-            return self._step(batch)
+            return self._cpu_step(batch) if not on_cuda else self._step(batch)
+        if self._graphs and self._state_identity() != self._identity:
+            self.clear()
         key = tuple((tuple(b.shape), b.dtype, b.device) if isinstance(b, torch.Tensor) else ("const", repr(b))
                     for b in batch)
         entry = self._graphs.get(key)
@@ -124,6 +161,7 @@ class GraphedTrainStep:
             for _ in range(self.warmup):
                 self._step(static)
         torch.cuda.current_stream().wait_stream(side)
+        self._check_state_on_device()
         # gradients set to None: the captured backward allocates them in the graph's pool and writes
         # (not accumulates) them on every replay
         self.optimizer.zero_grad(set_to_none=True)
@@ -133,4 +171,5 @@ class GraphedTrainStep:
         with torch.cuda.graph(graph, pool=self._pool), no_autocast_cache():
             loss = self._step(static, zero=False)
         self._graphs[key] = (graph, static, loss)
+        self._identity = self._state_identity()
         return self._graphs[key]

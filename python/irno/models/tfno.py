@@ -122,6 +122,11 @@ class TuckerSpectralConv2d(SpectralConv2d):
         if not frozen:
             self.clear_cache()
             return self.reconstruct()
+        if self.core.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a CUDA graph being captured: rebuild inside it, so that its replays read the Tucker
+            # factors themselves (a load_state_dict reaches them) and never the cache, which
+            # train() or a changed key frees
+            return self.reconstruct().detach()
         key = self._key()
         if self._cache is None or key != self._cache_key:
             self._cache = self.reconstruct().detach()
