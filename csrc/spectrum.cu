@@ -119,6 +119,12 @@ RadialPlan radial_plan(const SpectrumShape& s) {
   p.windows = static_cast<int>((s.R + p.bins - 1) / p.bins);
   p.warps = std::max(1, std::min(kMaxWarps, kHistDoubles / p.bins));
   p.rows = p.warps * kRowsPerWarp;
+  // the workspace holds chunks * R partial sums per plane: at most one per spectrum entry. Tall,
+  // narrow grids have many shells and few columns (4096 x 8: 2897 shells, 5 columns), where chunks
+  // of warps * 4 rows would need 36 times the spectrum; their chunks take more rows instead (the
+  // kernel's warps stride over any number of rows)
+  const int64_t max_chunks = std::max<int64_t>(1, s.H * (s.W / 2 + 1) / s.R);
+  if ((s.H + p.rows - 1) / p.rows > max_chunks) p.rows = static_cast<int>((s.H + max_chunks - 1) / max_chunks);
   p.chunks = (s.H + p.rows - 1) / p.rows;
   return p;
 }
