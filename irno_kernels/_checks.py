@@ -105,8 +105,14 @@ def reach(t: torch.Tensor) -> int:
     return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
 
 
+def within(t: torch.Tensor, limit: int) -> bool:
+    """Whether t's elements and its reach in memory (``reach``) are both below ``limit`` (a contiguous
+    tensor reaches exactly its numel: the common case skips the strides' sum, on the launch path)."""
+    return t.numel() < limit and (t.is_contiguous() or reach(t) < limit)
+
+
 def int32_addressable(*tensors: torch.Tensor, extra: int = 0) -> bool:
     """Whether every tensor (its numel and its reach in memory, see ``reach``) and an output of
     ``extra`` elements stay below 2^31 - 1, the reach of the Triton kernels' 32-bit offsets; larger
     fields go to the reference."""
-    return all(max(t.numel(), reach(t)) < INT32_ELEMENTS for t in tensors) and extra < INT32_ELEMENTS
+    return all(within(t, INT32_ELEMENTS) for t in tensors) and extra < INT32_ELEMENTS

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from irno_kernels._checks import reach
+from irno_kernels._checks import within
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "dft")
 #: ops with a "dft" implementation (pure PyTorch matrix products; automatic for large CUDA fields)
@@ -163,7 +163,7 @@ TRITON_MAX_ELEMENTS = 1 << 29
 
 
 def _triton_fits(tensors) -> bool:
-    return all(max(t.numel(), reach(t)) < TRITON_MAX_ELEMENTS for t in tensors if isinstance(t, torch.Tensor))
+    return all(within(t, TRITON_MAX_ELEMENTS) for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _absent_message(op: str, backend: str, device: torch.device) -> str:
