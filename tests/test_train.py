@@ -123,3 +123,109 @@ def test_step_budget_stops_at_max_steps_with_the_same_schedule_shape():
     assert lrs[:15] == [cfg.lr] * 15  # constant for the first 60% of the steps
     assert all(a > b for a, b in zip(lrs[15:], lrs[16:]))  # then a cosine down
     assert lrs[-1] < 0.05 * cfg.lr
+
+
+def _tiny_trainer(out, scores, **cfg_kw):
+    """A Trainer on a tiny conv whose validation scores are given per epoch (1-based list)."""
+    from irno.train import Trainer
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    data = TensorDataset(torch.randn(16, 1, 6, 6), torch.randn(16, 1, 6, 6))
+
+    def loss(m, x, y, epoch):
+        return torch.nn.functional.mse_loss(m(x), y), {}
+
+    def val(m):
+        return {"val_loss": scores[len(tr.history)]}
+
+    cfg = TrainConfig(**{"epochs": len(scores), "batch_size": 4, "progress": False, **cfg_kw})
+    tr = Trainer(model, loss, data, val_fn=val, config=cfg, out_dir=out)
+    return tr
+
+
+def test_an_interrupted_best_checkpoint_is_not_claimed_by_last(tmp_path, monkeypatch):
+    """An interruption while best/ is written must not leave last/ recording that best score: the
+    resumed run redoes the epoch and writes best/ (before the fix, best/ kept older, worse weights
+    and last/ claimed the better score, so later better epochs were never kept)."""
+    from irno.checkpoint import load_checkpoint
+    from irno.train import Trainer
+
+    scores = [0.9, 0.5, 0.8, 0.7]
+    tr = _tiny_trainer(tmp_path, scores)
+    real = Trainer.save
+
+    def interrupted(self, name="last"):
+        if name == "best" and self.epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, name)
+
+    monkeypatch.setattr(Trainer, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    monkeypatch.setattr(Trainer, "save", real)
+    tr = _tiny_trainer(tmp_path, scores)
+    tr.fit(resume=True)
+    _, cfg, state = load_checkpoint(tmp_path / "best", with_state=True)
+    assert cfg["epoch"] == 2 and state["best_score"] == 0.5 and tr.best_score == 0.5
+
+
+def test_resume_after_patience_does_not_train_again(tmp_path):
+    scores = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    tr = _tiny_trainer(tmp_path, scores, patience=2)
+    assert [h["epoch"] for h in tr.fit()] == [1, 2, 3]  # two epochs without a better score
+    for _ in range(2):
+        tr = _tiny_trainer(tmp_path, scores, patience=2)
+        assert len(tr.fit(resume=True)) == 3
+
+
+def test_resume_with_more_epochs_stretches_the_schedule_and_says_so(tmp_path):
+    tr = _tiny_trainer(tmp_path, [1.0, 0.9], lr=1e-2, lr_min=1e-4)
+    tr.fit()
+    tr = _tiny_trainer(tmp_path, [1.0, 0.9, 0.8, 0.7], lr=1e-2, lr_min=1e-4)
+    with pytest.warns(UserWarning, match=r"epochs: 2 -> 4"):
+        hist = tr.fit(resume=True)
+    fresh = _tiny_trainer(tmp_path / "fresh", [1.0, 0.9, 0.8, 0.7], lr=1e-2, lr_min=1e-4).fit()
+    # from the resume on, the schedule of a run planned for 4 epochs (the old one, past its end, rose
+    # again: a cosine's second half)
+    for a, b in zip(hist[2:], fresh[2:]):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    assert hist[3]["lr"] < hist[2]["lr"]
+
+
+def test_a_mid_epoch_checkpoint_counts_the_epoch_time_so_far(tmp_path):
+    from irno.train import Trainer
+
+    tr = _tiny_trainer(tmp_path, [1.0], checkpoint_every=1)
+    real = Trainer._train_epoch
+
+    def slow_epoch(self):
+        time.sleep(0.2)
+        return real(self)
+
+    saved = []
+    real_state = Trainer._state
+
+    def recording_state(self):
+        state = real_state(self)
+        if 0 < self.step_in_epoch:  # inside the epoch
+            saved.append(state["elapsed"])
+        return state
+
+    Trainer._train_epoch, Trainer._state = slow_epoch, recording_state
+    try:
+        tr.fit()
+    finally:
+        Trainer._train_epoch, Trainer._state = real, real_state
+    # the mid-epoch checkpoints were written after the 0.2 s sleep: they count it (they said 0 before)
+    assert saved and min(saved) >= 0.2
+
+
+def test_fewer_samples_than_a_batch_is_a_clear_error():
+    from irno.train import Trainer
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(10, 1, 4, 4), torch.randn(10, 1, 4, 4))
+    with pytest.raises(ValueError, match="batch_size: 10 training samples give no full batch of 16"):
+        Trainer(torch.nn.Conv2d(1, 1, 1), lambda m, x, y, e: (m(x).mean(), {}), data)

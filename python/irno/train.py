@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,8 +132,12 @@ class Trainer:
         if not self.params:
             raise ValueError("model: no parameter requires grad (is everything frozen?)")
         self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        per_rank = math.ceil(len(train_set) / self.world)
-        self.steps_per_epoch = max(1, per_rank // self.cfg.batch_size)
+        per_rank = len(train_set) // self.world  # the sampler and the loader drop the remainders
+        if per_rank < self.cfg.batch_size:
+            ranks = f" over {self.world} ranks" if self.world > 1 else ""
+            raise ValueError(f"batch_size: {len(train_set)} training samples{ranks} give no full batch of "
+                             f"{self.cfg.batch_size} (incomplete batches are dropped); lower batch_size or add data")
+        self.steps_per_epoch = per_rank // self.cfg.batch_size
         total = self.steps_per_epoch * self.cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(total, 1),
                                                                     eta_min=self.cfg.lr_min)
@@ -144,6 +149,7 @@ class Trainer:
         self.best_score = math.inf
         self.bad_epochs = 0
         self.elapsed = 0.0
+        self._epoch_start: float | None = None  # perf_counter at the start of the epoch in progress
 
     # ------------------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:
@@ -160,7 +166,11 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "skipped": self.skipped, "history": self.history,
-                "best_score": self.best_score, "bad_epochs": self.bad_epochs, "elapsed": self.elapsed,
+                "best_score": self.best_score, "bad_epochs": self.bad_epochs,
+                # a checkpoint inside an epoch counts the epoch's time so far (a resumed budget goes on
+                # from there, not from the epoch's start)
+                "elapsed": self.elapsed + (time.perf_counter() - self._epoch_start
+                                           if self._epoch_start is not None else 0.0),
                 "train_config": asdict(self.cfg)}
 
     def save(self, name: str = "last") -> Path | None:
@@ -180,6 +190,31 @@ class Trainer:
         for k in ("epoch", "step_in_epoch", "global_step", "skipped", "history", "best_score", "bad_epochs",
                   "elapsed"):
             setattr(self, k, state[k])
+        self._reconcile_config(state.get("train_config") or {})
+
+    def _reconcile_config(self, saved: dict) -> None:
+        """A resumed run keeps the checkpoint's optimiser and schedule; say which settings changed, and
+        stretch the epoch schedule to a changed length (a cosine past its end would climb back up)."""
+        now = asdict(self.cfg)
+        cosmetic = ("progress", "num_workers", "checkpoint_every")
+        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k] and k not in cosmetic}
+        if not changed:
+            return
+        total = max(self.steps_per_epoch * self.cfg.epochs, 1)
+        if self.scheduler.T_max != total and not self._budgeted:
+            # the cosine of a run planned for the new length, from the step reached: the scheduler's
+            # recursive update then carries on from this learning rate
+            step = min(self.scheduler.last_epoch, total)
+            for g in self.optimizer.param_groups:
+                base = g.get("initial_lr", self.cfg.lr)
+                g["lr"] = self.cfg.lr_min + 0.5 * (base - self.cfg.lr_min) * (1 + math.cos(math.pi * step / total))
+            self.scheduler.T_max = total
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if self.rank == 0:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            warnings.warn(f"resume: the training settings changed since the checkpoint ({what}); the run goes on "
+                          f"with the checkpoint's optimiser state (the epoch schedule follows the new length)",
+                          stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict]:
@@ -189,11 +224,12 @@ class Trainer:
             if self.rank == 0:
                 print(f"resumed from {self.out_dir / 'last'} at epoch {self.epoch}, step {self.step_in_epoch}")
         while self.epoch < self.cfg.epochs:
-            if self._out_of_budget():
+            if self._out_of_budget() or self._out_of_patience():  # also a resumed run that had stopped
                 break
-            t0 = time.perf_counter()
+            t0 = self._epoch_start = time.perf_counter()
             train_parts = self._train_epoch()
             self.elapsed += time.perf_counter() - t0
+            self._epoch_start = None
             self.epoch += 1
             self.step_in_epoch = 0
             record = {"epoch": self.epoch, "elapsed_s": round(self.elapsed, 2), "skipped": self.skipped,
@@ -203,15 +239,17 @@ class Trainer:
                 record.update(self.val_fn(self.model))
                 self.model.train()
             self.history.append(record)
-            improved = self._track_best(record)
-            self.save("last")
-            if improved:
+            # best before last: last records the best score, so it must never claim a best that an
+            # interruption kept from being written (a resume from the older last redoes the epoch)
+            if self._track_best(record):
                 self.save("best")
+            self.save("last")
             if self.rank == 0:
                 print("  ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
-            if self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience:
-                break
         return self.history
+
+    def _out_of_patience(self) -> bool:
+        return self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience
 
     @property
     def _budgeted(self) -> bool:
