@@ -75,11 +75,32 @@ def test_demo_then_evaluate_and_resume(tmp_path, capsys):
     assert "x: expected" in capsys.readouterr().err and not (tmp_path / "y2.npy").exists()
     with pytest.raises(ValueError, match="steps: the model is a base operator"):
         irno.predict(base, raw, steps=2)
-    # the CLI's other commands work on the same run folder
+    # the CLI's other commands work on the same run folder; evaluate keeps what the demo recorded
+    # and it does not recompute (the controls, the run's histories)
     assert cli.main(["evaluate", *_args(tmp_path)]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["controls"] == metrics["controls"] and again["controls"]
+    assert again["run_info"]["irno_history"] == metrics["run_info"]["irno_history"]
     assert cli.main(["train", *_args(tmp_path, "irno.train.epochs=2"), "--resume"]) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "change at K" in out
+    # checkpoints of the wrong kind, a run folder for --model, a wrong split: one line each, exit 2
+    capsys.readouterr()
+    for argv, says in (
+            (["evaluate", *_args(tmp_path), "--model", str(run / "base" / "best")], "is not an IRNO checkpoint"),
+            (["evaluate", *_args(tmp_path), "--model", str(run)], "is not a checkpoint folder"),
+            (["train", *_args(tmp_path), "--base", str(run / "irno" / "best")], "is not a base checkpoint"),
+            (["evaluate", *_args(tmp_path, "evaluate.split=tset")], "evaluate.split: expected one of"),
+    ):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (argv, err)
+    # predict into a folder, or under a file: one line, nothing left behind
+    (tmp_path / "somedir.npy").mkdir()
+    assert cli.main(["predict", "--model", str(run), "--input", str(tmp_path / "x.npy"),
+                     "--out", str(tmp_path / "somedir.npy")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_bad_override_and_missing_config_are_clear(capsys):
@@ -92,6 +113,26 @@ def test_bad_override_and_missing_config_are_clear(capsys):
     assert "no built-in config of that name" in capsys.readouterr().err
     with pytest.raises(ValueError, match="base.model"):
         pipeline.build_base({"model": "resnet"}, 1, 1)
+
+
+def test_bad_config_values_and_misspelt_keys_are_one_line(tmp_path, capsys):
+    """A misspelt key is refused (it used to become a setting nothing reads) and a bad value is one
+    line on stderr with exit status 2, not a traceback."""
+    for override, says in (
+            ("base.trian.epochs=2", "no key 'trian' under 'base'"),
+            ("irno.kk=3", "no key 'kk' under 'irno'"),
+            ("base.train.epochz=2", "no key 'epochz' under 'base.train'"),
+            ("base.kwargs.n_modes=[4,4", "cannot read the value"),
+            ("base.model=resnet", "base.model"),  # after the (tiny) data: building the model
+            ("run_dir=", "run_dir: expected a folder name"),
+    ):
+        assert cli.main(["train-base", *_args(tmp_path, override)]) == 2, override
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (override, err)
+    # TrainConfig fields absent from the defaults and free sections (model kwargs) are accepted
+    cfg = pipeline.load_config(None, ["base.train.max_steps=5", "base.kwargs.anything=1",
+                                      "data.navier_stokes.resolution=32"])
+    assert cfg["base"]["train"]["max_steps"] == 5 and cfg["base"]["kwargs"]["anything"] == 1
 
 
 def test_commands_without_their_checkpoints_say_what_to_run(tmp_path, capsys):

@@ -155,6 +155,9 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
         if (folder / MARKER).exists():
             missing = [n for n in (WEIGHTS, CONFIG) if not (folder / n).exists()]
             raise FileNotFoundError(f"checkpoint: {folder} has no {', '.join(missing)}")
+        if not (folder / WEIGHTS).exists() and not (folder / CONFIG).exists():
+            raise FileNotFoundError(f"checkpoint: {folder} is not a checkpoint folder (no {WEIGHTS} or {CONFIG}; "
+                                    f"a run folder holds them under base/best, irno/best)")
         raise RuntimeError(f"checkpoint: {folder} is incomplete (no '{MARKER}' marker): it was being written "
                            f"when the writer stopped")
     folder = found

@@ -92,13 +92,24 @@ def _write_array(path: Path, y) -> None:
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".pt"):
         raise ValueError(f"out: expected a .npy or .pt file name, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{suffix}")
-    if suffix == ".npy":
-        np.save(tmp, y.numpy())
-    else:
-        torch.save(y, tmp)
-    os.replace(tmp, path)
+    if path.is_dir():
+        raise ValueError(f"out: {path} is a folder; name a file in it, e.g. {path / ('predictions' + suffix)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"out: cannot make the folder {path.parent} (a file of that name is in the way)") from None
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        with open(tmp, "wb") as f:
+            if suffix == ".npy":
+                np.save(f, y.numpy())
+            else:
+                torch.save(y, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _predict(args) -> int:
@@ -117,26 +128,50 @@ def _predict(args) -> int:
     return 0
 
 
-def _load(loader, path, device, flag: str, produce: str | None = None):
+def _load(loader, path, device, flag: str, produce: str | None = None, kind: str = "checkpoint"):
     """``loader(path, device)[0]``, or None after a one-line message when there is no complete
-    checkpoint at path (which command writes it, or which flag names another)."""
+    checkpoint at path (which command writes it, or which flag names another) or it holds another
+    kind of model (``kind``: what the command needs)."""
     try:
         return loader(path, device)[0]
     except FileNotFoundError as err:
         hint = f"run `{produce}` first, or name one with {flag}" if produce else f"check {flag}"
         print(f"irno: no checkpoint to load ({err}); {hint}", file=sys.stderr)
-        return None
+    except (KeyError, RuntimeError) as err:  # a base where an IRNO is needed, weights of another shape
+        detail = f"no {err} entry in its config" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        print(f"irno: {path} is not {kind} this command can use ({detail}); check {flag}", file=sys.stderr)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error (a bad config value, a wrong path) is one line on stderr and
+    exit status 2 (IRNO_DEBUG=1 shows the traceback instead)."""
+    import os
+
     args = _parser().parse_args(argv)
     if args.command == "predict":
         return _predict(args)
     try:
-        cfg = pipeline.load_config(args.config, args.overrides)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"irno: {err}", file=sys.stderr)
+        return _run(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as err:
+        if os.environ.get("IRNO_DEBUG"):
+            raise
+        print(f"irno: {type(err).__name__ + ': ' if isinstance(err, TypeError) else ''}{err} "
+              f"(IRNO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+def _previous_metrics(run: Path) -> dict:
+    try:
+        return json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _run(args) -> int:
+    cfg = pipeline.load_config(args.config, args.overrides)
+    if not cfg.get("run_dir"):
+        raise ValueError("run_dir: expected a folder name, got an empty value")
     run = Path(cfg["run_dir"])
     from irno.train import init_distributed_from_env
 
@@ -152,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         device = pipeline.device_of(cfg)
         base = _load(pipeline.load_base, args.base or run / "base" / "best", device, "--base",
-                     f"irno train-base --config {args.config}")
+                     f"irno train-base --config {args.config}", kind="a base checkpoint")
         if base is None:
             return 2
         _, info = pipeline.train_irno(cfg, base, resume=args.resume)
@@ -160,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         device = pipeline.device_of(cfg)
         model = _load(pipeline.load_irno, args.model or run / "irno" / "best", device, "--model",
-                      f"irno train --config {args.config}")
-        other = _load(pipeline.load_base, args.transfer_base, device, "--transfer-base") if args.transfer_base else None
+                      f"irno train --config {args.config}", kind="an IRNO checkpoint")
+        other = (_load(pipeline.load_base, args.transfer_base, device, "--transfer-base", kind="a base checkpoint")
+                 if args.transfer_base else None)
         if model is None or (args.transfer_base and other is None):
             return 2
         results = {"IRNO": pipeline.evaluate(cfg, model)}
@@ -170,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from irno.report import print_summary, write_report
 
-            report = write_report(run, results, run_info={"config": cfg})
+            # a report already in the run folder (irno demo) keeps what this command does not
+            # recompute: the controls and the run's record (histories, wall times)
+            kept = _previous_metrics(run)
+            run_info = {**(kept.get("run_info") or {}), "config": cfg}
+            report = write_report(run, results, run_info=run_info, controls=kept.get("controls") or None)
             print(print_summary(results))
             print(f"report: {report}")
         except ImportError:

@@ -72,20 +72,47 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+#: config sections whose keys are free (checked by what reads them: NavierStokesConfig, the model's
+#: constructor, the refiner's builder)
+FREE_SECTIONS = (("data", "navier_stokes"), ("base", "kwargs"), ("irno", "refiner"))
+#: sections read as irno.train.TrainConfig: any of its fields may be set
+TRAIN_SECTIONS = (("base", "train"), ("irno", "train"))
+
+
 def set_dotted(cfg: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML: numbers, lists, null, true)."""
+    """Apply one ``a.b.c=value`` override (value parsed as YAML: numbers, lists, null, true).
+
+    The path must name a key the config has (or a TrainConfig field in a train section, or any key
+    in a free section such as ``base.kwargs``): a misspelt key is an error, not a new setting that
+    nothing reads."""
+    from dataclasses import fields
+
     import yaml
+
+    from irno.train import TrainConfig
 
     if "=" not in assignment:
         raise ValueError(f"override: expected key.path=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     node = cfg
     parts = key.strip().split(".")
-    for p in parts[:-1]:
+    for i, p in enumerate(parts):
+        where = tuple(parts[:i])
+        free = any(where[:len(f)] == f for f in FREE_SECTIONS)
+        known = set(node) | ({f.name for f in fields(TrainConfig)} if where in TRAIN_SECTIONS else set())
+        if not free and p not in known:
+            at = f"under {'.'.join(where)!r}" if where else "at the top level"
+            names = ", ".join(sorted(map(str, known)))
+            raise ValueError(f"override {key.strip()!r}: no key {p!r} {at} (known: {names})")
+        if i == len(parts) - 1:
+            break
         if not isinstance(node.get(p), dict):
             node[p] = {}
         node = node[p]
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {key.strip()!r}: cannot read the value {raw!r} ({type(err).__name__})") from None
     if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string: take numbers as numbers
         try:
             value = float(value)
@@ -526,13 +553,22 @@ def predict(model, x: torch.Tensor, *, steps: int | None = None, normalization=N
 # ---------------------------------------------------------------------------------------------
 # evaluation and the whole job
 # ---------------------------------------------------------------------------------------------
+def _split(data: dict, name: str):
+    """The evaluation split ``name``; a data set without a test split evaluates on "valid"."""
+    if name in data:
+        return data[name]
+    if name == "test" and "valid" in data:
+        return data["valid"]
+    raise ValueError(f"evaluate.split: expected one of {sorted(data)}, got {name!r}")
+
+
 def evaluate(cfg: dict, model, data: dict | None = None, refine_from=None) -> dict:
     from irno.evaluate import evaluate_irno
 
     device = _setup(cfg)
     data = data or datasets(cfg)
     ev = cfg["evaluate"]
-    ds = data.get(ev.get("split", "test")) or data["valid"]
+    ds = _split(data, ev.get("split", "test"))
     loader = DataLoader(ds, batch_size=ev.get("batch_size", 32))
     return evaluate_irno(model, loader, steps=model.K + ev.get("extra_steps", 6), device=device,
                          field_names=ds.channel_names, refine_from=refine_from)
@@ -566,7 +602,7 @@ def demo(cfg: dict, resume: bool = False) -> Path:
     model, irno_info = train_irno(cfg, base, data, resume=resume)
 
     controls = {}
-    test = data.get(cfg["evaluate"].get("split", "test")) or data["valid"]
+    test = _split(data, cfg["evaluate"].get("split", "test"))
     loader = DataLoader(test, batch_size=cfg["evaluate"].get("batch_size", 32))
 
     @torch.no_grad()
