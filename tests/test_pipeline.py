@@ -77,13 +77,15 @@ def test_demo_then_evaluate_and_resume(tmp_path, capsys):
         irno.predict(base, raw, steps=2)
     # the CLI's other commands work on the same run folder; evaluate keeps what the demo recorded
     # and it does not recompute (the controls, the run's histories)
+    capsys.readouterr()
     assert cli.main(["evaluate", *_args(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert "other normalisation statistics" not in cap.err and "change at K" in cap.out
     again = json.loads((run / "metrics.json").read_text())
     assert again["controls"] == metrics["controls"] and again["controls"]
     assert again["run_info"]["irno_history"] == metrics["run_info"]["irno_history"]
     assert cli.main(["train", *_args(tmp_path, "irno.train.epochs=2"), "--resume"]) == 0
-    out = capsys.readouterr().out
-    assert "resumed from" in out and "change at K" in out
+    assert "resumed from" in capsys.readouterr().out
     # checkpoints of the wrong kind, a run folder for --model, a wrong split: one line each, exit 2
     capsys.readouterr()
     for argv, says in (
@@ -95,6 +97,9 @@ def test_demo_then_evaluate_and_resume(tmp_path, capsys):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, (argv, err)
+    # a config whose data differ from the model's training data: evaluated, with a warning
+    assert cli.main(["evaluate", *_args(tmp_path, "data.navier_stokes.n_train=3")]) == 0
+    assert "other normalisation statistics" in capsys.readouterr().err
     # predict into a folder, or under a file: one line, nothing left behind
     (tmp_path / "somedir.npy").mkdir()
     assert cli.main(["predict", "--model", str(run), "--input", str(tmp_path / "x.npy"),

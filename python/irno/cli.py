@@ -129,11 +129,11 @@ def _predict(args) -> int:
 
 
 def _load(loader, path, device, flag: str, produce: str | None = None, kind: str = "checkpoint"):
-    """``loader(path, device)[0]``, or None after a one-line message when there is no complete
+    """``loader(path, device)`` (model, meta), or None after a one-line message when there is no complete
     checkpoint at path (which command writes it, or which flag names another) or it holds another
     kind of model (``kind``: what the command needs)."""
     try:
-        return loader(path, device)[0]
+        return loader(path, device)
     except FileNotFoundError as err:
         hint = f"run `{produce}` first, or name one with {flag}" if produce else f"check {flag}"
         print(f"irno: no checkpoint to load ({err}); {hint}", file=sys.stderr)
@@ -159,6 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"irno: {type(err).__name__ + ': ' if isinstance(err, TypeError) else ''}{err} "
               f"(IRNO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+def _warn_if_other_statistics(meta: dict, data: dict) -> None:
+    """The evaluation normalises with this config's training split; say so when the model was trained
+    on data with other statistics (another config, a changed data set)."""
+    norm = data["train"].normalization
+    mine = norm.to_dict() if norm is not None else None
+    if meta.get("normalization") != mine:
+        print("irno: warning: the model was trained with other normalisation statistics than this config's "
+              "data gives; the evaluation uses the data's (evaluate with the config the model was trained with)",
+              file=sys.stderr)
 
 
 def _previous_metrics(run: Path) -> dict:
@@ -190,7 +201,7 @@ def _run(args) -> int:
                      f"irno train-base --config {args.config}", kind="a base checkpoint")
         if base is None:
             return 2
-        _, info = pipeline.train_irno(cfg, base, resume=args.resume)
+        _, info = pipeline.train_irno(cfg, base[0], resume=args.resume)
         print(f"IRNO: best validation VRMSE at K {info['best_val_vrmse']:.4f}; checkpoint {run / 'irno' / 'best'}")
     elif args.command == "evaluate":
         device = pipeline.device_of(cfg)
@@ -200,9 +211,11 @@ def _run(args) -> int:
                  if args.transfer_base else None)
         if model is None or (args.transfer_base and other is None):
             return 2
-        results = {"IRNO": pipeline.evaluate(cfg, model)}
+        (model, meta), data = model, pipeline.datasets(cfg)
+        _warn_if_other_statistics(meta, data)
+        results = {"IRNO": pipeline.evaluate(cfg, model, data)}
         if other is not None:
-            results["transfer"] = pipeline.evaluate(cfg, model, refine_from=other)
+            results["transfer"] = pipeline.evaluate(cfg, model, data, refine_from=other[0])
         try:
             from irno.report import print_summary, write_report
 
