@@ -229,3 +229,15 @@ def test_fewer_samples_than_a_batch_is_a_clear_error():
     data = TensorDataset(torch.randn(10, 1, 4, 4), torch.randn(10, 1, 4, 4))
     with pytest.raises(ValueError, match="batch_size: 10 training samples give no full batch of 16"):
         Trainer(torch.nn.Conv2d(1, 1, 1), lambda m, x, y, e: (m(x).mean(), {}), data)
+
+
+def test_resume_into_another_model_shape_is_a_clear_error(tmp_path):
+    from irno.train import Trainer
+    from torch.utils.data import TensorDataset
+
+    _tiny_trainer(tmp_path, [1.0]).fit()
+    data = TensorDataset(torch.randn(16, 1, 6, 6), torch.randn(16, 1, 6, 6))
+    other = Trainer(torch.nn.Conv2d(1, 1, 5, padding=2), lambda m, x, y, e: (m(x).mean(), {}), data,
+                    config=TrainConfig(epochs=2, batch_size=4, progress=False), out_dir=tmp_path)
+    with pytest.raises(ValueError, match="holds a model of another shape"):
+        other.fit(resume=True)

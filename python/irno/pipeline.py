@@ -643,8 +643,11 @@ def demo(cfg: dict, resume: bool = False) -> Path:
     try:
         from irno.report import print_summary, write_report
     except ImportError:  # report module not available: keep the raw numbers
+        from irno.checkpoint import atomic_write_text
+
         path = run / "metrics.json"
-        path.write_text(json.dumps({"results": results, "controls": controls, "run_info": run_info}, default=str))
+        atomic_write_text(path, json.dumps({"results": results, "controls": controls, "run_info": run_info},
+                                           default=str))
         return path
     report = write_report(run, {"IRNO": results}, run_info=run_info, controls=controls, samples=samples)
     print(print_summary({"IRNO": results}))

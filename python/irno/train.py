@@ -181,7 +181,12 @@ class Trainer:
 
     def load(self, folder: str | os.PathLike) -> None:
         state_dict, _, state = load_checkpoint(folder, map_location=self.device, with_state=True)
-        self.model.load_state_dict(state_dict)
+        try:
+            self.model.load_state_dict(state_dict)
+        except RuntimeError as err:  # the config now builds another model
+            first = str(err).strip().splitlines()[-1].strip()
+            raise ValueError(f"resume: {folder} holds a model of another shape than the config builds ({first}); "
+                             f"restore the model settings, or train afresh without --resume") from None
         if state is None:
             raise RuntimeError(f"resume: {folder} holds weights but no training state")
         self.optimizer.load_state_dict(state["optimizer"])

@@ -490,7 +490,7 @@ def _is_complete(folder: Path, config: NavierStokesConfig) -> bool:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
+    from irno.checkpoint import atomic_write_text  # temporary file, fsync, rename; removed on error
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
