@@ -33,7 +33,13 @@ METRICS: dict[str, Callable] = {
 }
 
 
-def _batches(loader) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(loader, desc: str | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) per batch; with ``desc``, a progress bar (shown on a terminal only)."""
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        total = len(loader) if hasattr(loader, "__len__") else None
+        loader = tqdm(loader, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
     for item in loader:
         yield (item["x"], item["y"]) if isinstance(item, dict) else (item[0], item[1])
 
@@ -44,7 +50,7 @@ def collect_trajectories(model, loader, steps: int, device, refine_from: torch.n
     inputs (N, Cx, h, w)), on the CPU."""
     model.eval()
     trajs, ys, xs = [], [], []
-    for x, y in _batches(loader):
+    for x, y in _batches(loader, desc="evaluate"):
         x, y = x.to(device), y.to(device)
         if refine_from is None:
             traj = model(x, steps=steps, return_trajectory=True)

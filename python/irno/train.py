@@ -224,6 +224,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict]:
         """Train until ``epochs``, the time budget or the patience runs out; returns the history."""
+        if not resume and self.out_dir is not None and self.rank == 0 and find_checkpoint(self.out_dir / "best"):
+            print(f"[irno] {self.out_dir} already holds a trained model: training afresh replaces it after the "
+                  f"first epoch (--resume continues it instead)", flush=True)
         if resume and self.out_dir is not None and find_checkpoint(self.out_dir / "last") is not None:
             self.load(self.out_dir / "last")
             if self.rank == 0:
