@@ -1,5 +1,6 @@
 """irno.models: spectral convs, FNO, TFNO (and its weight cache), WDSR, the U-Net and FNO refiners."""
 
+import copy
 import math
 
 import pytest
@@ -639,3 +640,37 @@ def test_upsample2x_periodic_values_adjoint_and_jvp(shape):
     with fwAD.dual_level():
         out = upsample2x_periodic(fwAD.make_dual(x, t))  # x requires grad: the Function path
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, upsample2x_periodic(t))
+
+
+@pytest.mark.parametrize("cls_name", ["FNO", "TFNO"])
+def test_module_casts_keep_complex_spectral_weights(cls_name):
+    """model.to(torch.float64) used to drop the imaginary parts of the spectral weights (a different
+    operator, with a UserWarning) and model.double() to leave them complex64: both give complex128
+    now, the same operator; a cast to bf16 keeps them complex64; state_dict keys keep their order."""
+    import warnings
+
+    import irno
+
+    torch.manual_seed(0)
+    cls = getattr(irno, cls_name)
+    m = cls(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2).eval()
+    keys = list(m.state_dict())
+    x = torch.randn(2, 2, 16, 12)
+    with torch.no_grad():
+        ref = m(x).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            to64 = copy.deepcopy(m).to(torch.float64)
+            dbl = copy.deepcopy(m).double()
+        for m64 in (to64, dbl):
+            assert {p.dtype for p in m64.parameters() if p.is_complex()} == {torch.complex128}
+            torch.testing.assert_close(m64(x.double()), ref, rtol=1e-5, atol=1e-5)
+            assert list(m64.state_dict()) == keys
+    bf = copy.deepcopy(m).to(torch.bfloat16)
+    assert {p.dtype for p in bf.parameters() if p.is_complex()} == {torch.complex64}
+
+
+def test_reflect_padding_on_a_grid_too_small_for_its_depth_is_a_clear_error():
+    with pytest.raises(ValueError, match="'reflect' needs at least 2 x 2 points after 4 poolings"):
+        UNetRefiner(3, 1, padding="reflect")(torch.randn(1, 3, 16, 16))
+    assert UNetRefiner(3, 1, padding="reflect", depth=2)(torch.randn(1, 3, 16, 16)).shape == (1, 1, 16, 16)

@@ -43,7 +43,7 @@ FIELD_NAME = "vorticity"
 SPLITS = ("train", "valid", "test")
 # Bump when the generator changes in a way that changes its output for the same config: cached
 # data sets made by an older generator are then regenerated instead of silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the 2/3 rule keeps |k| < n/3 (was <=: aliasing when n is a multiple of 3)
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,10 @@ class NavierStokesConfig:
             )
         if self.dt <= 0 or self.viscosity < 0 or self.drag < 0:
             raise ValueError("dt must be > 0; viscosity and drag must be >= 0")
+        if not 0 < self.forcing_wavenumber < self.sim_resolution / 3:
+            raise ValueError(f"forcing_wavenumber must be > 0 and below sim_resolution / 3 = "
+                             f"{self.sim_resolution / 3:.4g} (the 2/3 rule removes higher modes, the forcing "
+                             f"with them), got {self.forcing_wavenumber}")
         self.steps_per_snapshot  # noqa: B018  (validates the multiples)
         self.spinup_steps  # noqa: B018
         if self.n_frames < 1 or min(self.n_train, self.n_valid, self.n_test) < 0:
@@ -162,8 +166,9 @@ class VorticitySolver:
         self.ikx = (1j * kx).to(c128)
         self.iky = (1j * ky).to(c128)
         self.inv_lap = torch.where(k2 > 0, 1.0 / k2.clamp_min(1e-30), torch.zeros_like(k2))
-        # 2/3 rule: products of modes |k| <= n/3 alias only onto modes that are then zeroed.
-        self.dealias = ((kx.abs() <= n / 3) & (ky.abs() <= n / 3)).to(f64)
+        # 2/3 rule: keep |k| < n/3, so that the product of two kept modes (|k| < 2n/3) aliases only onto
+        # modes that are then zeroed (with <= and n a multiple of 3, 2(n/3) aliased onto the kept -n/3)
+        self.dealias = ((kx.abs() < n / 3) & (ky.abs() < n / 3)).to(f64)
         self.linear = -viscosity * k2 - drag
         e_half = torch.exp(self.linear * dt / 2).to(c128)
         e_full = e_half**2

@@ -82,6 +82,29 @@ class SpectralConv2d(nn.Module):
         """The dense complex weight (Cin, Cout, 2*m1, m2) the op consumes."""
         return self.weight
 
+    def _apply(self, fn, recurse=True):
+        """Module-wide casts act on the real view of the complex parameters (this module's and its
+        children's, e.g. TFNO's factors): ``.to(torch.float64)`` would otherwise drop their imaginary
+        parts (a different operator) and ``.double()`` leave them complex64; so a float64 module holds
+        complex128 weights. A cast to a dtype without a complex counterpart (bf16, fp16) keeps them
+        complex64 (moved to the new device)."""
+        owners = [(mod, list(mod._parameters)) for mod in (self.modules() if recurse else [self])]
+        held = [(mod, k, p) for mod, _ in owners for k, p in mod._parameters.items()
+                if p is not None and p.is_complex()]
+        for mod, k, _ in held:
+            del mod._parameters[k]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for mod, k, p in held:
+                p.data = _cast_complex(fn, p.data)
+                if p.grad is not None:
+                    p.grad = _cast_complex(fn, p.grad)
+                mod._parameters[k] = p
+            for mod, order in owners:  # the original order (state_dict keys)
+                mod._parameters = {k: mod._parameters[k] for k in order if k in mod._parameters}
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> (B, out_channels, H, W). Half-precision inputs (autocast) are
         transformed in float32 and cast back: the op works in float32 / float64."""
@@ -97,6 +120,15 @@ class SpectralConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, n_modes={self.n_modes}"
+
+
+def _cast_complex(fn, t: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a module cast) applied to complex t through its real view (module docstring of
+    SpectralConv2d._apply)."""
+    new = fn(torch.view_as_real(t))
+    if new.dtype in (torch.float32, torch.float64):
+        return torch.view_as_complex(new.contiguous())
+    return t.to(new.device)
 
 
 def _complex_of(dtype: torch.dtype) -> torch.dtype:

@@ -160,6 +160,12 @@ class UNetRefiner(nn.Module):
             raise ValueError(f"x: expected (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if self.positional:
             x = torch.cat([x, periodic_coordinates(x)], dim=1)
+        if self.padding == "reflect":  # reflection needs more than one row and column at every level
+            bh, bw = (-(-n // 2 ** self.depth) for n in x.shape[-2:])
+            if min(bh, bw) < 2:
+                raise ValueError(f"padding: 'reflect' needs at least 2 x 2 points after {self.depth} poolings; a "
+                                 f"{x.shape[-2]} x {x.shape[-1]} grid gives {bh} x {bw} (use 'replicate', a "
+                                 f"smaller depth or a larger grid)")
         x, size = pad_to_multiple(x, 2 ** self.depth, self.padding)
         skips = []
         for block in self.down:
