@@ -668,6 +668,8 @@ def test_module_casts_keep_complex_spectral_weights(cls_name):
             assert list(m64.state_dict()) == keys
     bf = copy.deepcopy(m).to(torch.bfloat16)
     assert {p.dtype for p in bf.parameters() if p.is_complex()} == {torch.complex64}
+    meta = copy.deepcopy(m).to("meta")  # another device type: new Parameters, as Module._apply makes
+    assert all(p.is_meta for p in meta.parameters()) and any(p.is_complex() for p in meta.parameters())
 
 
 def test_reflect_padding_on_a_grid_too_small_for_its_depth_is_a_clear_error():

@@ -97,10 +97,18 @@ class SpectralConv2d(nn.Module):
             super()._apply(fn, recurse)
         finally:
             for mod, k, p in held:
-                p.data = _cast_complex(fn, p.data)
+                new = _cast_complex(fn, p.data)
+                # as Module._apply: in place where the tensor types allow it, else a new Parameter (e.g.
+                # a move to the meta device)
+                if torch._has_compatible_shallow_copy_type(p.data, new) and \
+                        not torch.__future__.get_overwrite_module_params_on_conversion():
+                    p.data = new
+                    out = p
+                else:
+                    out = nn.Parameter(new, requires_grad=p.requires_grad)
                 if p.grad is not None:
-                    p.grad = _cast_complex(fn, p.grad)
-                mod._parameters[k] = p
+                    out.grad = _cast_complex(fn, p.grad)
+                mod._parameters[k] = out
             for mod, order in owners:  # the original order (state_dict keys)
                 mod._parameters = {k: mod._parameters[k] for k in order if k in mod._parameters}
         return self
