@@ -241,3 +241,19 @@ def test_resume_into_another_model_shape_is_a_clear_error(tmp_path):
                     config=TrainConfig(epochs=2, batch_size=4, progress=False), out_dir=tmp_path)
     with pytest.raises(ValueError, match="holds a model of another shape"):
         other.fit(resume=True)
+
+
+def test_a_time_budget_that_cuts_a_step_budget_short_says_so():
+    from irno.train import Trainer
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(40, 1, 4, 4), torch.randn(40, 1, 4, 4))
+
+    def slow(m, x, y, e):
+        time.sleep(0.02)
+        return torch.nn.functional.mse_loss(m(x), y), {}
+
+    cfg = TrainConfig(epochs=5, batch_size=4, max_steps=1000, time_budget_s=0.2, progress=False)
+    tr = Trainer(torch.nn.Conv2d(1, 1, 1), slow, data, config=cfg)
+    with pytest.warns(UserWarning, match=r"time budget \(0.2 s\) ended training after \d+ of max_steps=1000"):
+        tr.fit()

@@ -254,6 +254,11 @@ class Trainer:
             self.save("last")
             if self.rank == 0:
                 print("  ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
+        if (self.rank == 0 and self.cfg.max_steps and self.global_step < self.cfg.max_steps
+                and self.cfg.time_budget_s is not None and self.elapsed >= self.cfg.time_budget_s):
+            warnings.warn(f"the time budget ({self.cfg.time_budget_s:g} s) ended training after {self.global_step} of "
+                          f"max_steps={self.cfg.max_steps} steps: this machine is slower or busier than the budget "
+                          f"assumes, so the model differs from a run that reaches max_steps", stacklevel=2)
         return self.history
 
     def _out_of_patience(self) -> bool:
