@@ -64,8 +64,11 @@ def capturing(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def cache_put(cache: dict, pinned: set, key, value, limit: int):
-    """Insert into a bounded cache that evicts its oldest entry not in ``pinned``; returns value."""
+def cache_put(cache: dict, pinned: set, key, value, limit: int, device):
+    """Insert into a bounded cache that evicts its oldest entry not in ``pinned``, pinning the key when
+    a CUDA graph is being captured on ``device``; returns value."""
+    if capturing(device):
+        pinned.add(key)
     if len(cache) >= limit:
         old = next((k for k in cache if k not in pinned), None)
         if old is not None:
@@ -112,9 +115,7 @@ def dft_matrices(H: int, W: int, m1: int, m2: int, dtype: torch.dtype, device) -
     eh = torch.polar(torch.full_like(ang_h, 1.0 / (H * W)), -ang_h)  # forward, "forward" norm
     eh_inv = torch.polar(torch.ones_like(ang_h), ang_h).T  # (H, 2*m1)
     out = (fw.to(dtype), eh.to(cdtype), eh_inv.to(cdtype).contiguous(), iw.to(dtype))
-    if capturing(device):
-        _PINNED.add(key)
-    return cache_put(_CACHE, _PINNED, key, out, _CACHE_MAX)
+    return cache_put(_CACHE, _PINNED, key, out, _CACHE_MAX, device)
 
 
 def spectral_conv2d_dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

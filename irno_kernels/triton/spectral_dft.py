@@ -231,7 +231,7 @@ def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Ten
     """((ar, ai, er, ei) of the forward transform, (pr, pi, qr, qi) of the inverse), float32,
     contiguous, from irno_kernels.spectral_dft.dft_matrices (cached; kept for good once a CUDA graph
     captured reading them)."""
-    from irno_kernels.spectral_dft import cache_get, cache_put, capturing, dft_matrices
+    from irno_kernels.spectral_dft import cache_get, cache_put, dft_matrices
 
     key = (H, W, m1, m2, torch.device(device))
     hit = cache_get(_MATS, _MATS_PINNED, key, device)
@@ -239,9 +239,7 @@ def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Ten
         fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, torch.float32, device)
         fwd = (fw[:, 0::2].contiguous(), fw[:, 1::2].contiguous(), eh.real.contiguous(), eh.imag.contiguous())
         inv = (eh_inv.real.contiguous(), eh_inv.imag.contiguous(), iw[0::2].contiguous(), iw[1::2].contiguous())
-        if capturing(device):
-            _MATS_PINNED.add(key)
-        hit = cache_put(_MATS, _MATS_PINNED, key, (fwd, inv), 32)
+        hit = cache_put(_MATS, _MATS_PINNED, key, (fwd, inv), 32, device)
     return hit
 
 

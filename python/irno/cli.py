@@ -84,7 +84,6 @@ def _read_array(path: Path, key: str):
 
 def _write_array(path: Path, y) -> None:
     """Written to a temporary file beside ``path``, then renamed: never a half-written output."""
-    import os
 
     import numpy as np
     import torch
@@ -98,18 +97,16 @@ def _write_array(path: Path, y) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ValueError(f"out: cannot make the folder {path.parent} (a file of that name is in the way)") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
-        with open(tmp, "wb") as f:
+    from irno.checkpoint import atomic_write  # temporary file beside path, fsync, rename; removed on error
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
             if suffix == ".npy":
                 np.save(f, y.numpy())
             else:
                 torch.save(y, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
 
 
 def _predict(args) -> int:

@@ -91,6 +91,8 @@ class SpectralConv2d(nn.Module):
         owners = [(mod, list(mod._parameters)) for mod in (self.modules() if recurse else [self])]
         held = [(mod, k, p) for mod, _ in owners for k, p in mod._parameters.items()
                 if p is not None and p.is_complex()]
+        if not held:
+            return super()._apply(fn, recurse)
         for mod, k, _ in held:
             del mod._parameters[k]
         try:
