@@ -117,18 +117,11 @@ def loss_case(B, C, H, W, mode_name, lam=1.6) -> Case:
     def make(device, dt):
         return torch.randn(B, C, H, W, device=device, dtype=dt), torch.randn(B, C, H, W, device=device, dtype=dt)
 
-    def triton_fft(p, t):  # the Triton FFT route also where the one-kernel route serves "triton"
-        from irno_kernels.triton.spectrum import spectral_loss_fft
-
-        return spectral_loss_fft(p, t, lam, 0.5, mode_name)
-
     n = B * C * H * W * 4
-    extra = {"triton_fft": ("triton", triton_fft)} if max(H, W) <= 64 else {}
     return Case(f"spectral_loss[{mode_name}]", f"B{B} C{C} {H}x{W}", make,
                 lambda p, t: ik.spectral_loss_ref(p, t, lam, 0.5, mode_name),
                 lambda p, t, backend: ik.spectral_loss(p, t, lam, 0.5, mode_name, backend=backend),
-                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0,), floor=_loss_floor(mode_name, H, W),
-                extra=extra)
+                lambda mode: 2 * n if mode == "fwd" else 5 * n, (0,), floor=_loss_floor(mode_name, H, W))
 
 
 def _loss_floor(mode_name: str, H: int, W: int) -> Callable[[str], Callable]:

@@ -55,7 +55,7 @@ def targets(ops: list[dict], irno: list[dict]) -> list[tuple[str, str, float, tu
     roof = _best(ops, "roofline_frac", op=LAYER[0], shape=LAYER[1], mode="fwd", provider=fast)
     out.append(("6", "fused spectral layer within 2x of the memory roofline (fraction >= 0.5)", 0.5, roof))
     loss_rows = [r for r in ops if r["op"].startswith("spectral_loss")]
-    for issue, provs in (("5", ("triton", "triton_fft")), ("6", ("cuda",))):
+    for issue, provs in (("5", ("triton",)), ("6", ("cuda",))):
         for graph in ("", "_graph"):
             how = "graph replay" if graph else "eager"
             out.append((issue, f"spectral loss fwd+bwd, {provs[0]}, {how}, worst shape", 4.0,

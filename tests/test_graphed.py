@@ -435,13 +435,16 @@ def test_dft_matrices_read_by_a_graph_outlive_the_cache_bound(monkeypatch):
     from irno_kernels import spectral_dft
 
     monkeypatch.setattr(spectral_dft, "prefer_dft", lambda x, w: x.is_cuda)
+    monkeypatch.setattr(spectral_dft, "_CACHE_MAX", 4)  # few shapes overflow it (each new shape
+    # compiles the U-Net's Triton kernels again: seconds)
     model = _model("cuda", K=2)
     g = GraphedIRNO(model)
     x = torch.randn(2, 2, 32, 32, device="cuda")
     first = g(x)
     with torch.no_grad():
-        for n in range(40):  # more keys than the caches hold
-            model(torch.randn(1, 2, 24 + n, 24, device="cuda"))
+        for n in range(8):  # more keys than the cache holds
+            model(torch.randn(1, 2, 24 + 4 * n, 24, device="cuda"))
+    assert spectral_dft._PINNED and all(k in spectral_dft._CACHE for k in spectral_dft._PINNED)
     torch.empty(1 << 20, device="cuda").fill_(float("nan"))
     torch.testing.assert_close(g(x), first, rtol=1e-6, atol=1e-6)
 

@@ -9,7 +9,6 @@ grows with the number of programs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from irno_kernels.spectrum import num_shells  # noqa: E402
 from irno_kernels.triton import spectral_conv as tr_conv  # noqa: E402
 from irno_kernels.triton import spectral_dft as tr_dft  # noqa: E402
 from irno_kernels.triton import spectrum as tr_spec  # noqa: E402
-from irno_kernels.triton import spectrum_dft as tr_loss_dft  # noqa: E402
 from irno_kernels.triton import update as tr_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,120 +193,31 @@ def test_radial_spectrum_shells_match_shell_index():
             assert tr.radial_spectrum(x)[0, 0].argmax().item() == shells[ky, kx].item()
 
 
-@contextlib.contextmanager
-def loss_route(route):
-    """Run the Triton spectral loss by one route: "dft" (the one-kernel route of small fields,
-    irno_kernels/triton/spectrum_dft.py) or "fft" (rfft2 + kernels + irfft2); checks on exit that
-    the DFT kernel ran exactly when it should."""
-    calls = []
-    real, side = tr_loss_dft._run, tr_loss_dft.MAX_SIDE
-    tr_loss_dft._run = lambda *a: calls.append(a[0].shape) or real(*a)
-    if route == "fft":
-        tr_loss_dft.MAX_SIDE = 0
-    try:
-        yield calls
-    finally:
-        tr_loss_dft._run, tr_loss_dft.MAX_SIDE = real, side
-    if route == "fft":
-        assert not calls
-
-
-LOSS_ROUTES = ["dft", "fft"]
-
-
 @pytest.mark.parametrize("shape", FIELD_SHAPES)
 @pytest.mark.parametrize("mode", ["magnitude", "error"])
 @pytest.mark.parametrize("lam", [1.0, 1.7, 0.0])
-@pytest.mark.parametrize("route", LOSS_ROUTES)
-def test_spectral_loss(shape, mode, lam, route):
+def test_spectral_loss(shape, mode, lam):
     pred = randn(*shape, requires_grad=True)
     target = randn(*shape, strided=True, requires_grad=True)
-    with loss_route(route) as calls:
-        check_fwd_bwd(lambda p, t: ik.spectral_loss(p, t, lam, 0.5, mode, backend="triton"),
-                      lambda p, t: ik.spectral_loss_ref(p, t, lam, 0.5, mode), (pred, target), torch.float32)
-    assert bool(calls) == (route == "dft")  # every FIELD_SHAPE fits the one-kernel route
+    check_fwd_bwd(lambda p, t: ik.spectral_loss(p, t, lam, 0.5, mode, backend="triton"),
+                  lambda p, t: ik.spectral_loss_ref(p, t, lam, 0.5, mode), (pred, target), torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["magnitude", "error"])
-@pytest.mark.parametrize("route", LOSS_ROUTES)
-def test_spectral_loss_float64_and_pred_only(mode, route):
+def test_spectral_loss_float64_and_pred_only(mode):
     pred = randn(2, 3, 9, 12, dtype=torch.float64, requires_grad=True)
     target = randn(2, 3, 9, 12, dtype=torch.float64)
-    with loss_route(route):
-        check_fwd_bwd(lambda p, t: tr.spectral_loss(p, t, 1.4, 0.3, mode),
-                      lambda p, t: ik.spectral_loss_ref(p, t, 1.4, 0.3, mode), (pred, target), torch.float64)
+    check_fwd_bwd(lambda p, t: tr.spectral_loss(p, t, 1.4, 0.3, mode),
+                  lambda p, t: ik.spectral_loss_ref(p, t, 1.4, 0.3, mode), (pred, target), torch.float64)
 
 
-@pytest.mark.parametrize("route", LOSS_ROUTES)
-def test_spectral_loss_zero_modulus_gradient_is_zero_like_autograd(route):
+def test_spectral_loss_zero_modulus_gradient_is_zero_like_autograd():
     """|P| = 0 at the zero frequency of a zero-mean field: autograd of abs gives 0 there."""
     pred = randn(1, 2, 8, 8)
     pred = (pred - pred.mean((-2, -1), keepdim=True)).requires_grad_()
     target = randn(1, 2, 8, 8)
-    with loss_route(route):
-        check_fwd_bwd(lambda p, t: tr.spectral_loss(p, t, 1.0), lambda p, t: ik.spectral_loss_ref(p, t, 1.0),
-                      (pred, target), torch.float32)
-
-
-# shapes of the one-kernel route: H or W = 1 or 2, odd and even W (the Nyquist column apart), the
-# largest side, one program's tiles padded from 3 to 16 and from 33 to 64
-DFT_LOSS_SHAPES = [(2, 2, 1, 6), (1, 3, 7, 1), (1, 2, 16, 2), (3, 1, 3, 64), (1, 1, 64, 64), (2, 1, 64, 33),
-                   (1, 2, 5, 63)]
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="float64 takes this route under the interpreter only")
-@pytest.mark.parametrize("shape", DFT_LOSS_SHAPES)
-@pytest.mark.parametrize("mode", ["magnitude", "error"])
-@pytest.mark.parametrize("wrt", ["pred", "target", "both"])
-def test_spectral_loss_dft_route_float64(shape, mode, wrt):
-    """The one-kernel route in float64 (exact products under the interpreter) against the reference:
-    loss and the gradients asked for, with strided inputs (a transposed pred, a channels-last
-    target)."""
-    pred = randn(*shape, dtype=torch.float64, strided=True, requires_grad=wrt in ("pred", "both"))
-    target = randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    target.requires_grad_(wrt in ("target", "both"))
-    with loss_route("dft") as calls:
-        check_fwd_bwd(lambda p, t: tr.spectral_loss(p, t, 1.3, 0.4, mode),
-                      lambda p, t: ik.spectral_loss_ref(p, t, 1.3, 0.4, mode), (pred, target), torch.float64)
-    assert calls
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="float64 takes this route under the interpreter only")
-@pytest.mark.parametrize("mode", ["magnitude", "error"])
-def test_spectral_loss_dft_route_gradcheck(mode):
-    pred = randn(1, 2, 6, 10, dtype=torch.float64, requires_grad=True)
-    target = randn(1, 2, 6, 10, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda p, t: tr_loss_dft.spectral_loss_dft(p, t, 1.6, 0.5, mode),
-                                    (pred, target), fast_mode=True)
-
-
-def test_spectral_loss_route_choice():
-    """fp32 fields up to MAX_SIDE on a side take the one-kernel route; larger ones the FFT route."""
-    side = tr_loss_dft.MAX_SIDE
-    for shape, fits in (((1, 1, side, side), True), ((1, 1, side + 1, 8), False), ((1, 1, 8, side + 1), False)):
-        pred, target = randn(*shape, requires_grad=True), randn(*shape)
-        assert tr_loss_dft.fits(pred) == fits
-        with loss_route("dft") as calls:
-            loss = tr.spectral_loss(pred, target, 1.5)
-            loss.backward()
-        assert bool(calls) == fits
-        close(loss.detach(), ik.spectral_loss_ref(pred, target, 1.5).detach())
-    if DEVICE == "cuda":
-        assert not tr_loss_dft.fits(randn(1, 1, 8, 8, dtype=torch.float64))
-
-
-def test_spectral_loss_dft_saves_no_gradient_it_does_not_need():
-    """Without requires_grad the kernel writes no gradient; the unit gradient it keeps for the
-    backward is scaled by the incoming gradient (linear)."""
-    pred, target = randn(2, 3, 9, 12), randn(2, 3, 9, 12)
-    with loss_route("dft"):
-        loss, gp, gy = tr_loss_dft._run(pred, target, 1.5, 0.5, "magnitude", False, False)
-        assert gp.numel() == 0 and gy.numel() == 0
-        p = pred.clone().requires_grad_()
-        (g1,) = torch.autograd.grad(tr.spectral_loss(p, target, 1.5), p)
-        (g3,) = torch.autograd.grad(3.0 * tr.spectral_loss(p, target, 1.5), p)
-    torch.testing.assert_close(g3, 3.0 * g1)
-    close(loss, ik.spectral_loss_ref(pred, target, 1.5))
+    check_fwd_bwd(lambda p, t: tr.spectral_loss(p, t, 1.0), lambda p, t: ik.spectral_loss_ref(p, t, 1.0),
+                  (pred, target), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,10 +349,20 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from irno_kernels.triton import _lib, norm as N, pad as P, spectral_conv as C, spectral_dft as D, spectrum as S
-    from irno_kernels.triton import spectrum_dft as L, update as U
+    from irno_kernels.triton import update as U
     assert not _lib.INTERPRET
-    for mod in (C, S, U, N, D, P, L):
+    for mod in (C, S, U, N, D, P):
         mod.INTERPRET = False  # the GPU launch configurations
+
+    # counts and sizes that only bound masks or split the program id are not specialised on (a new
+    # field shape would otherwise compile the U-Net's kernels anew: _lib's docstring)
+    for mod in (N, P, U):
+        for name in dir(mod):
+            k = getattr(mod, name)
+            if name.endswith("_kernel") and isinstance(k, triton.runtime.jit.JITFunction):
+                for p in k.params:
+                    if p.name in _lib.UNSPECIALISED:
+                        assert p.do_not_specialize, (name, p.name)
 
     def build(kernel, ptrs, consts, fusion=True, num_warps=4):
         sig = {}
@@ -475,13 +394,6 @@ _COMPILE_SCRIPT = textwrap.dedent("""
               dict(ERROR_MODE=err, BLOCK=1024, **f32))
         build(S._spectral_loss_bwd_kernel, dict(p_ptr="fp32", y_ptr="fp32", g_ptr="fp32", gp_ptr="fp32", gy_ptr="fp32"),
               dict(ERROR_MODE=err, NEED_Y=True, BLOCK=1024, **f32))
-    for (h, w), err, grads in (((64, 64), False, (True, False)), ((64, 64), True, (True, True)),
-                               ((33, 47), False, (True, True)), ((5, 7), True, (False, False))):
-        bh, bw, bk = L.blocks(h, w)
-        build(L._spectral_loss_dft_kernel, dict(p_ptr="fp32", y_ptr="fp32", part_ptr="fp32", gp_ptr="fp32",
-                                                gy_ptr="fp32"),
-              dict(ERROR_MODE=err, GRAD_P=grads[0], GRAD_Y=grads[1], NYQ=w % 2 == 0, PREC=L._PREC, BH=bh, BW=bw,
-                   BK=bk, MB=L.MB, **f32), num_warps=L.NUM_WARPS)
     bm, bb, bo = C._mix_blocks(16, 16, 64)
     for conj in (False, True):
         build(C._spectral_mix_kernel, dict(a_ptr="fp32", w_ptr="fp32", out_ptr="fp32"),
@@ -596,8 +508,6 @@ def _opcheck_cases():
         "spectral_loss_error": (ops.spectral_loss_error, (x, y, 1.5, 0.5)),
         "spectral_loss_magnitude_backward": (ops.spectral_loss_magnitude_backward, (g0, P, 2 * P, 7, 1.5, 0.5, True)),
         "spectral_loss_error_backward": (ops.spectral_loss_error_backward, (g0, P, 7, 1.5, 0.5)),
-        "spectral_loss_dft[magnitude]": (ops.spectral_loss_dft, (x, y, 1.5, 0.5, "magnitude", True, True)),
-        "spectral_loss_dft[error, pred]": (ops.spectral_loss_dft, (x, y.detach(), 1.5, 0.5, "error", True, False)),
         "spectral_conv2d": (ops.spectral_conv2d, (x, cw)),
         "spectral_conv2d_backward": (ops.spectral_conv2d_backward,
                                      (randn(2, 2, 5, 7), X, cw.detach(), True, True)),
@@ -747,40 +657,6 @@ def test_dft_kernels_paper_sized_accuracy_and_graph_capture(monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["magnitude", "error"])
-def test_spectral_loss_dft_route_accuracy_and_graph_capture(mode, monkeypatch):
-    """The one-kernel route on the GPU (tf32x3 products, whatever the TF32 switch says) against the
-    float64 reference at B16 C4 64x64 and 48x63, pred and target gradients; then forward+backward
-    replayed from a CUDA graph."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # must not matter
-    for shape in ((16, 4, 64, 64), (3, 2, 48, 63)):
-        pred = randn(*shape, requires_grad=True)
-        target = randn(*shape, strided=True, requires_grad=True)
-        g = torch.tensor(0.7, device=DEVICE)
-        with loss_route("dft") as calls:
-            loss = tr.spectral_loss(pred, target, 1.6, 0.5, mode)
-            got = (loss, *torch.autograd.grad(loss, (pred, target), g))
-        assert calls
-        pd, td = pred.detach().double().requires_grad_(), target.detach().double().requires_grad_()
-        ref = ik.spectral_loss_ref(pd, td, 1.6, 0.5, mode)
-        want = (ref, *torch.autograd.grad(ref, (pd, td), g.double()))
-        for a, e in zip(got, want):
-            torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))
-
-    p, t = randn(4, 3, 64, 64, requires_grad=True), randn(4, 3, 64, 64)
-
-    def step():
-        loss = tr.spectral_loss(p, t, 1.6, 0.5, mode)
-        return (loss, *torch.autograd.grad(loss, (p,)))
-
-    with loss_route("dft") as calls:
-        static, eager = replay_after_poisoning(step)
-    assert calls
-    for s_, e in zip(static, eager):
-        torch.testing.assert_close(s_, e, rtol=1e-6, atol=1e-7)
-
-
-@gpu
 def test_torch_compile_inductor():
     """With a GPU the ops are triton_ops: Inductor sees their kernels."""
     x, y = randn(2, 3, 32, 48, requires_grad=True), randn(2, 3, 32, 48)
@@ -811,10 +687,7 @@ def test_gpu_repeats_the_interpreter_checks_on_cuda():
         test_refine_update(shape, torch.float32, True, True)
         test_radial_spectrum(shape, torch.float64)
         for mode in ("magnitude", "error"):
-            for route in LOSS_ROUTES:
-                test_spectral_loss(shape, mode, 1.7, route)
-    test_spectral_loss_route_choice()
-    test_spectral_loss_dft_saves_no_gradient_it_does_not_need()
+            test_spectral_loss(shape, mode, 1.7)
     for case in CONV_CASES:
         test_spectral_conv2d(case, torch.float32)
     test_spectral_conv2d_strided_input_and_conjugate_weight()

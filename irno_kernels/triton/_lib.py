@@ -12,6 +12,11 @@ Registration differs by how triton runs:
   interpreter reads their data pointers (torch 2.13 / triton 3.9; opcheck and torch.compile fail).
 
 Launch configurations are fixed per shape class (no autotuning: kernels get captured in CUDA graphs).
+Triton compiles a kernel once per combination of integer arguments equal to 1 or divisible by 16
+(0.5-2 s each). Arguments that only bound masks or split the program id (channel counts, the number
+of rows, block counts: ``UNSPECIALISED``) are excluded with ``do_not_specialize``, so that the
+U-Net's kernels, called at every level of every field shape, compile fewer variants; strides and
+the row length keep it, since they decide whether loads are vectorised.
 The interpreter's cost grows with the number of programs, so there blocks are as large as the data.
 """
 
@@ -28,6 +33,9 @@ NAMESPACE = "irno_triton"
 def _probe():
     pass
 
+
+#: integer kernel arguments never specialised on (the module docstring; checked by the tests)
+UNSPECIALISED = frozenset({"C", "CO", "F", "S1", "nblk", "ncblk", "nchunk", "chunk"})
 
 #: True when triton.jit gives interpreted functions (TRITON_INTERPRET was set before triton loaded).
 INTERPRET = type(_probe).__name__ == "InterpretedFunction"

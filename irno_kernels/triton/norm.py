@@ -49,7 +49,7 @@ def _halo_copy(i, j, nmask, a: tl.constexpr, e: tl.constexpr, S1, S2, HALO: tl.c
     return r, q, ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "S1", "nblk"])  # _lib.UNSPECIALISED
 def _cln_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, eps: tl.float64,
     C, S1, S2, nblk,
@@ -94,7 +94,7 @@ def _cln_fwd_kernel(
     tl.store(rstd_ptr + b * N + n, rstd.to(rstd_ptr.dtype.element_ty), mask=nmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "S1", "nchunk", "chunk"])  # _lib.UNSPECIALISED
 def _cln_bwd_kernel(
     g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gx_ptr, pw_ptr, pb_ptr,
     C, S1, S2, nchunk, chunk,

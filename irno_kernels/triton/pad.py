@@ -51,7 +51,7 @@ def _store_copies(y_ptr, base, c, cmask, r, q, nmask, v, ys1, ys2, ys3, S1, S2, 
                      mask=cmask[:, None] & ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "S1", "nblk", "ncblk"])  # _lib.UNSPECIALISED
 def _pad_fwd_kernel(
     x_ptr, y_ptr, C, S1, S2, nblk, ncblk,
     xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
@@ -63,7 +63,7 @@ def _pad_fwd_kernel(
     _store_copies(y_ptr, b * ys0, c, cmask, i, j, nmask, x.to(y_ptr.dtype.element_ty), ys1, ys2, ys3, S1, S2, HALO)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "S1", "nblk", "ncblk"])  # _lib.UNSPECIALISED
 def _pad_bwd_kernel(
     g_ptr, gx_ptr, C, S1, S2, nblk, ncblk,
     gs0, gs1, gs2, gs3, os0, os1, os2, os3,
@@ -196,7 +196,7 @@ def _lerp_row(x_ptr, base, c, cmask, r, j, nmask, xs1, xs2, xs3, S2, acc_ty: tl.
     return 0.25 * left + 0.75 * mid, 0.75 * mid + 0.25 * right
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "S1", "nblk", "ncblk"])  # _lib.UNSPECIALISED
 def _up_fwd_kernel(
     x_ptr, y_ptr, C, S1, S2, nblk, ncblk,
     xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
@@ -223,7 +223,7 @@ def _up_fwd_kernel(
                   ys1, ys2, ys3, 2 * S1, 2 * S2, HALO)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "S1", "nblk", "ncblk"])  # _lib.UNSPECIALISED
 def _up_bwd_kernel(
     g_ptr, gx_ptr, C, S1, S2, nblk, ncblk,
     gs0, gs1, gs2, gs3, os0, os1, os2, os3,

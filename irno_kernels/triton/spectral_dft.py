@@ -225,6 +225,7 @@ _m2g_op.register_autograd(_m2g_backward, setup_context=_m2g_setup)
 # ---------------------------------------------------------------------------------------------
 _MATS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _MATS_PINNED: set[tuple] = set()  # read by a captured CUDA graph: never evicted (spectral_dft.cache_put)
+_MATS_MAX = 32
 
 
 def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
@@ -239,7 +240,7 @@ def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Ten
         fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, torch.float32, device)
         fwd = (fw[:, 0::2].contiguous(), fw[:, 1::2].contiguous(), eh.real.contiguous(), eh.imag.contiguous())
         inv = (eh_inv.real.contiguous(), eh_inv.imag.contiguous(), iw[0::2].contiguous(), iw[1::2].contiguous())
-        hit = cache_put(_MATS, _MATS_PINNED, key, (fwd, inv), 32, device)
+        hit = cache_put(_MATS, _MATS_PINNED, key, (fwd, inv), _MATS_MAX, device)
     return hit
 
 

@@ -18,9 +18,9 @@ Backward: the kernels write dL/dSpectrum and torch applies the adjoint of rfft2,
 the halving and the scale are folded into the kernels. The forward ops also return the spectra,
 which autograd keeps for the backward instead of transforming the inputs again.
 
-That is the FFT route of spectral_loss (``spectral_loss_fft``); float32 fields of at most
-spectrum_dft.MAX_SIDE on a side take the one-kernel DFT route instead (irno_kernels/triton/
-spectrum_dft.py: transforms as matrix products, loss and gradient in one launch).
+(A one-kernel variant for fields up to 64 x 64, both transforms as DFT matrix products with one
+program per plane, was measured on an H200 at 4x the time of this route at B16 C1 64x64 in graph
+replay and removed: benchmarks/results/gpu_h200_2026-11-27_3b528f8.)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import triton.language as tl
 from irno_kernels.spectrum import num_shells
 from irno_kernels.triton._lib import INTERPRET, cdiv, is_f64, launch, pow2, register
 
-__all__ = ["radial_spectrum", "spectral_loss", "spectral_loss_fft"]
+__all__ = ["radial_spectrum", "spectral_loss"]
 
 _COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
@@ -500,18 +500,6 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
     """
     if mode not in ("magnitude", "error"):
         raise ValueError(f"mode: expected 'magnitude' or 'error', got {mode!r}")
-    lam, f0 = float(lam), float(f0)
-    from irno_kernels.triton import spectrum_dft
-
-    if spectrum_dft.fits(pred):  # small fields: one kernel does it all (irno_kernels/triton/spectrum_dft.py)
-        return spectrum_dft.spectral_loss_dft(pred, target, lam, f0, mode)
-    return spectral_loss_fft(pred, target, lam, f0, mode)
-
-
-def spectral_loss_fft(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: float = 0.5,
-                      mode: str = "magnitude") -> torch.Tensor:
-    """spectral_loss by the FFT route (rfft2, the loss kernel, the gradient kernel, irfft2), on any
-    field size; arguments as spectral_loss."""
     lam, f0 = float(lam), float(f0)
     if torch.compiler.is_compiling():
         op = _loss_magnitude_op if mode == "magnitude" else _loss_error_op

@@ -28,7 +28,7 @@ __all__ = ["residual_update", "residual_update_", "refine_update", "refine_updat
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["C", "S1", "nblk"])  # _lib.UNSPECIALISED
 def _residual_update_kernel(
     h_ptr, phi_ptr, out_ptr, alpha: tl.float64,
     C, S1, S2, nblk,
@@ -52,7 +52,7 @@ def _residual_update_kernel(
     tl.store(out_ptr + b * os0 + c * os1 + i * os2 + j * os3, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CO", "F", "S1", "nblk"])  # _lib.UNSPECIALISED
 def _refine_update_kernel(
     h_ptr, z_ptr, w_ptr, bias_ptr, out_ptr, alpha: tl.float64,
     CO, F, S1, S2, nblk,
@@ -91,7 +91,7 @@ def _refine_update_kernel(
     tl.store(op, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CO", "F", "S1", "nchunk", "chunk"])  # _lib.UNSPECIALISED
 def _refine_update_wb_kernel(
     g_ptr, z_ptr, pw_ptr, pb_ptr,
     CO, F, S1, S2, nchunk, chunk,
