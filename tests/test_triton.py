@@ -17,6 +17,7 @@ import textwrap
 import pytest
 import torch
 from _cuda_graphs import replay_after_poisoning
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 tr = pytest.importorskip("irno_kernels.triton")
@@ -307,6 +308,224 @@ def test_dft_transforms_are_adjoint_pairs():
     y = tr_dft.modes_to_grid(zr, H, W)
     (adj_z,) = torch.autograd.grad(y, zr, x)
     torch.testing.assert_close((y * x).sum(), (torch.conj(z) * adj_z).real.sum(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# eager fast path: outside tracing the public functions run the ops' plain functions and autograd
+# formulas without the registered ops (_lib.with_autograd, _lib.mutate); tracing sees the ops
+# ---------------------------------------------------------------------------------------------
+class _OpLog(TorchDispatchMode):
+    """Records the ops dispatched while active (``namespace::name.overload``). A plain mode, not a
+    tracing one: the eager path stays eager under it, and a registered op shows up as ``irno_triton::``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(f"{func.namespace}::{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+    def registered(self):
+        return [n for n in self.names if n.startswith(f"{tr.NAMESPACE}::")]
+
+
+def _fast_path_cases(shape, dtype):
+    """name -> (public function, the same through the registered ops, reference, inputs)."""
+    B, C, H, W = shape
+    F, m1, m2 = 4, min(2, H // 2), min(3, W // 2 + 1)
+    h, phi = randn(*shape, dtype=dtype, strided=True), randn(*shape, dtype=dtype)
+    z, w, b = randn(B, F, H, W, dtype=dtype), randn(C, F, dtype=dtype), randn(C, dtype=dtype)
+    cw = randn(C, 2, 2 * m1, m2, dtype=COMPLEX[dtype])
+    cases = {
+        "residual_update": (lambda *a: tr.residual_update(*a, 0.3), lambda *a: ops.residual_update(*a, 0.3),
+                            lambda *a: ik.residual_update_ref(*a, 0.3), (h, phi)),
+        "refine_update": (lambda *a: tr.refine_update(*a, 0.3), lambda *a: ops.refine_update(*a, 0.3),
+                          lambda *a: ik.refine_update_ref(*a, 0.3), (h, z, w, b)),
+        "refine_update[no bias]": (lambda *a: tr.refine_update(*a, None, 0.3),
+                                   lambda *a: ops.refine_update(*a, None, 0.3),
+                                   lambda *a: ik.refine_update_ref(*a, None, 0.3), (h, z, w)),
+        "radial_spectrum": (tr.radial_spectrum, lambda x: ops.radial_spectrum(x)[0], ik.radial_spectrum_ref, (h,)),
+        "spectral_conv2d": (tr.spectral_conv2d, lambda x, cw: ops.spectral_conv2d(x, cw)[0],
+                            ik.spectral_conv2d_ref, (h, cw)),
+    }
+    if dtype == torch.float32:  # the truncated-DFT route (float32 only), its two transforms as ops
+        fwd, inv = tr_dft._matrices(H, W, m1, m2, DEVICE)
+
+        def dft_ops(x, cw):
+            modes = torch.einsum("bixy,ioxy->boxy", ops.dft_grid_to_modes(x, *fwd), cw)
+            return ops.dft_modes_to_grid(modes, *inv)
+
+        cases["spectral_conv2d[dft]"] = (tr_dft.spectral_conv2d_dft, dft_ops, ik.spectral_conv2d_ref, (h, cw))
+    return cases
+
+
+FAST_PATH_CASES = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}") for dtype in (torch.float32, torch.float64)
+                   for name in _fast_path_cases((2, 3, 5, 7), dtype)]
+
+
+@pytest.mark.parametrize("name,dtype", FAST_PATH_CASES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 9, 12)])
+@pytest.mark.parametrize("grads", ["all", "some", "none"])
+def test_eager_fast_path_skips_the_registered_ops(name, shape, dtype, grads):
+    """Forward and backward in eager mode dispatch no registered op, and give bit for bit what the
+    registered ops give (the same kernels and formulas), within tolerance the reference's; inputs
+    that do not require grad get no gradient."""
+    fast, registered, ref, inputs = _fast_path_cases(shape, dtype)[name]
+    need = [grads == "all" or (grads == "some" and k == len(inputs) - 1) for k in range(len(inputs))]
+    inputs = tuple(t.requires_grad_(n) for t, n in zip(inputs, need))
+    leaves = [t for t in inputs if t.requires_grad]
+    with _OpLog() as log:
+        out = fast(*inputs)
+        assert out.requires_grad == bool(leaves)
+        gy = torch.randn_like(out)
+        got = torch.autograd.grad(out, leaves, gy) if leaves else ()
+    assert log.registered() == [], "the eager path went through a registered op"
+    with _OpLog() as log:  # the log sees the registered ops where they are called
+        want = registered(*inputs)
+        exp = torch.autograd.grad(want, leaves, gy) if leaves else ()
+    assert log.registered()
+    assert out.dtype == want.dtype and torch.equal(out, want)
+    assert len(got) == len(exp) and all(torch.equal(g, e) for g, e in zip(got, exp))
+    if leaves:
+        check_fwd_bwd(fast, ref, inputs, dtype, factor=10)
+    else:
+        close(out, ref(*inputs), dtype, factor=10)
+    with torch.no_grad():  # without autograd: the plain function, the same values
+        assert torch.equal(fast(*inputs), out)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 2, 9, 12), (1, 2, 3, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_in_place_forms_skip_the_registered_ops(shape, dtype):
+    """The in-place forms in eager mode: no registered op dispatched, h written in place with the
+    registered op's values (5-D h: computed aside and copied back), h's version counter bumped, and
+    the op's autograd behaviour: nothing recorded, no error for h a leaf that requires grad, a backward
+    that saved h's old value raises."""
+    B, C, *S = shape
+    z, w, b = randn(B, 4, *S, dtype=dtype), randn(C, 4, dtype=dtype), randn(C, dtype=dtype)
+    phi = randn(*shape, dtype=dtype, strided=True)
+    forms = [(tr.residual_update_, ops.residual_update_, ik.residual_update_ref, (phi, 0.7)),
+             (tr.refine_update_, ops.refine_update_, ik.refine_update_ref, (z, w, b, 0.3)),
+             (tr.refine_update_, ops.refine_update_, ik.refine_update_ref, (z, w, None, 0.3))]
+    for fast, registered, ref, args in forms:
+        h = randn(*shape, dtype=dtype, strided=True)
+        want = ref(h, *args)
+        h_op = h.clone()
+        registered(h_op, *args)
+        ptr, version = h.data_ptr(), h._version
+        with _OpLog() as log:
+            assert fast(h, *args) is h
+        assert log.registered() == []
+        assert h.data_ptr() == ptr and h._version > version
+        assert torch.equal(h, h_op)
+        close(h, want)
+        for run in (fast, registered):  # autograd: the fast path behaves as the registered op
+            leaf = randn(*shape, dtype=dtype, requires_grad=True)
+            run(leaf, *args)
+            assert leaf.is_leaf and leaf.grad_fn is None
+            a = randn(*shape, dtype=dtype, requires_grad=True)
+            saved = randn(*shape, dtype=dtype)
+            loss = (a * saved).sum()  # mul saves its other operand
+            run(saved, *args)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+
+
+def test_eager_double_backward_behaves_as_the_registered_ops():
+    """With create_graph=True the eager backward records the registered backward ops: a second
+    backward through a kernel-computed gradient raises as it does under the registered forward (the
+    plain launches would give gradients silently cut from the graph), the identity gradient of h and
+    the DFT transforms (whose backward ops have autograd) stay differentiable."""
+    h, phi = randn(2, 3, 5, 7, requires_grad=True), randn(2, 3, 5, 7, requires_grad=True)
+    gy = randn(2, 3, 5, 7, requires_grad=True)
+    for f in (tr.residual_update, ops.residual_update):
+        gh, gphi = torch.autograd.grad(f(h, phi, 0.3), (h, phi), gy, create_graph=True)
+        assert gh.requires_grad and gphi.requires_grad
+        torch.testing.assert_close(torch.autograd.grad(gh.sum(), gy)[0], torch.ones_like(gy))
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            torch.autograd.grad(gphi.sum(), gy)
+    x = randn(2, 3, 9, 12, requires_grad=True)
+    (gx,) = torch.autograd.grad(tr.radial_spectrum(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        gx.sum().backward()
+    H, W, m1, m2 = 9, 12, 2, 3
+    gz = randn(2, 3, 2 * m1, m2, dtype=torch.complex64, requires_grad=True)
+    v = randn(2, 3, H, W)
+    seconds = []
+    for f in (lambda t: tr_dft.grid_to_modes(t, m1, m2),
+              lambda t: ops.dft_grid_to_modes(t, *tr_dft._matrices(H, W, m1, m2, DEVICE)[0])):
+        with _OpLog() as log:
+            (gx,) = torch.autograd.grad(f(x), x, gz, create_graph=True)
+        seconds.append(torch.autograd.grad(gx, gz, v)[0])  # d<gx, v>/dgz = G v
+        assert "irno_triton::dft_modes_to_grid.default" in log.registered()
+    assert torch.equal(*seconds)
+    torch.testing.assert_close(seconds[0], tr_dft.grid_to_modes(v, m1, m2))
+
+
+def test_meta_tensors_take_the_registered_ops():
+    """Meta tensors hold no data to launch on: the public functions call the registered ops, whose
+    fake kernels give the results' shapes, forward and backward."""
+    h, z = torch.empty(2, 3, 5, 7, device="meta"), torch.empty(2, 4, 5, 7, device="meta", requires_grad=True)
+    w, cw = torch.empty(3, 4, device="meta"), torch.empty(3, 2, 4, 3, dtype=torch.complex64, device="meta")
+    with _OpLog() as log:
+        y = tr.refine_update(tr.residual_update(h, h, 0.3), z, w, None, 0.2)
+        e, s = tr.radial_spectrum(y), tr.spectral_conv2d(y, cw)
+        (gz,) = torch.autograd.grad(e.sum() + s.sum(), z)
+        assert tr.residual_update_(h, h, 0.3) is h and tr.refine_update_(h, z.detach(), w, None, 0.3) is h
+    assert y.is_meta and y.shape == h.shape and e.shape == (2, 3, num_shells(5, 7)) and s.shape == (2, 2, 5, 7)
+    assert gz.is_meta and gz.shape == z.shape
+    assert {"residual_update", "refine_update", "radial_spectrum", "spectral_conv2d", "residual_update_",
+            "refine_update_"} <= {n.split("::")[1].split(".")[0] for n in log.registered()}
+
+
+def test_torch_compile_traces_the_registered_ops():
+    """Under torch.compile the public functions call the registered ops (Inductor must see them):
+    their names stand in the forward and backward graphs, and the results are eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    h, phi = randn(2, 3, 5, 7, requires_grad=True), randn(2, 3, 5, 7, strided=True, requires_grad=True)
+    z, w, b = randn(2, 4, 5, 7, requires_grad=True), randn(3, 4, requires_grad=True), randn(3, requires_grad=True)
+    cw = randn(3, 3, 4, 3, dtype=torch.complex64, requires_grad=True)
+
+    def step(h, phi, z, w, b, cw):
+        y = tr.refine_update(tr.residual_update(h, phi, 0.5), z, w, b, 0.2)
+        return (tr.radial_spectrum(y).mean() + tr.spectral_conv2d(y, cw).square().mean()
+                + tr_dft.spectral_conv2d_dft(y, cw).square().mean())
+
+    inputs = (h, phi, z, w, b, cw)
+    out = torch.compile(step, backend=backend, fullgraph=True)(*inputs)
+    got = torch.autograd.grad(out, inputs)
+    want = step(*inputs)
+    close(out, want)
+    for g, e in zip(got, torch.autograd.grad(want, inputs)):
+        close(g, e, factor=10)
+
+    def in_place(h, phi, z, w, b):
+        h = h.clone()
+        tr.residual_update_(h, phi, 0.7)
+        tr.refine_update_(h, z, w, b, 0.3)
+        return h
+
+    plain = [t.detach() for t in (h, phi, z, w, b)]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(in_place, backend=backend, fullgraph=True)(*plain),
+                                   in_place(*plain), rtol=0, atol=0)
+    code = "\n".join(graphs)
+    for op in ("residual_update", "residual_update_grad_phi", "refine_update", "refine_update_grad_z",
+               "refine_update_grad_weight_bias", "radial_spectrum", "radial_spectrum_backward", "spectral_conv2d",
+               "spectral_conv2d_backward", "dft_grid_to_modes", "dft_modes_to_grid", "residual_update_",
+               "refine_update_"):
+        assert f"{tr.NAMESPACE}.{op}.default" in code, op
 
 
 # ---------------------------------------------------------------------------------------------

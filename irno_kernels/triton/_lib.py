@@ -1,7 +1,9 @@
 """Pieces shared by the Triton kernels: the interpreter switch, launch helpers and op registration.
 
 Every Triton op is a torch.library op in the ``irno_triton`` namespace with a fake (meta) kernel and
-an autograd formula, so torch.compile and CUDA-graph capture see through it.
+an autograd formula, so torch.compile and CUDA-graph capture see through it. In eager mode the
+public functions skip the ops (``with_autograd``, ``mutate``): an op's Python dispatch and Python
+autograd node cost ~80-100 us per call on an H200, several times a small field's kernels.
 
 Registration differs by how triton runs:
 
@@ -64,10 +66,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def _tracing(args) -> bool:
     """Whether a launch with these arguments is being traced (torch.compile, make_fx, fake or
-    functional tensors), so that it must go through ``wrap_triton`` to be recorded."""
+    functional tensors), so that it must go through ``wrap_triton`` to be recorded. Meta tensors
+    count too: they hold no data to launch on (the public functions then call the registered op,
+    whose fake kernel gives the result's shape)."""
     if torch.compiler.is_compiling() or get_proxy_mode() is not None:
         return True
-    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)
+    return any(isinstance(a, torch.Tensor) and (type(a) not in _PLAIN or a.is_meta) for a in args)
 
 
 def launch(kernel, grid, *args, fp_fusion: bool = True, **meta):
@@ -117,3 +121,67 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
         return t
     return t.flatten(2, -2)
 
+
+# ---------------------------------------------------------------------------------------------
+# eager fast path: the registered ops' functions and autograd formulas without their dispatch
+# ---------------------------------------------------------------------------------------------
+def with_autograd(op, fn, setup, backward):
+    """Give ``op`` (registered from ``fn``) the autograd formula ``setup``/``backward``, and return
+    the function the public entry point calls with the op's arguments:
+
+    * ``op`` itself whenever anything traces (torch.compile, make_fx, fake or meta tensors:
+      ``_tracing``): Inductor and the fake kernels must see the op;
+    * in eager mode, ``fn`` when no input needs a gradient, else an autograd.Function whose forward
+      is ``fn`` followed by ``setup`` and whose backward is ``backward``: the same kernels and
+      formulas without the op's dispatch. Its ctx is marked ``eager`` (see ``backward_fn``).
+    """
+    op.register_autograd(backward, setup_context=setup)
+
+    def forward(ctx, *args):
+        out = fn(*args)
+        setup(ctx, args, out)
+        ctx.eager = True
+        return out
+
+    name = "_Eager" + "".join(w.capitalize() for w in fn.__name__.split("_"))
+    function = type(name, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward),
+                     "__doc__": f"{fn.__name__} and its registered op's autograd, without the op (eager mode)."})
+
+    def call(*args):
+        if _tracing(args):
+            return op(*args)
+        if torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return function.apply(*args)
+        return fn(*args)
+
+    return call
+
+
+def backward_fn(ctx, fn, op):
+    """The function a registered backward calls to compute a gradient: ``fn``, the plain function
+    of the backward op ``op``, in the backward of ``with_autograd``'s Function, unless that backward
+    is recorded (create_graph=True) or traced; ``op`` otherwise. The plain launches would give
+    gradients silently cut from the graph; ``op`` gives what the registered forward gives: a second
+    backward through an op without autograd raises, one through an op with autograd works.
+    """
+    if getattr(ctx, "eager", False) and not torch.is_grad_enabled() and not _tracing(()):
+        return fn
+    return op
+
+
+def mutate(op, fn, *args) -> None:
+    """Run the in-place op ``op`` (registered from ``fn``, which writes into ``args[0]``): the op
+    whenever anything traces; in eager mode ``fn`` as the op runs it, below autograd (nothing is
+    recorded and a leaf that requires grad raises no error, where a body's ``copy_`` would), then
+    the target's version counter bumped as the op's dispatch bumps it (the kernels write through its
+    pointer, unseen by autograd), so that a backward needing the old value raises.
+    """
+    if _tracing(args):
+        op(*args)
+        return
+    with torch.no_grad():
+        fn(*args)
+    torch.autograd.graph.increment_version(args[0])

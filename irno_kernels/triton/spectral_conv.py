@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels.spectral_conv import FFT_NORM, hermitian_edges
-from irno_kernels.triton._lib import INTERPRET, cdiv, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register, with_autograd
 
 __all__ = ["spectral_conv2d"]
 
@@ -185,8 +185,7 @@ def _forward_fake(x, weight):
     return x.new_empty((B, weight.shape[1], H, W)), x.new_empty((B, x.shape[1], H, W // 2 + 1), dtype=weight.dtype)
 
 
-@register("spectral_conv2d", _forward_fake)
-def _spectral_conv2d_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, _, H, W = (int(s) for s in x.shape)
     CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
     X = torch.fft.rfft2(x, norm=FFT_NORM).contiguous()
@@ -202,9 +201,8 @@ def _backward_fake(grad, X, weight, need_x, need_w):
     return gx, gw
 
 
-@register("spectral_conv2d_backward", _backward_fake)
-def _spectral_conv2d_backward_op(grad: torch.Tensor, X: torch.Tensor, weight: torch.Tensor, need_x: bool,
-                                 need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _spectral_conv2d_backward(grad: torch.Tensor, X: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                              need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, CI, H, Wr = (int(s) for s in X.shape)
     W = int(grad.shape[-1])
     m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
@@ -234,6 +232,10 @@ def _mix_grad_weight(X: torch.Tensor, Gy: torch.Tensor, weight: torch.Tensor, W:
     return gw
 
 
+_spectral_conv2d_op = register("spectral_conv2d", _forward_fake)(_spectral_conv2d)
+_spectral_conv2d_backward_op = register("spectral_conv2d_backward", _backward_fake)(_spectral_conv2d_backward)
+
+
 def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -245,11 +247,14 @@ def _backward(ctx, grad, _grad_spectrum):
     need_x, need_w = ctx.needs_input_grad[:2]
     if grad is None or not (need_x or need_w):
         return None, None
-    gx, gw = _spectral_conv2d_backward_op(grad, X, weight, need_x, need_w)
+    bwd = backward_fn(ctx, _spectral_conv2d_backward, _spectral_conv2d_backward_op)
+    gx, gw = bwd(grad, X, weight, need_x, need_w)
     return (gx if need_x else None), (gw if need_w else None)
 
 
-_spectral_conv2d_op.register_autograd(_backward, setup_context=_setup)
+# eager mode calls _spectral_conv2d without the op (its dispatch costs of the order of a small
+# layer's kernels); tracing calls the op (_lib.with_autograd)
+_spectral_conv2d_call = with_autograd(_spectral_conv2d_op, _spectral_conv2d, _setup, _backward)
 
 
 def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -265,4 +270,4 @@ def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     if x.dtype == torch.float32 and tr_dft.fits(weight) and spectral_dft.prefer_dft(x, weight):
         return tr_dft.spectral_conv2d_dft(x, weight)
-    return _spectral_conv2d_op(x, weight)[0]
+    return _spectral_conv2d_call(x, weight)[0]

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.triton._lib import INTERPRET, cdiv, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register, with_autograd
 
 __all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "MAX_ROWS", "MAX_COLS"]
 
@@ -152,8 +152,7 @@ def _g2m_fake(x, ar, ai, er, ei):
     return x.new_empty((*x.shape[:-2], er.shape[0], ar.shape[1]), dtype=torch.complex64)
 
 
-@register("dft_grid_to_modes", _g2m_fake)
-def _g2m_op(x: torch.Tensor, ar: torch.Tensor, ai: torch.Tensor, er: torch.Tensor, ei: torch.Tensor) -> torch.Tensor:
+def _g2m(x: torch.Tensor, ar: torch.Tensor, ai: torch.Tensor, er: torch.Tensor, ei: torch.Tensor) -> torch.Tensor:
     *lead, H, W = (int(s) for s in x.shape)
     R, M = int(er.shape[0]), int(ar.shape[1])
     x = x.contiguous()
@@ -169,8 +168,7 @@ def _m2g_fake(z, pr, pi, qr, qi):
     return z.new_empty((*z.shape[:-2], pr.shape[0], qr.shape[1]), dtype=torch.float32)
 
 
-@register("dft_modes_to_grid", _m2g_fake)
-def _m2g_op(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
+def _m2g(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
     *lead, R, M = (int(s) for s in z.shape)
     H, W = int(pr.shape[0]), int(qr.shape[1])
     z = z.resolve_conj().contiguous()
@@ -180,6 +178,10 @@ def _m2g_op(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tenso
     launch(_modes_to_grid_kernel, (N, cdiv(H, bh)), torch.view_as_real(z), pr, pi, qr, qi, y, H, W, R, M,
            PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, num_warps=4)
     return y
+
+
+_g2m_op = register("dft_grid_to_modes", _g2m_fake)(_g2m)
+_m2g_op = register("dft_modes_to_grid", _m2g_fake)(_m2g)
 
 
 def _adjoint_of_g2m(ar, ai, er, ei):
@@ -200,11 +202,11 @@ def _g2m_setup(ctx, inputs, output):
 def _g2m_backward(ctx, gz):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    gx = _m2g_op(gz, *_adjoint_of_g2m(*ctx.mats))
+    gx = backward_fn(ctx, _m2g, _m2g_op)(gz, *_adjoint_of_g2m(*ctx.mats))
     return gx.to(ctx.x_dtype), None, None, None, None
 
 
-_g2m_op.register_autograd(_g2m_backward, setup_context=_g2m_setup)
+_g2m_call = with_autograd(_g2m_op, _g2m, _g2m_setup, _g2m_backward)
 
 
 def _m2g_setup(ctx, inputs, output):
@@ -214,10 +216,13 @@ def _m2g_setup(ctx, inputs, output):
 def _m2g_backward(ctx, gy):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    return _g2m_op(gy, *_adjoint_of_m2g(*ctx.mats)), None, None, None, None
+    return backward_fn(ctx, _g2m, _g2m_op)(gy, *_adjoint_of_m2g(*ctx.mats)), None, None, None, None
 
 
-_m2g_op.register_autograd(_m2g_backward, setup_context=_m2g_setup)
+# eager mode calls _g2m and _m2g without the ops (their dispatch costs of the order of the kernels on
+# small fields); tracing calls the ops (_lib.with_autograd). Each backward is the other transform: with
+# create_graph=True the registered op, whose own autograd gives the higher derivatives (_lib.backward_fn)
+_m2g_call = with_autograd(_m2g_op, _m2g, _m2g_setup, _m2g_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,14 +253,14 @@ def grid_to_modes(x: torch.Tensor, m1: int, m2: int) -> torch.Tensor:
     """The kept rfft2 modes of x (..., H, W), norm "forward": (..., 2*m1, m2) complex64, rows
     0..m1-1 then -m1..-1. Differentiable in x."""
     H, W = x.shape[-2:]
-    return _g2m_op(x, *_matrices(H, W, m1, m2, x.device)[0])
+    return _g2m_call(x, *_matrices(H, W, m1, m2, x.device)[0])
 
 
 def modes_to_grid(z: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """irfft2 of the compact spectrum z (..., 2*m1, m2) (zero elsewhere), read as Re(ifft2) (DESIGN
     3.1), onto an H x W grid: (..., H, W) float32. Differentiable in z."""
     m1, m2 = z.shape[-2] // 2, z.shape[-1]
-    return _m2g_op(z, *_matrices(H, W, m1, m2, z.device)[1])
+    return _m2g_call(z, *_matrices(H, W, m1, m2, z.device)[1])
 
 
 def fits(weight: torch.Tensor) -> bool:

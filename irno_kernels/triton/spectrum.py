@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels.spectrum import num_shells
-from irno_kernels.triton._lib import INTERPRET, cdiv, is_f64, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, is_f64, launch, pow2, register, with_autograd
 
 __all__ = ["radial_spectrum", "spectral_loss"]
 
@@ -315,8 +315,7 @@ def _radial_fake(x):
     return x.new_empty((B, C, num_shells(int(H), int(W)))), _empty_spectrum(x)
 
 
-@register("radial_spectrum", _radial_fake)
-def _radial_spectrum_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _radial_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = (int(s) for s in x.shape)
     R = num_shells(H, W)
     X = _spectrum(x)
@@ -337,8 +336,7 @@ def _radial_bwd_fake(grad, X, W):
     return grad.new_empty((B, C, H, W))
 
 
-@register("radial_spectrum_backward", _radial_bwd_fake)
-def _radial_spectrum_backward_op(grad: torch.Tensor, X: torch.Tensor, W: int) -> torch.Tensor:
+def _radial_spectrum_backward(grad: torch.Tensor, X: torch.Tensor, W: int) -> torch.Tensor:
     B, C, H, Wr = (int(s) for s in X.shape)
     R = int(grad.shape[-1])
     G = torch.empty_like(X)
@@ -348,6 +346,10 @@ def _radial_spectrum_backward_op(grad: torch.Tensor, X: torch.Tensor, W: int) ->
            grad.contiguous(), torch.view_as_real(G), total, H, W, Wr, R, 2.0 / (H * W),
            BLOCK=block, IS_F64=X.dtype == torch.complex128, num_warps=4, fp_fusion=False)
     return torch.fft.irfft2(G, s=(H, W), norm="forward").to(grad.dtype)
+
+
+_radial_spectrum_op = register("radial_spectrum", _radial_fake)(_radial_spectrum)
+_radial_spectrum_backward_op = register("radial_spectrum_backward", _radial_bwd_fake)(_radial_spectrum_backward)
 
 
 def _radial_setup(ctx, inputs, output):
@@ -361,10 +363,12 @@ def _radial_backward(ctx, grad, _grad_spectrum):
     (X,) = ctx.saved_tensors
     if grad is None or not ctx.needs_input_grad[0]:
         return None
-    return _radial_spectrum_backward_op(grad, X, ctx.W)
+    return backward_fn(ctx, _radial_spectrum_backward, _radial_spectrum_backward_op)(grad, X, ctx.W)
 
 
-_radial_spectrum_op.register_autograd(_radial_backward, setup_context=_radial_setup)
+# eager mode calls _radial_spectrum without the op (its dispatch cost more than the kernels of a
+# 64 x 64 field on an H200); tracing calls the op (_lib.with_autograd)
+_radial_spectrum_call = with_autograd(_radial_spectrum_op, _radial_spectrum, _radial_setup, _radial_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +493,7 @@ def radial_spectrum(x: torch.Tensor) -> torch.Tensor:
 
     x: (B, C, H, W) float32/float64 -> (B, C, R), R = num_shells(H, W).
     """
-    return _radial_spectrum_op(x)[0]
+    return _radial_spectrum_call(x)[0]
 
 
 def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: float = 0.5,

@@ -20,7 +20,18 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.triton._lib import INTERPRET, as_4d, cdiv, is_f64, launch, pow2, register
+from irno_kernels.triton._lib import (
+    INTERPRET,
+    as_4d,
+    backward_fn,
+    cdiv,
+    is_f64,
+    launch,
+    mutate,
+    pow2,
+    register,
+    with_autograd,
+)
 
 __all__ = ["residual_update", "residual_update_", "refine_update", "refine_update_"]
 
@@ -195,14 +206,14 @@ def _new_like(t: torch.Tensor, channels: int | None = None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# ops: residual_update
+# ops: residual_update (the plain functions are the registered ops' bodies; in eager mode the public
+# functions call them without the ops: _lib.with_autograd, _lib.mutate)
 # ---------------------------------------------------------------------------------------------
 def _residual_fake(h, phi, alpha):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@register("residual_update", _residual_fake)
-def _residual_update_op(h: torch.Tensor, phi: torch.Tensor, alpha: float) -> torch.Tensor:
+def _residual_update(h: torch.Tensor, phi: torch.Tensor, alpha: float) -> torch.Tensor:
     out = _new_like(h)
     _residual_into(as_4d(out), as_4d(h), as_4d(phi), alpha)
     return out
@@ -212,11 +223,14 @@ def _residual_grad_fake(grad, alpha):
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
-@register("residual_update_grad_phi", _residual_grad_fake)
-def _residual_grad_phi_op(grad: torch.Tensor, alpha: float) -> torch.Tensor:
+def _residual_grad_phi(grad: torch.Tensor, alpha: float) -> torch.Tensor:
     out = _new_like(grad)
     _residual_into(as_4d(out), None, as_4d(grad), alpha)
     return out
+
+
+_residual_update_op = register("residual_update", _residual_fake)(_residual_update)
+_residual_grad_phi_op = register("residual_update_grad_phi", _residual_grad_fake)(_residual_grad_phi)
 
 
 def _residual_setup(ctx, inputs, output):
@@ -224,24 +238,28 @@ def _residual_setup(ctx, inputs, output):
 
 
 def _residual_backward(ctx, grad):
-    gphi = _residual_grad_phi_op(grad, ctx.alpha) if ctx.needs_input_grad[1] else None
-    return grad, gphi, None
+    need = ctx.needs_input_grad
+    gphi = backward_fn(ctx, _residual_grad_phi, _residual_grad_phi_op)(grad, ctx.alpha) if need[1] else None
+    return (grad if need[0] else None), gphi, None
 
 
-_residual_update_op.register_autograd(_residual_backward, setup_context=_residual_setup)
+_residual_update_call = with_autograd(_residual_update_op, _residual_update, _residual_setup, _residual_backward)
 
 
 def _residual_inplace_fake(h, phi, alpha):
     return None
 
 
-@register("residual_update_", _residual_inplace_fake, mutates_args=("h",))
-def _residual_update_inplace_op(h: torch.Tensor, phi: torch.Tensor, alpha: float) -> None:
+def _residual_update_inplace(h: torch.Tensor, phi: torch.Tensor, alpha: float) -> None:
     if h.dim() <= 4:  # as_4d gives a view of h; each element reads h before writing it
         h4 = as_4d(h)
         _residual_into(h4, h4, as_4d(phi), alpha)
     else:  # h could not be viewed as 4-D: compute aside and copy back
-        h.copy_(_residual_update_op(h, phi, alpha))
+        h.copy_(_residual_update(h, phi, alpha))
+
+
+_residual_update_inplace_op = register("residual_update_", _residual_inplace_fake,
+                                       mutates_args=("h",))(_residual_update_inplace)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,9 +269,8 @@ def _refine_fake(h, z, weight, bias, alpha):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@register("refine_update", _refine_fake)
-def _refine_update_op(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      alpha: float) -> torch.Tensor:
+def _refine_update(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   alpha: float) -> torch.Tensor:
     out = _new_like(h)
     _project_into(as_4d(out), as_4d(h), as_4d(z), weight, bias, alpha)
     return out
@@ -263,8 +280,7 @@ def _grad_z_fake(grad, weight, alpha):
     return grad.new_empty((grad.shape[0], weight.shape[1], *grad.shape[2:]))
 
 
-@register("refine_update_grad_z", _grad_z_fake)
-def _refine_grad_z_op(grad: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+def _refine_grad_z(grad: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     gz = _new_like(grad, weight.shape[1])
     _project_into(as_4d(gz), None, as_4d(grad), weight.t(), None, alpha)
     return gz
@@ -275,8 +291,7 @@ def _grad_wb_fake(grad, z, alpha):
     return grad.new_empty((CO, F)), grad.new_empty((CO,))
 
 
-@register("refine_update_grad_weight_bias", _grad_wb_fake)
-def _refine_grad_wb_op(grad: torch.Tensor, z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _refine_grad_wb(grad: torch.Tensor, z: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     g4, z4 = as_4d(grad), as_4d(z)
     B, CO, S1, S2 = g4.shape
     F = z4.shape[1]
@@ -296,6 +311,11 @@ def _refine_grad_wb_op(grad: torch.Tensor, z: torch.Tensor, alpha: float) -> tup
     return gw, gb
 
 
+_refine_update_op = register("refine_update", _refine_fake)(_refine_update)
+_refine_grad_z_op = register("refine_update_grad_z", _grad_z_fake)(_refine_grad_z)
+_refine_grad_wb_op = register("refine_update_grad_weight_bias", _grad_wb_fake)(_refine_grad_wb)
+
+
 def _refine_setup(ctx, inputs, output):
     h, z, weight, bias, alpha = inputs
     ctx.alpha = alpha
@@ -306,42 +326,48 @@ def _refine_setup(ctx, inputs, output):
 def _refine_backward(ctx, grad):
     z, weight = ctx.saved_tensors
     need = ctx.needs_input_grad
+    need_b = ctx.has_bias and need[3]
     gz = gw = gb = None
     if need[1]:
-        gz = _refine_grad_z_op(grad, weight, ctx.alpha)
-    if need[2] or (ctx.has_bias and need[3]):
-        gw, gb = _refine_grad_wb_op(grad, z, ctx.alpha)
-    return (grad if need[0] else None), gz, (gw if need[2] else None), (gb if ctx.has_bias else None), None
+        gz = backward_fn(ctx, _refine_grad_z, _refine_grad_z_op)(grad, weight, ctx.alpha)
+    if need[2] or need_b:
+        gw, gb = backward_fn(ctx, _refine_grad_wb, _refine_grad_wb_op)(grad, z, ctx.alpha)
+    return (grad if need[0] else None), gz, (gw if need[2] else None), (gb if need_b else None), None
 
 
-_refine_update_op.register_autograd(_refine_backward, setup_context=_refine_setup)
+_refine_update_call = with_autograd(_refine_update_op, _refine_update, _refine_setup, _refine_backward)
 
 
 def _refine_inplace_fake(h, z, weight, bias, alpha):
     return None
 
 
-@register("refine_update_", _refine_inplace_fake, mutates_args=("h",))
-def _refine_update_inplace_op(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                              bias: torch.Tensor | None, alpha: float) -> None:
+def _refine_update_inplace(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           alpha: float) -> None:
     if h.dim() <= 4:  # as_4d gives a view of h; each position reads h before writing it
         h4 = as_4d(h)
         _project_into(h4, h4, as_4d(z), weight, bias, alpha)
     else:
-        h.copy_(_refine_update_op(h, z, weight, bias, alpha))
+        h.copy_(_refine_update(h, z, weight, bias, alpha))
+
+
+_refine_update_inplace_op = register("refine_update_", _refine_inplace_fake,
+                                     mutates_args=("h",))(_refine_update_inplace)
 
 
 # ---------------------------------------------------------------------------------------------
-# public functions (arguments already validated by irno_kernels' wrappers)
+# public functions (arguments already validated by irno_kernels' wrappers). Under tracing they call
+# the registered ops; in eager mode the plain functions above, without the ops' dispatch (~80-100 us
+# per call on an H200, several times the kernels of a small field; _lib.with_autograd, _lib.mutate)
 # ---------------------------------------------------------------------------------------------
 def residual_update(h: torch.Tensor, phi: torch.Tensor, alpha: float) -> torch.Tensor:
     """h + alpha * phi, differentiable.  h, phi: (B, C, *S) -> (B, C, *S) contiguous."""
-    return _residual_update_op(h, phi, float(alpha))
+    return _residual_update_call(h, phi, float(alpha))
 
 
 def residual_update_(h: torch.Tensor, phi: torch.Tensor, alpha: float) -> torch.Tensor:
-    """h += alpha * phi in place (inference); returns h."""
-    _residual_update_inplace_op(h, phi, float(alpha))
+    """h += alpha * phi in place (inference: nothing is recorded for autograd); returns h."""
+    mutate(_residual_update_inplace_op, _residual_update_inplace, h, phi, float(alpha))
     return h
 
 
@@ -351,11 +377,11 @@ def refine_update(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: 
 
     h: (B, Co, *S); z: (B, F, *S); weight: (Co, F); bias: (Co,) or None -> (B, Co, *S) contiguous.
     """
-    return _refine_update_op(h, z, weight, bias, float(alpha))
+    return _refine_update_call(h, z, weight, bias, float(alpha))
 
 
 def refine_update_(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    alpha: float) -> torch.Tensor:
-    """``refine_update`` written into h (inference); returns h."""
-    _refine_update_inplace_op(h, z, weight, bias, float(alpha))
+    """``refine_update`` written into h (inference: nothing is recorded for autograd); returns h."""
+    mutate(_refine_update_inplace_op, _refine_update_inplace, h, z, weight, bias, float(alpha))
     return h
