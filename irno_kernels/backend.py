@@ -196,3 +196,40 @@ def backends() -> dict[str, dict[str, str]]:
     {'cpu': 'cpu', 'cuda': 'reference'}   # on a CPU-only build
     """
     return {op: {dev: resolve(op, dev, "auto") for dev in ("cpu", "cuda")} for op in OPS}
+
+
+# ---------------------------------------------------------------------------------------------
+# second derivatives
+# ---------------------------------------------------------------------------------------------
+def no_second_derivative(backward_op, op: str, kernels: str) -> None:
+    """Give ``backward_op`` ("namespace::name", or a torch.library.custom_op), a registered op that
+    computes a first derivative of the public op ``op`` with ``kernels``, an autograd formula that
+    raises a RuntimeError naming both and the way out (the reference's autograd).
+
+    It only runs when a second backward reaches the op (a gradient recorded with create_graph=True,
+    then differentiated): first derivatives are untouched. Without a formula a C++ op would get
+    PyTorch's autograd fallback, which only warns and drops the gradients through it (silently wrong
+    second derivatives); a torch.library.custom_op would raise a message that names no way out.
+    """
+    name = getattr(backward_op, "_qualname", backward_op)
+    message = (f"irno: no second derivative of {op} with the {kernels} kernels ({name} has no "
+               f"autograd formula); use backend='reference' for double backward (create_graph=True)")
+
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(message)
+
+    torch.library.register_autograd(backward_op, backward, setup_context=setup)
+
+
+def call_backward_op(op, *args):
+    """``op(*args)`` for a backward op given a formula by :func:`no_second_derivative`, called from a
+    first derivative's formula. When grad mode is off (a plain backward, create_graph=False) the op
+    runs below its autograd formula, as that formula's own no-grad path would (the formula's Python
+    dispatch costs ~5 us a call on CPU); otherwise through it, so that a second backward raises."""
+    if torch.is_grad_enabled():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from irno_kernels import _checks
-from irno_kernels.backend import ENV_VAR, HAS_C, resolve
+from irno_kernels.backend import ENV_VAR, HAS_C, call_backward_op, no_second_derivative, resolve
 
 __all__ = [
     "FFT_NORM", "spectral_conv2d", "spectral_conv2d_ref", "weight_from_neuralop", "weight_to_neuralop",
@@ -264,9 +264,11 @@ if HAS_C:
         need_x, need_w = ctx.needs_input_grad
         if not (need_x or need_w):
             return None, None
-        gx, gw = torch.ops.irno.spectral_conv2d_backward(grad, x, weight)
+        gx, gw = call_backward_op(torch.ops.irno.spectral_conv2d_backward, grad, x, weight)
         return (gx if need_x else None), (gw if need_w else None)
 
     torch.library.register_autograd(
         "irno::spectral_conv2d", _spectral_conv2d_backward, setup_context=_spectral_conv2d_setup
     )
+    # the backward op's own derivatives are not written: a second backward through it raises
+    no_second_derivative("irno::spectral_conv2d_backward", "spectral_conv2d", "compiled (cpu/cuda)")

@@ -23,7 +23,7 @@ import math
 import torch
 
 from irno_kernels import _checks
-from irno_kernels.backend import HAS_C, resolve
+from irno_kernels.backend import HAS_C, call_backward_op, no_second_derivative, resolve
 
 __all__ = [
     "radial_spectrum", "radial_spectrum_ref", "spectral_loss", "spectral_loss_ref",
@@ -247,9 +247,12 @@ if HAS_C:
         (x,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None
-        return torch.ops.irno.radial_spectrum_backward(grad, x)
+        return call_backward_op(torch.ops.irno.radial_spectrum_backward, grad, x)
 
     torch.library.register_autograd("irno::radial_spectrum", _radial_backward, setup_context=_radial_setup)
+    # the backward ops' own derivatives are not written: a second backward through them raises
+    no_second_derivative("irno::radial_spectrum_backward", "radial_spectrum", "compiled (cpu/cuda)")
+    no_second_derivative("irno::spectral_loss_backward", "spectral_loss", "compiled (cpu/cuda)")
 
     def _loss_setup(ctx, inputs, output):
         pred, target, lam, f0, mode = inputs
@@ -262,12 +265,12 @@ if HAS_C:
         args = (ctx.lam, ctx.f0, ctx.mode)
         gp = gt = None
         if need_pred:
-            gp = torch.ops.irno.spectral_loss_backward(grad, pred, target, *args, False)
+            gp = call_backward_op(torch.ops.irno.spectral_loss_backward, grad, pred, target, *args, False)
         if need_target:
             if ctx.mode == "error" and gp is not None:
                 gt = -gp  # |P - Y|^2 is symmetric: the target's gradient is the pred's, negated
             else:
-                gt = torch.ops.irno.spectral_loss_backward(grad, pred, target, *args, True)
+                gt = call_backward_op(torch.ops.irno.spectral_loss_backward, grad, pred, target, *args, True)
         return gp, gt, None, None, None
 
     torch.library.register_autograd("irno::spectral_loss", _loss_backward, setup_context=_loss_setup)
@@ -286,12 +289,12 @@ if HAS_C:
         saved = (P, Y if ctx.mode == "magnitude" else None)
         gp = gt = None
         if need_pred or (need_target and ctx.mode == "error"):
-            gp = torch.ops.irno.spectral_loss_backward(grad, pred, target, *args, False, *saved)
+            gp = call_backward_op(torch.ops.irno.spectral_loss_backward, grad, pred, target, *args, False, *saved)
         if need_target:
             if ctx.mode == "error":
                 gt = -gp  # |P - Y|^2 is symmetric: the target's gradient is the pred's, negated
             else:
-                gt = torch.ops.irno.spectral_loss_backward(grad, pred, target, *args, True, *saved)
+                gt = call_backward_op(torch.ops.irno.spectral_loss_backward, grad, pred, target, *args, True, *saved)
         return (gp if need_pred else None), gt, None, None, None
 
     torch.library.register_autograd("irno::spectral_loss_spectra", _spectra_backward, setup_context=_spectra_setup)

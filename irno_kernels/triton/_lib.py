@@ -162,10 +162,12 @@ def with_autograd(op, fn, setup, backward):
 
 def backward_fn(ctx, fn, op):
     """The function a registered backward calls to compute a gradient: ``fn``, the plain function
-    of the backward op ``op``, in the backward of ``with_autograd``'s Function, unless that backward
-    is recorded (create_graph=True) or traced; ``op`` otherwise. The plain launches would give
-    gradients silently cut from the graph; ``op`` gives what the registered forward gives: a second
-    backward through an op without autograd raises, one through an op with autograd works.
+    of the backward op ``op``, in the backward of an eager autograd.Function (``with_autograd``'s,
+    or a hand-written one that marks its ctx ``eager`` and shares the op's formula), unless that
+    backward is recorded (create_graph=True) or traced; ``op`` otherwise. The plain launches would
+    give gradients silently cut from the graph; ``op`` gives what the registered forward gives: a
+    second backward through an op without a derivative raises (irno_kernels.backend.
+    no_second_derivative), one through an op with autograd works.
     """
     if getattr(ctx, "eager", False) and not torch.is_grad_enabled() and not _tracing(()):
         return fn

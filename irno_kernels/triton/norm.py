@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from irno_kernels._checks import channels_last_like
-from irno_kernels.triton._lib import INTERPRET, as_4d, cdiv, is_f64, launch, pow2, register
+from irno_kernels.backend import no_second_derivative
+from irno_kernels.triton._lib import INTERPRET, as_4d, backward_fn, cdiv, is_f64, launch, pow2, register
 
 __all__ = ["channel_layer_norm"]
 
@@ -257,6 +258,7 @@ def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, b
 
 
 _cln_bwd_op = register("channel_layer_norm_bwd", _bwd_fake)(_cln_bwd)
+no_second_derivative(_cln_bwd_op, "channel_layer_norm", "Triton")  # a second backward raises
 
 
 def _grads(ctx, gx, gw, gb):
@@ -273,10 +275,10 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, grad, _gmean, _grstd):
+def _backward(ctx, grad, _gmean=None, _grstd=None):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    gx, gw, gb = _cln_bwd_op(grad.contiguous() if grad.dim() > 4 else grad, x, weight, bias, mean, rstd,
-                             ctx.gelu, ctx.halo)
+    bwd = backward_fn(ctx, _cln_bwd, _cln_bwd_op)  # the op when recorded (create_graph=True) or traced
+    gx, gw, gb = bwd(grad.contiguous() if grad.dim() > 4 else grad, x, weight, bias, mean, rstd, ctx.gelu, ctx.halo)
     return *_grads(ctx, gx, gw, gb), None, None, None, None
 
 
@@ -285,21 +287,20 @@ _cln_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 class _EagerChannelLayerNorm(torch.autograd.Function):
     """The same kernels and formulas as the registered ops, without their Python dispatch (eager
-    mode: the U-Net calls this about 100 times per step)."""
+    mode: the U-Net calls this about 100 times per step). Its backward is the registered op's
+    (``_backward``): the plain kernels, or the backward op when a second backward could follow."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, gelu, halo, out_dtype):
         y, mean, rstd = _cln_fwd(x, weight, bias, eps, gelu, halo, out_dtype)
         ctx.has_w, ctx.has_b, ctx.gelu, ctx.halo = weight is not None, bias is not None, gelu, halo
         ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.eager = True  # _lib.backward_fn
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        gx, gw, gb = _cln_bwd(grad.contiguous() if grad.dim() > 4 else grad, x, weight, bias, mean, rstd,
-                              ctx.gelu, ctx.halo)
-        return *_grads(ctx, gx, gw, gb), None, None, None, None
+        return _backward(ctx, grad)
 
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels._checks import channels_last_like
-from irno_kernels.triton._lib import INTERPRET, cdiv, launch, pow2, register
+from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register
 from irno_kernels.triton.norm import _halo_copy
 
 __all__ = ["periodic_pad_cat", "periodic_upsample2x"]
@@ -137,24 +137,23 @@ def _pad_cat(xs: list[torch.Tensor], halo: int, out_dtype: torch.dtype) -> torch
 
 
 class _PeriodicPadCat(torch.autograd.Function):
-    """The padded concatenation; backward folds each input's channels of the gradient back, forward
-    mode pads the tangents (the map is linear). ctx-style forward: Function.apply binds the
-    signature of a setup_context-style forward on every call (~10 us of host time)."""
+    """The padded concatenation; backward folds each input's channels of the gradient back (the
+    registered op's formula, ``_pad_cat_grads``), forward mode pads the tangents (the map is linear).
+    ctx-style forward: Function.apply binds the signature of a setup_context-style forward on every
+    call (~10 us of host time)."""
 
     @staticmethod
     def forward(ctx, halo, out_dtype, *xs):
         ctx.halo, ctx.out_dtype, ctx.device = halo, out_dtype, xs[0].device
         # what the gradients must look like, not the inputs themselves (nothing is kept alive)
         ctx.metas = [(x.shape, x.dtype, channels_last_like(x)) for x in xs]
+        ctx.eager = True  # _lib.backward_fn
         return _pad_cat(list(xs), halo, out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        grads, off = [], 0
-        for (shape, dtype, cl), need in zip(ctx.metas, ctx.needs_input_grad[2:]):
-            grads.append(_fold(gy[:, off:off + shape[1]], shape, dtype, cl, ctx.halo) if need else None)
-            off += shape[1]
-        return (None, None, *grads)
+        metas = [(shape[1], dtype, cl) for shape, dtype, cl in ctx.metas]
+        return (None, None, *_pad_cat_grads(ctx, gy, metas, ctx.needs_input_grad[2:]))
 
     @staticmethod
     def jvp(ctx, _dhalo, _ddtype, *tangents):
@@ -274,17 +273,19 @@ def _upsample_adjoint(gy: torch.Tensor, shape, dtype: torch.dtype, channels_last
 
 
 class _PeriodicUpsample2x(torch.autograd.Function):
+    """The upsampling; backward is the registered op's formula (``_upsample_backward``), forward mode
+    upsamples the tangent (the map is linear)."""
+
     @staticmethod
     def forward(ctx, x, halo, out_dtype):
-        ctx.meta = (x.shape, x.dtype, channels_last_like(x))
         ctx.halo, ctx.out_dtype = halo, out_dtype
+        ctx.dtype, ctx.cl = x.dtype, channels_last_like(x)
+        ctx.eager = True  # _lib.backward_fn
         return _upsample(x, halo, out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return _upsample_adjoint(gy, *ctx.meta, ctx.halo), None, None
+        return _upsample_backward(ctx, gy)
 
     @staticmethod
     def jvp(ctx, t, _dhalo, _ddtype):
@@ -350,12 +351,19 @@ def _pad_cat_setup(ctx, inputs, output):
     ctx.metas = [(x.shape[1], x.dtype, channels_last_like(x)) for x in xs]
 
 
-def _pad_cat_backward(ctx, gy):
+def _pad_cat_grads(ctx, gy, metas, needs):
+    """Each input's gradient: its channels of gy folded back (metas: (channels, dtype, channels-last)
+    per input). Through the fold op when a second backward could follow (_lib.backward_fn)."""
+    fold = backward_fn(ctx, _pad_fold, _pad_fold_op)
     grads, off = [], 0
-    for (c, dtype, cl), need in zip(ctx.metas, ctx.needs_input_grad[0]):
-        grads.append(_pad_fold_op(gy[:, off:off + c], ctx.halo, dtype, cl) if need else None)
+    for (c, dtype, cl), need in zip(metas, needs):
+        grads.append(fold(gy[:, off:off + c], ctx.halo, dtype, cl) if need else None)
         off += c
-    return grads, None, None
+    return grads
+
+
+def _pad_cat_backward(ctx, gy):
+    return _pad_cat_grads(ctx, gy, ctx.metas, ctx.needs_input_grad[0]), None, None
 
 
 def _upsample_setup(ctx, inputs, output):
@@ -364,8 +372,29 @@ def _upsample_setup(ctx, inputs, output):
 
 
 def _upsample_backward(ctx, gy):
-    return _up_adjoint_op(gy, ctx.halo, ctx.dtype, ctx.cl), None, None
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    return backward_fn(ctx, _up_adjoint, _up_adjoint_op)(gy, ctx.halo, ctx.dtype, ctx.cl), None, None
 
 
 _pad_cat_op.register_autograd(_pad_cat_backward, setup_context=_pad_cat_setup)
 _upsample_op.register_autograd(_upsample_backward, setup_context=_upsample_setup)
+
+
+# The backward ops are linear, and each is the adjoint of a forward op: their own backward is that
+# forward op (registered, with autograd), so derivatives of every order are exact.
+def _adjoint_setup(ctx, inputs, output):
+    gy, halo, _, _ = inputs
+    ctx.halo, ctx.dtype = halo, gy.dtype
+
+
+def _pad_fold_backward(ctx, gg):
+    return _pad_cat_op([gg], ctx.halo, ctx.dtype), None, None, None
+
+
+def _up_adjoint_backward(ctx, gg):
+    return _upsample_op(gg, ctx.halo, ctx.dtype), None, None, None
+
+
+_pad_fold_op.register_autograd(_pad_fold_backward, setup_context=_adjoint_setup)
+_up_adjoint_op.register_autograd(_up_adjoint_backward, setup_context=_adjoint_setup)

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from irno_kernels.backend import no_second_derivative
 from irno_kernels.spectral_conv import FFT_NORM, hermitian_edges
 from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register, with_autograd
 
@@ -234,6 +235,7 @@ def _mix_grad_weight(X: torch.Tensor, Gy: torch.Tensor, weight: torch.Tensor, W:
 
 _spectral_conv2d_op = register("spectral_conv2d", _forward_fake)(_spectral_conv2d)
 _spectral_conv2d_backward_op = register("spectral_conv2d_backward", _backward_fake)(_spectral_conv2d_backward)
+no_second_derivative(_spectral_conv2d_backward_op, "spectral_conv2d", "Triton")  # a second backward raises
 
 
 def _setup(ctx, inputs, output):

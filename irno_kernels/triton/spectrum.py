@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from irno_kernels.backend import no_second_derivative
 from irno_kernels.spectrum import num_shells
 from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, is_f64, launch, pow2, register, with_autograd
 
@@ -350,6 +351,7 @@ def _radial_spectrum_backward(grad: torch.Tensor, X: torch.Tensor, W: int) -> to
 
 _radial_spectrum_op = register("radial_spectrum", _radial_fake)(_radial_spectrum)
 _radial_spectrum_backward_op = register("radial_spectrum_backward", _radial_bwd_fake)(_radial_spectrum_backward)
+no_second_derivative(_radial_spectrum_backward_op, "radial_spectrum", "Triton")  # a second backward raises
 
 
 def _radial_setup(ctx, inputs, output):
@@ -438,9 +440,8 @@ def _loss_magnitude_bwd_fake(grad, P, Y, W, lam, f0, need_target):
     return gp, (grad.new_empty((B, C, H, W)) if need_target else grad.new_empty((0,)))
 
 
-@register("spectral_loss_magnitude_backward", _loss_magnitude_bwd_fake)
-def _loss_magnitude_backward_op(grad: torch.Tensor, P: torch.Tensor, Y: torch.Tensor, W: int, lam: float,
-                                f0: float, need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_magnitude_bwd(grad: torch.Tensor, P: torch.Tensor, Y: torch.Tensor, W: int, lam: float,
+                        f0: float, need_target: bool) -> tuple[torch.Tensor, torch.Tensor]:
     gp, gy = _loss_grads(grad, P, Y, W, lam, f0, need_target)
     return gp, (gy if gy is not None else grad.new_empty((0,)))
 
@@ -450,9 +451,14 @@ def _loss_error_bwd_fake(grad, D, W, lam, f0):
     return grad.new_empty((B, C, H, W))
 
 
-@register("spectral_loss_error_backward", _loss_error_bwd_fake)
-def _loss_error_backward_op(grad: torch.Tensor, D: torch.Tensor, W: int, lam: float, f0: float) -> torch.Tensor:
+def _loss_error_bwd(grad: torch.Tensor, D: torch.Tensor, W: int, lam: float, f0: float) -> torch.Tensor:
     return _loss_grads(grad, D, None, W, lam, f0, False)[0]
+
+
+_loss_magnitude_bwd_op = register("spectral_loss_magnitude_backward", _loss_magnitude_bwd_fake)(_loss_magnitude_bwd)
+_loss_error_bwd_op = register("spectral_loss_error_backward", _loss_error_bwd_fake)(_loss_error_bwd)
+no_second_derivative(_loss_magnitude_bwd_op, "spectral_loss", "Triton")  # a second backward raises
+no_second_derivative(_loss_error_bwd_op, "spectral_loss", "Triton")
 
 
 def _loss_setup(ctx, inputs, output):
@@ -468,16 +474,17 @@ def _loss_magnitude_backward(ctx, grad, *_grad_spectra):
     need_pred, need_target = ctx.needs_input_grad[:2]
     if grad is None or not (need_pred or need_target):
         return None, None, None, None
-    gp, gy = _loss_magnitude_backward_op(grad, P, Y, ctx.W, ctx.lam, ctx.f0, need_target)
+    bwd = backward_fn(ctx, _loss_magnitude_bwd, _loss_magnitude_bwd_op)  # the op when recorded or traced
+    gp, gy = bwd(grad, P, Y, ctx.W, ctx.lam, ctx.f0, need_target)
     return (gp if need_pred else None), (gy if need_target else None), None, None
 
 
-def _loss_error_backward(ctx, grad, _grad_spectrum):
+def _loss_error_backward(ctx, grad, _grad_spectrum=None):
     (D,) = ctx.saved_tensors
     need_pred, need_target = ctx.needs_input_grad[:2]
     if grad is None or not (need_pred or need_target):
         return None, None, None, None
-    gp = _loss_error_backward_op(grad, D, ctx.W, ctx.lam, ctx.f0)
+    gp = backward_fn(ctx, _loss_error_bwd, _loss_error_bwd_op)(grad, D, ctx.W, ctx.lam, ctx.f0)
     return (gp if need_pred else None), (-gp if need_target else None), None, None
 
 
@@ -515,25 +522,18 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
 
 class _EagerSpectralLoss(torch.autograd.Function):
     """The registered ops' kernels and formulas without their Python dispatch (eager mode: on small
-    fields the dispatch cost more than the kernels)."""
+    fields the dispatch cost more than the kernels). The backward is the registered op's: the plain
+    kernels, or the backward op when a second backward could follow (_lib.backward_fn)."""
 
     @staticmethod
     def forward(ctx, pred, target, lam, f0, mode):
-        if mode == "magnitude":
-            loss, P, Y = _loss_magnitude(pred, target, lam, f0)
-        else:
-            (loss, P), Y = _loss_error(pred, target, lam, f0), None
+        out = (_loss_magnitude if mode == "magnitude" else _loss_error)(pred, target, lam, f0)
         ctx.W, ctx.lam, ctx.f0, ctx.mode = pred.shape[-1], lam, f0, mode
-        ctx.save_for_backward(P, Y)
-        return loss
+        ctx.save_for_backward(*out[1:])  # the spectra, as _loss_setup keeps them
+        ctx.eager = True
+        return out[0]
 
     @staticmethod
     def backward(ctx, grad):
-        P, Y = ctx.saved_tensors
-        need_pred, need_target = ctx.needs_input_grad[:2]
-        if ctx.mode == "magnitude":
-            gp, gy = _loss_grads(grad, P, Y, ctx.W, ctx.lam, ctx.f0, need_target)
-        else:
-            gp = _loss_grads(grad, P, None, ctx.W, ctx.lam, ctx.f0, False)[0]
-            gy = -gp if need_target else None
-        return (gp if need_pred else None), (gy if need_target else None), None, None, None
+        bwd = _loss_magnitude_backward if ctx.mode == "magnitude" else _loss_error_backward
+        return (*bwd(ctx, grad), None)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from irno_kernels.backend import no_second_derivative
 from irno_kernels.triton._lib import (
     INTERPRET,
     as_4d,
@@ -231,6 +232,7 @@ def _residual_grad_phi(grad: torch.Tensor, alpha: float) -> torch.Tensor:
 
 _residual_update_op = register("residual_update", _residual_fake)(_residual_update)
 _residual_grad_phi_op = register("residual_update_grad_phi", _residual_grad_fake)(_residual_grad_phi)
+no_second_derivative(_residual_grad_phi_op, "residual_update", "Triton")  # a second backward raises
 
 
 def _residual_setup(ctx, inputs, output):
@@ -314,6 +316,8 @@ def _refine_grad_wb(grad: torch.Tensor, z: torch.Tensor, alpha: float) -> tuple[
 _refine_update_op = register("refine_update", _refine_fake)(_refine_update)
 _refine_grad_z_op = register("refine_update_grad_z", _grad_z_fake)(_refine_grad_z)
 _refine_grad_wb_op = register("refine_update_grad_weight_bias", _grad_wb_fake)(_refine_grad_wb)
+no_second_derivative(_refine_grad_z_op, "refine_update", "Triton")  # a second backward raises
+no_second_derivative(_refine_grad_wb_op, "refine_update", "Triton")
 
 
 def _refine_setup(ctx, inputs, output):
