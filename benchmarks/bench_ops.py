@@ -12,6 +12,7 @@ speed-up over the reference, and appends CSV rows (device, versions, commit, sha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -165,36 +166,56 @@ def _mix_ref(X, w):
     return out
 
 
+@contextlib.contextmanager
+def _min_programs(n: int | None):
+    """irno_kernels.triton.spectral_conv.MIN_PROGRAMS set to n inside (None: unchanged)."""
+    from irno_kernels.triton import spectral_conv as tc
+
+    old = tc.MIN_PROGRAMS
+    tc.MIN_PROGRAMS = old if n is None else n
+    try:
+        yield tc
+    finally:
+        tc.MIN_PROGRAMS = old
+
+
 class _MixTriton(torch.autograd.Function):
     """The Triton mixing kernel alone, with the layer's backward kernels: the input spectrum's
     gradient (the mixing with conj-transposed weights: equal to autograd's of _mix_ref) and the
     weight's (autograd's of _mix_ref times the layer's conjugate-pair multiplicity, 2 on the
     non-edge columns, which the reference layer applies in irfft2's backward instead: the same
-    products)."""
+    products). ``min_programs``: the kernels' MIN_PROGRAMS for this call, forward and backward
+    (None: the module's)."""
 
     @staticmethod
-    def forward(ctx, X, w):
-        from irno_kernels.triton import spectral_conv as tc
-
+    def forward(ctx, X, w, min_programs=None):
         B, _, H, Wr = X.shape
         out = torch.zeros(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
-        tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False)
+        with _min_programs(min_programs) as tc:
+            tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False)
         ctx.save_for_backward(X, w)
+        ctx.min_programs = min_programs
         return out
 
     @staticmethod
     def backward(ctx, G):
-        from irno_kernels.triton import spectral_conv as tc
-
         X, w = ctx.saved_tensors
         G = G.contiguous()
         gX = torch.zeros_like(X)
-        tc._mix_into(gX, G, w, w.shape[2] // 2, w.shape[3], conj_transpose=True)
-        return gX, tc._mix_grad_weight(X, G, w, 2 * (X.shape[-1] - 1))
+        with _min_programs(ctx.min_programs) as tc:
+            tc._mix_into(gX, G, w, w.shape[2] // 2, w.shape[3], conj_transpose=True)
+            gw = tc._mix_grad_weight(X, G, w, 2 * (X.shape[-1] - 1))
+        return gX, gw, None
 
 
 def _mix_triton(X, w, backend):
     return _MixTriton.apply(X, w)
+
+
+def _mix_triton_few(X, w):
+    """_mix_triton with the mixing kernels' largest tiles (MIN_PROGRAMS = 0: the grid of before the
+    minimum program count), to measure that choice side by side."""
+    return _MixTriton.apply(X, w, 0)
 
 
 def spectral_mix_case(B, C, H, W, m) -> Case:
@@ -213,7 +234,7 @@ def spectral_mix_case(B, C, H, W, m) -> Case:
     fwd = kept + weights + full
     return Case("spectral_mix", f"B{B} C{C} {H}x{W} m{m}", make, _mix_ref, _mix_triton,
                 lambda mode: fwd if mode == "fwd" else 2 * fwd + kept + weights, (0, 1),
-                only=("reference", "triton"))
+                only=("reference", "triton", "triton_few"), extra={"triton_few": ("triton", _mix_triton_few)})
 
 
 def layer_norm_case(B, C, H, W, channels_last=False, fused=False) -> Case:

@@ -613,7 +613,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
               dict(ERROR_MODE=err, BLOCK=1024, **f32))
         build(S._spectral_loss_bwd_kernel, dict(p_ptr="fp32", y_ptr="fp32", g_ptr="fp32", gp_ptr="fp32", gy_ptr="fp32"),
               dict(ERROR_MODE=err, NEED_Y=True, BLOCK=1024, **f32))
-    bm, bb, bo = C._mix_blocks(16, 16, 64)
+    bm, bb, bo = C._mix_blocks(16, 16, 64, 32)
     for conj in (False, True):
         build(C._spectral_mix_kernel, dict(a_ptr="fp32", w_ptr="fp32", out_ptr="fp32"),
               dict(CONJ_W=conj, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, **f32))

@@ -145,9 +145,18 @@ def _spectral_mix_grad_w_kernel(
 # ---------------------------------------------------------------------------------------------
 # launch configurations (fixed per shape class)
 # ---------------------------------------------------------------------------------------------
-def _mix_blocks(m2: int, rows: int, cols: int) -> tuple[int, int, int]:
+#: programs the mixing kernels aim for on a GPU: the kernels loop over channels (or the batch) with
+#: loads whose latency only more resident warps hide, and a grid of one 4-warp program per SM (128
+#: programs at B16 C64 m16 with the largest tiles) leaves most of it exposed. Tiles shrink (columns to
+#: 8, rows to 4, modes to 2) until the grid has this many programs. Not yet measured on a GPU:
+#: bench_ops times the mixing with this and with 0 (provider "triton_few": the largest tiles).
+MIN_PROGRAMS = 512
+
+
+def _mix_blocks(m2: int, rows: int, cols: int, kept_rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_ROWS, BLOCK_COLS): modes per program and a rows x cols tile of the
-    per-mode product; at most 4K complex accumulators per program on a GPU."""
+    per-mode product, for a grid over kept_rows x m2 modes: at most 4K complex accumulators per
+    program on a GPU, smaller while the grid has fewer than MIN_PROGRAMS programs."""
     if INTERPRET:  # as few programs as possible, each block under 2^16 elements
         blocks = [pow2(m2), pow2(rows), pow2(cols)]
         while blocks[0] * blocks[1] * blocks[2] > (1 << 16):
@@ -156,6 +165,19 @@ def _mix_blocks(m2: int, rows: int, cols: int) -> tuple[int, int, int]:
     bc = min(pow2(cols), 32)
     br = min(pow2(rows), 16)
     bm = max(1, min(pow2(m2), 16, 4096 // (bc * br)))
+
+    def programs() -> int:
+        return kept_rows * cdiv(m2, bm) * cdiv(rows, br) * cdiv(cols, bc)
+
+    while programs() < MIN_PROGRAMS:
+        if bc > 8:
+            bc //= 2
+        elif br > 4:
+            br //= 2
+        elif bm > 2:
+            bm //= 2
+        else:
+            break
     return bm, br, bc
 
 
@@ -169,7 +191,7 @@ def _mix_into(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, m1: int,
     s_i, s_o, s_r, s_c = wv.stride(0), wv.stride(1), wv.stride(2), wv.stride(3)
     if conj_transpose:
         s_i, s_o = s_o, s_i
-    bm, bb, bo = _mix_blocks(m2, B, CO)
+    bm, bb, bo = _mix_blocks(m2, B, CO, 2 * m1)
     n_mb, n_bb, n_ob = cdiv(m2, bm), cdiv(B, bb), cdiv(CO, bo)
     launch(_spectral_mix_kernel, (2 * m1 * n_mb * n_bb * n_ob,),
            torch.view_as_real(a), wv, torch.view_as_real(out),
@@ -224,7 +246,7 @@ def _mix_grad_weight(X: torch.Tensor, Gy: torch.Tensor, weight: torch.Tensor, W:
     B, CI, H, Wr = (int(s) for s in X.shape)
     CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
     gw = torch.empty((CI, CO, 2 * m1, m2), dtype=weight.dtype, device=weight.device)
-    bm, bi, bo = _mix_blocks(m2, CI, CO)
+    bm, bi, bo = _mix_blocks(m2, CI, CO, 2 * m1)
     n_mb, n_ib, n_ob = cdiv(m2, bm), cdiv(CI, bi), cdiv(CO, bo)
     launch(_spectral_mix_grad_w_kernel, (2 * m1 * n_mb * n_ib * n_ob,),
            torch.view_as_real(X), torch.view_as_real(Gy), torch.view_as_real(gw),
