@@ -297,6 +297,44 @@ def test_simulated_cache_keys_and_lru(simulated, monkeypatch):
     assert len(g) == 0
 
 
+def test_simulated_settings_read_at_capture_are_part_of_the_key(simulated, monkeypatch):
+    """A graph bakes in what its kernels were given or chosen by at capture: the model's alpha (a
+    Python number), IRNO_BACKEND / IRNO_FUSED_BLOCKS and the TF32 switches. Changing any of them
+    captures anew (a replay would silently keep the old step size or kernels); changing it back
+    finds the earlier graph."""
+    model = _model()
+    g = GraphedIRNO(model, warmup=1)
+    x = torch.randn(1, 2, 16, 16)
+    g(x)
+    assert g.n_captures == 1
+    model.alpha = 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), model(x), rtol=0, atol=0)
+    assert g.n_captures == 2
+    model.alpha = 0.3
+    g(x)
+    assert g.n_captures == 2  # the first graph again
+    monkeypatch.setenv("IRNO_FUSED_BLOCKS", "0")
+    g(x)
+    assert g.n_captures == 3
+    monkeypatch.setenv("IRNO_BACKEND", "reference")
+    g(x)
+    assert g.n_captures == 4
+    monkeypatch.delenv("IRNO_BACKEND")
+    monkeypatch.delenv("IRNO_FUSED_BLOCKS")
+    g(x)
+    assert g.n_captures == 4
+    before = graphed_mod._tf32_state()
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if old == "highest" else "highest")
+    try:
+        assert graphed_mod._tf32_state() != before
+        g(x)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert g.n_captures == 5
+
+
 def test_simulated_pool_is_renewed_when_no_graph_is_left(monkeypatch):
     """Graphs share one pool while any of them lives; once none does (clear, an eviction with
     max_graphs=1, a failed capture) the next capture gets a new pool (PyTorch asserts otherwise)."""

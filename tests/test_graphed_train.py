@@ -158,3 +158,22 @@ def test_loading_an_optimizer_state_recaptures():
     moved = torch.cat([(p.detach() - w).flatten() for p, w in zip(params, saved_w)])
     moved_t = torch.cat([(p.detach() - w).flatten() for p, w in zip(params_t, saved_w)])
     assert (moved - moved_t).norm() / moved_t.norm() < 1e-2
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_changed_kernel_switch_recaptures(monkeypatch):
+    """IRNO_FUSED_BLOCKS (like IRNO_BACKEND and TF32) chooses kernels at capture: changing it
+    captures a graph of its own; changing it back finds the first one."""
+    fn, params, opt = _setup(_model("cuda"), capturable=True)
+    step = GraphedTrainStep(fn, params, opt, warmup=1)
+    x, y = _batch(device="cuda")
+    step(x, y)
+    step(x, y)
+    assert len(step) == 1
+    monkeypatch.setenv("IRNO_FUSED_BLOCKS", "0")
+    step(x, y)
+    assert len(step) == 2
+    monkeypatch.delenv("IRNO_FUSED_BLOCKS")
+    step(x, y)
+    assert len(step) == 2

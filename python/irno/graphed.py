@@ -5,7 +5,9 @@ batches launching them costs more than running them. :class:`GraphedIRNO` captur
 
     h_0 = T_base(x);  h_{k+1} = h_k + alpha * Phi(x~, h_k),  k = 0 .. steps-1
 
-as ONE CUDA graph per (shape, dtype, device, steps, autocast dtype) and replays it:
+as ONE CUDA graph per key (x's shape, dtype and device, steps, autocast dtype, the model's alpha,
+mode and settings, and the switches that choose kernels at capture: IRNO_BACKEND,
+IRNO_FUSED_BLOCKS, TF32) and replays it:
 
     static_x.copy_(x);  graph.replay();  return static_out.clone()
 
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,6 +128,32 @@ class _CudaGraph:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+def _tf32_state() -> tuple:
+    """The TF32 switches of float32 matmuls and cuDNN convolutions, read by whichever API the torch
+    has (the per-backend ``fp32_precision`` strings where present: reading the legacy ``allow_tf32``
+    raises once they were set), for graph keys: kernels chosen at capture follow them."""
+    state = []
+    for backend in (torch.backends.cuda.matmul, torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None)):
+        if backend is None:
+            continue
+        prec = getattr(backend, "fp32_precision", None)
+        if prec is None:
+            try:
+                prec = bool(getattr(backend, "allow_tf32", False))
+            except RuntimeError:
+                prec = None
+        state.append(prec)
+    state.append(getattr(torch.backends, "fp32_precision", None))
+    return tuple(state)
+
+
+def capture_switches() -> tuple:
+    """The process-wide switches that choose kernels when a graph is captured (IRNO_BACKEND,
+    IRNO_FUSED_BLOCKS, the TF32 settings): part of every graph key of irno.GraphedIRNO and
+    irno.GraphedTrainStep, so that changing one captures anew instead of replaying the old choice."""
+    return os.environ.get("IRNO_BACKEND"), os.environ.get("IRNO_FUSED_BLOCKS"), _tf32_state()
 
 
 class GraphedIRNO:
@@ -323,22 +352,30 @@ class GraphedIRNO:
                 self.clear()
             self._ptrs = ptrs
 
-    def _entry(self, x, steps, tol, chunk) -> _Entry:
-        self._check_params()
-        autocast = _autocast_dtype(x.device)
+    def _key(self, x, steps, tol, chunk) -> tuple:
+        """What a captured graph depends on beyond the parameters' values: x's shape, dtype and
+        device, the steps, autocast, the early-stop mode, the model's mode and settings (alpha is a
+        Python number the graph's kernels received at capture), and the process-wide switches that
+        choose kernels at capture (IRNO_BACKEND, IRNO_FUSED_BLOCKS, the TF32 settings)."""
         mode = ("fixed",) if tol is None else ("early-stop", chunk)
         model = self.model
-        key = (
+        return (
             tuple(x.shape),
             x.dtype,
             x.device,
             steps,
-            autocast,
+            _autocast_dtype(x.device),
             mode,
             model.training,
+            getattr(model, "alpha", None),
             getattr(model, "refiner_dtype", None),
             getattr(model, "channels_last", False),
+            capture_switches(),
         )
+
+    def _entry(self, x, steps, tol, chunk) -> _Entry:
+        self._check_params()
+        key = self._key(x, steps, tol, chunk)
         entry = self._cache.get(key)
         if entry is not None:
             self._cache.move_to_end(key)

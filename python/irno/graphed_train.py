@@ -18,6 +18,8 @@ Rules (those of CUDA-graph capture):
 - The optimizer must update on the device without host syncs: Adam/AdamW with ``capturable=True``
   (checked); SGD needs nothing; an optimizer that keeps state on the CPU for CUDA parameters (e.g.
   Adagrad's step counter) is refused at capture.
+- A graph per batch shape and per setting of the switches that choose kernels at capture
+  (IRNO_BACKEND, IRNO_FUSED_BLOCKS, TF32: ``irno.graphed.capture_switches``).
 - A changed optimizer state (``optimizer.load_state_dict``: new state tensors) or parameters that
   got new storage (``model.to(...)``) drop the graphs; the next call captures anew (with its warm-up
   steps).
@@ -39,7 +41,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from irno.graphed import no_autocast_cache
+from irno.graphed import capture_switches, no_autocast_cache
 
 __all__ = ["GraphedTrainStep"]
 
@@ -140,8 +142,8 @@ class GraphedTrainStep:
             return self._cpu_step(batch) if not on_cuda else self._step(batch)
         if self._graphs and self._state_identity() != self._identity:
             self.clear()
-        key = tuple((tuple(b.shape), b.dtype, b.device) if isinstance(b, torch.Tensor) else ("const", repr(b))
-                    for b in batch)
+        key = (*((tuple(b.shape), b.dtype, b.device) if isinstance(b, torch.Tensor) else ("const", repr(b))
+                 for b in batch), capture_switches())
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(key, batch)
