@@ -161,6 +161,50 @@ def test_super_resolution_base_and_resampled_input():
     torch.testing.assert_close(resample(x, (3, 3), mode=lambda t, s: t[..., : s[0], : s[1]]), x[..., :3, :3])
 
 
+def _periodic_field(H, W, kmax, seed=0, dtype=torch.float64):
+    """A real periodic field on an H x W grid made of the Fourier modes |ky|, kx <= kmax (the same
+    function whatever the grid, for one seed)."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.arange(H, dtype=dtype)[:, None] / H
+    j = torch.arange(W, dtype=dtype)[None, :] / W
+    f = torch.zeros(H, W, dtype=dtype)
+    for ky in range(-kmax, kmax + 1):
+        for kx in range(kmax + 1):
+            a, b = torch.randn(2, generator=g, dtype=dtype)
+            phase = 2 * torch.pi * (ky * i + kx * j)
+            f = f + a * torch.cos(phase) + b * torch.sin(phase)
+    return f
+
+
+@pytest.mark.parametrize("src, dst", [((9, 10), (27, 40)), ((16, 16), (64, 48)), ((12, 15), (7, 9)),
+                                      ((33, 20), (11, 13)), ((8, 8), (8, 24))])
+def test_fourier_resample_is_exact_on_band_limited_periodic_fields(src, dst):
+    """Up and down, odd and even sizes: a field of modes |k| < min(n, n') / 2 is resampled exactly,
+    where bicubic interpolation (clamped at the edges) is not."""
+    k = (min(*src, *dst) - 1) // 2
+    x = torch.stack([_periodic_field(*src, k, seed) for seed in (0, 1)])[:, None]  # (2, 1, H, W)
+    want = torch.stack([_periodic_field(*dst, k, seed) for seed in (0, 1)])[:, None]
+    got = resample(x, dst, "fourier")
+    assert got.shape == (2, 1, *dst) and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    if dst[0] > src[0]:
+        assert (resample(x, dst, "bicubic") - want).abs().max() > 1e-3
+    x32 = x.float()
+    assert resample(x32, dst, "fourier").dtype == torch.float32
+    assert resample(x.bfloat16(), dst, "fourier").dtype == torch.bfloat16
+
+
+def test_resample_mode_is_checked_where_it_is_given():
+    base = WDSR(in_channels=1, out_channels=1, scale=2, n_features=4, n_resblocks=1)
+    with pytest.raises(ValueError, match=r"^resample_mode: expected one of .*'fourier'.* got 'bicubc'"):
+        IRNO(base, K=1, refiner_kwargs={"depth": 1, "width": 4}, resample_mode="bicubc")
+    with pytest.raises(ValueError, match="resample_mode"):
+        resample(torch.zeros(1, 1, 4, 4), (8, 8), "cubic")
+    m = IRNO(base, K=1, refiner_kwargs={"depth": 1, "width": 4}, resample_mode="fourier")
+    x = torch.randn(2, 1, 6, 5)
+    torch.testing.assert_close(m.condition(x, m(x)), resample(x, (12, 10), "fourier"))
+
+
 def _saved_numel(fn):
     total = [0]
 

@@ -140,6 +140,21 @@ def test_bad_config_values_and_misspelt_keys_are_one_line(tmp_path, capsys):
     assert cfg["base"]["train"]["max_steps"] == 5 and cfg["base"]["kwargs"]["anything"] == 1
 
 
+def test_irno_resample_mode_from_the_config():
+    """irno.resample_mode reaches the model (super-resolution: how x meets h's grid); a checkpoint's
+    settings written before the key existed build with the default, bicubic."""
+    from irno.models import WDSR
+
+    cfg = pipeline.load_config(None, ["irno.resample_mode=fourier"])
+    base = WDSR(in_channels=1, out_channels=1, scale=2, n_features=4, n_resblocks=1)
+    spec = {**cfg["irno"], "refiner": {"kind": "unet", "width": 4, "depth": 1}}
+    assert pipeline.build_irno(spec, base, 1, 1).resample_mode == "fourier"
+    old = {k: v for k, v in spec.items() if k != "resample_mode"}
+    assert pipeline.build_irno(old, base, 1, 1).resample_mode == "bicubic"
+    with pytest.raises(ValueError, match="resample_mode"):
+        pipeline.build_irno({**spec, "resample_mode": "cubic"}, base, 1, 1)
+
+
 def test_commands_without_their_checkpoints_say_what_to_run(tmp_path, capsys):
     """train without a base and evaluate without a trained IRNO: one line naming the command that
     writes the missing checkpoint (and the flag that names another), exit code 2, no traceback."""

@@ -20,19 +20,57 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 import irno_kernels
 
-__all__ = ["IRNO", "resample", "pick_refiner_dtype"]
+__all__ = ["IRNO", "RESAMPLE_MODES", "fourier_resample", "pick_refiner_dtype", "resample"]
+
+
+#: the resampling modes of :func:`resample` by name ("fourier": band-limited, periodic)
+RESAMPLE_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area", "fourier")
+
+
+def check_resample_mode(mode):
+    """mode itself if it is one of RESAMPLE_MODES or a callable; else a ValueError naming it."""
+    if callable(mode) or (isinstance(mode, str) and mode in RESAMPLE_MODES):
+        return mode
+    raise ValueError(f"resample_mode: expected one of {RESAMPLE_MODES} or a callable (x, size) -> tensor, "
+                     f"got {mode!r}")
+
+
+def fourier_resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Band-limited resampling of a periodic field: x (B, C, H, W) -> (B, C, H', W').
+
+    The rfft2 modes with |k| < min(n, n') / 2 along each dimension (n, n' the old and new sizes) are
+    kept, amplitudes unchanged, the rest are zero; a field made of those modes is resampled exactly
+    (an interpolation that reads the grid as periodic, where F.interpolate clamps at the edges). The
+    Nyquist mode of the smaller grid (even sizes) is dropped: it has no unique place on the other
+    grid. Computed in float32 at least; returned in x's dtype.
+    """
+    H, W = x.shape[-2:]
+    H2, W2 = (int(s) for s in size)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    X = torch.fft.rfft2(x.to(wide), norm="forward")
+    Y = X.new_zeros((*X.shape[:-2], H2, W2 // 2 + 1))
+    rows, cols = min(H, H2), min(W, W2)
+    pos, neg, kc = (rows + 1) // 2, (rows - 1) // 2, (cols + 1) // 2  # |k| < rows / 2, 0 <= k < cols / 2
+    Y[..., :pos, :kc] = X[..., :pos, :kc]
+    if neg:
+        Y[..., H2 - neg:, :kc] = X[..., H - neg:, :kc]
+    return torch.fft.irfft2(Y, s=(H2, W2), norm="forward").to(x.dtype)
 
 
 def resample(x: torch.Tensor, size: tuple[int, int], mode: str | Callable = "bicubic") -> torch.Tensor:
     """x (B, C, H, W) on the grid ``size`` = (H', W'); x itself when the grid already matches.
 
-    ``mode``: an ``F.interpolate`` mode ('bicubic', 'bilinear', 'nearest', 'area') with
-    align_corners=False, or a callable (x, size) -> tensor.
+    ``mode``: an ``F.interpolate`` mode ('bicubic', 'bilinear', 'nearest', 'nearest-exact', 'area')
+    with align_corners=False, 'fourier' (:func:`fourier_resample`: band-limited and periodic), or a
+    callable (x, size) -> tensor.
     """
+    check_resample_mode(mode)
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if callable(mode):
         return mode(x, size)
+    if mode == "fourier":
+        return fourier_resample(x, size)
     kw = {} if mode in ("nearest", "area", "nearest-exact") else {"align_corners": False}
     return F.interpolate(x, size=tuple(size), mode=mode, **kw)
 
@@ -92,7 +130,8 @@ class IRNO(nn.Module):
             (True, the paper's setting). False trains the base jointly.
         in_channels, out_channels: Cx and Cy; read from ``base.in_channels`` / ``base.out_channels``
             when not given (needed only to build the default refiner).
-        resample_mode: how x is brought to h's grid ('bicubic'; see :func:`resample`).
+        resample_mode: how x is brought to h's grid ('bicubic'; 'fourier' for periodic fields; see
+            :func:`resample`).
         checkpoint: recompute each step's activations in backward (gradient checkpointing) so that
             training memory grows by one h per step instead of one U-Net's activations per step.
         fused: use ``irno_kernels.refine_update`` (Phi's last 1x1 conv fused into the update) when the
@@ -128,7 +167,7 @@ class IRNO(nn.Module):
         self.base = base
         self.alpha, self.K = float(alpha), int(K)
         self.freeze_base = freeze_base
-        self.resample_mode = resample_mode
+        self.resample_mode = check_resample_mode(resample_mode)
         self.checkpoint = checkpoint
         self.fused = fused
         self.in_channels = in_channels if in_channels is not None else getattr(base, "in_channels", None)

@@ -53,6 +53,7 @@ DEFAULTS: dict = {
                  "beta_rest": 0.0},  # and the resting term mean(Phi(x, h_K)^2), h_K detached)
         "checkpoint": False,
         "refiner_dtype": "auto",  # autocast of Phi: auto (bf16 on CUDA / AMX CPUs) | bf16 | fp16 | off
+        "resample_mode": "bicubic",  # x onto h's grid (super-resolution): bicubic | bilinear | fourier | ...
         "train": {"epochs": 10, "batch_size": 16, "lr": 3e-4, "weight_decay": 1e-5, "lr_min": 1e-6,
                   "grad_clip": 1.0, "time_budget_s": None, "patience": None},
     },
@@ -291,6 +292,7 @@ def build_irno(spec: dict, base: torch.nn.Module, in_channels: int, out_channels
         raise ValueError(f"irno.refiner.kind: expected 'unet' or 'fno', got {kind!r}")
     return IRNO(base, refiner, alpha=spec["alpha"], K=spec["K"], in_channels=in_channels, out_channels=out_channels,
                 checkpoint=bool(spec.get("checkpoint", False)),
+                resample_mode=spec.get("resample_mode", "bicubic"),
                 refiner_dtype=pick_refiner_dtype(device, spec.get("refiner_dtype", "auto")))
 
 
