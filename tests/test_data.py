@@ -436,6 +436,46 @@ def test_periodic_downsampling_commutes_with_shifts():
         downsample(y, 5)
 
 
+def test_downsampling_per_dimension_boundaries():
+    """A pair of boundaries treats each dim as its own: ("none", "periodic") wraps W only, so it
+    commutes with shifts along W and matches the open downsampling along H (rows far from W's edges
+    are the open result's too)."""
+    y = torch.randn(2, 32, 64)
+    mixed = downsample(y, 4, boundary=("none", "periodic"))
+    torch.testing.assert_close(downsample(torch.roll(y, 8, dims=-1), 4, boundary=("none", "periodic")),
+                               torch.roll(mixed, 2, dims=-1))
+    assert not torch.allclose(downsample(torch.roll(y, 8, dims=-2), 4, boundary=("none", "periodic")),
+                              torch.roll(mixed, 2, dims=-2), atol=1e-3)  # H is not wrapped
+    open_ = downsample(y, 4)
+    torch.testing.assert_close(mixed[..., 3:-3], open_[..., 3:-3])  # interior columns: the same
+    assert not torch.allclose(mixed[..., 0], open_[..., 0], atol=1e-3)  # edge columns: wrapped
+    both = downsample(y, 4, boundary=("periodic", "periodic"))
+    torch.testing.assert_close(both, downsample(y, 4, boundary="periodic"))
+    for bad in ("wrap", ("none",), ("none", "open"), ("periodic", "none", "none")):
+        with pytest.raises(ValueError, match="boundary: expected"):
+            downsample(y, 4, boundary=bad)
+    with pytest.raises(ValueError, match="boundary: expected"):
+        SuperResolutionDataset(y[:, None], scale=4, boundary="wrap")
+
+
+def test_well_boundaries_come_from_its_boundary_conditions(tmp_path):
+    """WellDataset.boundaries: 'periodic' on the dims a periodic condition names, 'none' elsewhere;
+    the pipeline's super-resolution data downsample so when data.boundary is "auto" (the default)."""
+    from irno import pipeline
+
+    u = {"u": np.random.default_rng(0).standard_normal((1, 3, 16, 32)).astype(np.float32)}
+    coords = {"x": np.arange(16.0), "y": np.arange(32.0)}
+    bcs = {"x_periodic": ("periodic", ["x"]), "y_open": ("open", ["y"])}
+    write_well_file(tmp_path / "a.hdf5", dataset_name="ch", time=np.arange(3.0), coords=coords, t0_fields=u,
+                    boundary_conditions=bcs)
+    ds = WellDataset(tmp_path / "a.hdf5", n_steps_input=1)
+    assert ds.boundaries == ("periodic", "none")
+    assert pipeline._boundaries_of(ds) == ("periodic", "none")
+    write_well_file(tmp_path / "b.hdf5", dataset_name="p", time=np.arange(3.0), coords=coords, t0_fields=u)
+    assert WellDataset(tmp_path / "b.hdf5", n_steps_input=1).boundaries == ("periodic", "periodic")
+    assert pipeline._boundaries_of(torch.zeros(1)) == ("periodic", "periodic")  # no conditions known
+
+
 @pytest.mark.parametrize("n", [12, 48, 64])
 def test_two_thirds_rule_leaves_no_alias_on_a_kept_mode(n):
     """Every kept wavenumber K satisfies 3K < n, so products of kept modes alias only onto zeroed

@@ -34,7 +34,8 @@ DEFAULTS: dict = {
         "fields": None,
         "task": "next_step",  # or "super_resolution": x = antialiased bicubic downsampling of y
         "scale": 4,  # super-resolution factor
-        "boundary": "periodic",  # super-resolution downsampling boundary: periodic | none
+        "boundary": "auto",  # super-resolution downsampling: auto (the data's boundary conditions) |
+        # periodic | none | [H, W] pair of them
     },
     "base": {
         "model": "fno",  # fno | tfno | wdsr
@@ -206,8 +207,18 @@ def datasets(cfg: dict, progress: bool = True) -> dict:
         return _next_step_datasets(d, progress)
     if task == "super_resolution":
         frames = _next_step_datasets({**d, "n_steps_input": 1, "n_steps_output": 0}, progress)
-        return {k: _SuperRes(v, int(d.get("scale", 4)), d.get("boundary", "periodic")) for k, v in frames.items()}
+        boundary = d.get("boundary", "auto")
+        return {k: _SuperRes(v, int(d.get("scale", 4)), _boundaries_of(v) if boundary in (None, "auto") else boundary)
+                for k, v in frames.items()}
     raise ValueError(f"data.task: expected 'next_step' or 'super_resolution', got {task!r}")
+
+
+def _boundaries_of(frames) -> tuple[str, str]:
+    """How downsampling treats the grid's edges when data.boundary is "auto": per dimension, as the
+    data's boundary conditions say (a Well file's 'periodic' groups; open or walled dims are not
+    wrapped), periodic for the built-in Navier-Stokes set."""
+    bounds = getattr(frames, "boundaries", None)
+    return tuple(bounds) if bounds is not None and len(bounds) == 2 else ("periodic", "periodic")
 
 
 def _next_step_datasets(d: dict, progress: bool) -> dict:

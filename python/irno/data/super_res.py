@@ -16,11 +16,21 @@ from torch.utils.data import Dataset
 from .well import WellDataset
 
 
-def downsample(y: torch.Tensor, scale: int, antialias: bool = True, boundary: str = "none") -> torch.Tensor:
+def _boundaries(boundary) -> tuple[str, str]:
+    """("periodic" | "none") for H and W from one name or a pair; a ValueError otherwise."""
+    pair = (boundary, boundary) if isinstance(boundary, str) else tuple(boundary)
+    if len(pair) != 2 or any(b not in ("none", "periodic") for b in pair):
+        raise ValueError(f"boundary: expected 'none', 'periodic' or a pair of them (H, W), got {boundary!r}")
+    return pair
+
+
+def downsample(y: torch.Tensor, scale: int, antialias: bool = True,
+               boundary: str | tuple[str, str] = "none") -> torch.Tensor:
     """Bicubic downsampling of (..., H, W) by an integer ``scale`` -> (..., H / scale, W / scale).
 
-    boundary: "none" (torch's kernel, renormalised at the edges: for open domains) or "periodic"
-    (the field is wrapped before filtering, right for periodic data such as the Navier-Stokes set).
+    boundary: "none" (torch's kernel, renormalised at the edges: for open domains), "periodic"
+    (the field is wrapped before filtering, right for periodic data such as the Navier-Stokes set),
+    or a pair for (H, W), e.g. ("none", "periodic") for a channel periodic along W only.
     H and W must be multiples of ``scale``.
     """
     if y.dim() < 2:
@@ -29,8 +39,7 @@ def downsample(y: torch.Tensor, scale: int, antialias: bool = True, boundary: st
     h, w = y.shape[-2:]
     if scale < 1 or h % scale or w % scale:
         raise ValueError(f"grid {h}x{w} is not divisible by scale {scale}")
-    if boundary not in ("none", "periodic"):
-        raise ValueError(f"boundary must be 'none' or 'periodic', got {boundary!r}")
+    bh, bw = _boundaries(boundary)
     if scale == 1:
         return y.clone()
     lead = y.shape[:-2]
@@ -39,15 +48,15 @@ def downsample(y: torch.Tensor, scale: int, antialias: bool = True, boundary: st
         z = z.float()
     # The stretched bicubic kernel reaches 2 * scale fine cells from a coarse centre; a pad of
     # 3 * scale covers it and, being a multiple of scale, keeps the coarse cells where they were.
-    pad = 3 * scale if boundary == "periodic" else 0
-    if pad:
-        z = F.pad(z, (pad, pad, pad, pad), mode="circular")
+    ph = 3 * scale if bh == "periodic" else 0
+    pw = 3 * scale if bw == "periodic" else 0
+    if ph or pw:
+        z = F.pad(z, (pw, pw, ph, ph), mode="circular")
     out = F.interpolate(
         z, size=(z.shape[-2] // scale, z.shape[-1] // scale), mode="bicubic", antialias=antialias, align_corners=False
     )
-    if pad:
-        c = pad // scale
-        out = out[..., c:-c, c:-c]
+    ch, cw = ph // scale, pw // scale
+    out = out[..., ch:out.shape[-2] - ch, cw:out.shape[-1] - cw]
     return out.reshape(*lead, h // scale, w // scale)
 
 
@@ -81,6 +90,7 @@ class SuperResolutionDataset(Dataset):
             raise TypeError(f"source must be a tensor or a WellDataset, got {type(source).__name__}")
         if h % scale or w % scale:
             raise ValueError(f"grid {h}x{w} is not divisible by scale {scale}")
+        _boundaries(boundary)
         self.source, self.scale, self.antialias, self.boundary = source, int(scale), antialias, boundary
 
     def __len__(self) -> int:

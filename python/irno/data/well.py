@@ -219,6 +219,7 @@ class WellFileInfo:
     fields: tuple[FieldInfo, ...]
     boundary_conditions: dict = field(default_factory=dict)  # group name -> bc_type
     attrs: dict = field(default_factory=dict)  # root attributes
+    periodic_dims: tuple[str, ...] = ()  # spatial dims a 'periodic' boundary condition names
 
     def field(self, name: str) -> FieldInfo:
         for f in self.fields:
@@ -329,9 +330,12 @@ def _inspect_open(f, path) -> WellFileInfo:
             )
 
     bcs = {}
+    periodic: list[str] = []
     if isinstance(f.get("boundary_conditions"), h5py.Group):
         for name, bc in f["boundary_conditions"].items():
             bcs[name] = _names(bc.attrs.get("bc_type", "unknown"))[0]
+            if bcs[name].lower() == "periodic":
+                periodic += [d for d in _names(bc.attrs.get("associated_dims", [])) if d in spatial_dims]
     attrs = {k: _plain(v) for k, v in f.attrs.items()}
     return WellFileInfo(
         path=str(path),
@@ -344,6 +348,7 @@ def _inspect_open(f, path) -> WellFileInfo:
         fields=tuple(fields),
         boundary_conditions=bcs,
         attrs=attrs,
+        periodic_dims=tuple(d for d in spatial_dims if d in periodic),
     )
 
 
@@ -594,6 +599,8 @@ class WellDataset(Dataset):
                 )
             self._field_infos.append(per_file)
         self.spatial_shape = first.spatial_shape
+        #: "periodic" or "none" per spatial dim, from the first file's boundary conditions
+        self.boundaries = tuple("periodic" if d in first.periodic_dims else "none" for d in first.spatial_dims)
         self.channel_names = [c for name in self.fields for c in first.field(name).channel_names]
 
         span = (n_steps_input + n_steps_output - 1) * dt_stride + 1
