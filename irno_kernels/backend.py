@@ -229,7 +229,9 @@ def call_backward_op(op, *args):
     first derivative's formula. When grad mode is off (a plain backward, create_graph=False) the op
     runs below its autograd formula, as that formula's own no-grad path would (the formula's Python
     dispatch costs ~5 us a call on CPU); otherwise through it, so that a second backward raises."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # compiling: dynamo cannot trace the dispatch guard (compiled autograd traces backward
+        # formulas with it), and the trace records the op wherever it is called
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

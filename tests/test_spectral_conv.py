@@ -139,6 +139,34 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@needs_c
+def test_compiled_autograd_traces_the_backward_in_one_graph():
+    """Compiled autograd (dynamo tracing the backward formulas) with fullgraph=True: the compiled
+    ops' backward formulas must be traceable (a dispatch guard in them was not), and give eager's
+    gradients."""
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    w = torch.randn(3, 4, 8, 5, dtype=torch.complex64, requires_grad=True)
+    y = torch.randn(2, 4, 16, 16)
+
+    def loss():
+        out = ik.spectral_conv2d(x, w, backend="cpu")
+        return ik.spectral_loss(out, y, 1.5, backend="cpu") + ik.radial_spectrum(out, backend="cpu").mean()
+
+    want = torch.autograd.grad(loss(), (x, w))
+    x.grad = w.grad = None
+    try:
+        with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+            loss().backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(x.grad, want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, want[1], rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------

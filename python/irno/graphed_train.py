@@ -24,8 +24,10 @@ Rules (those of CUDA-graph capture):
   got new storage (``model.to(...)``) drop the graphs; the next call captures anew (with its warm-up
   steps).
 - ``loss_fn`` may not synchronise with the host (``.item()``, data-dependent Python control flow) nor
-  skip non-finite losses; the Python code runs once, at capture. Learning-rate changes through an LR
-  scheduler are not seen by the graph unless the optimizer keeps ``lr`` as a tensor.
+  skip non-finite losses; the Python code runs once, at capture: Python numbers it reads (the
+  model's alpha and K, loss weights) are fixed in the graph, so call ``clear()`` after changing one.
+  Learning-rate changes through an LR scheduler are not seen by the graph unless the optimizer keeps
+  ``lr`` as a tensor.
 - Parameters are updated in place; their gradients live in the graphs' memory pool (one pool for all
   shapes of this object). Autocast inside ``loss_fn`` works (the weight-cast cache is off during
   capture, see irno.graphed).
