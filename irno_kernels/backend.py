@@ -96,19 +96,32 @@ def _triton_ops() -> frozenset[str]:
 
 def available(op: str, backend: str, device: torch.device | str) -> bool:
     """Whether ``backend`` can run ``op`` on tensors of ``device``."""
-    device = torch.device(device)
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
+    interp = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    key = (op, backend, dev, interp)
+    found = _AVAILABLE.get(key)
+    if found is None:
+        found = _AVAILABLE[key] = _available(op, backend, dev, interp)
+    return found
+
+
+#: available()'s answers: they depend on the op, the backend, the device type and (for triton) the
+#: interpreter switch only, all fixed once the extension and irno_kernels.triton are loaded, and the
+#: choice runs before every op call (tens of them per refinement step)
+_AVAILABLE: dict[tuple[str, str, str, bool], bool] = {}
+
+
+def _available(op: str, backend: str, dev: str, interp: bool) -> bool:
     if backend == "reference":
         return True
     if backend == "cpu":
-        return device.type == "cpu" and _has_kernel(op, "CPU")
+        return dev == "cpu" and _has_kernel(op, "CPU")
     if backend == "cuda":
-        return device.type == "cuda" and _has_kernel(op, "CUDA")
+        return dev == "cuda" and _has_kernel(op, "CUDA")
     if backend == "dft":
         return op in DFT_OPS
     if backend == "triton":
-        interp = os.environ.get("TRITON_INTERPRET") == "1"
-        ok_device = device.type == "cuda" or (device.type == "cpu" and interp)
-        return ok_device and op in _triton_ops()
+        return (dev == "cuda" or (dev == "cpu" and interp)) and op in _triton_ops()
     return False
 
 
@@ -129,7 +142,8 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
     """
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
     dual = has_tangent(tensors)
     if forced is not None and forced != "auto":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from irno_kernels import _checks
 from irno_kernels.backend import resolve
 
-__all__ = ["channel_layer_norm", "channel_layer_norm_ref", "ACTIVATIONS"]
+__all__ = ["channel_layer_norm", "channel_layer_norm_ref", "channel_layer_norm_triton", "ACTIVATIONS"]
 
 
 ACTIVATIONS = (None, "gelu")
@@ -83,9 +83,18 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias
     out_numel = x.numel() if not halo else x.shape[0] * x.shape[1] * (x.shape[2] + 2 * halo) * (x.shape[3] + 2 * halo)
     if impl == "reference" or x.dim() > 4 or x.dim() < 3 or not _checks.int32_addressable(x, extra=out_numel):
         return channel_layer_norm_ref(x, weight, bias, eps, activation, halo, out_dtype)
+    return channel_layer_norm_triton(x, weight, bias, eps, activation == "gelu", halo, out_dtype)
+
+
+def channel_layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                              gelu: bool, halo: int, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """:func:`channel_layer_norm`'s Triton route without its argument checks and backend choice, for a
+    caller that made both once for many calls (the U-Net's fused blocks: irno.models.unet): x 4-D
+    (B, C, H, W) floating point on a device the Triton kernel serves, weight and bias (C,) or None on
+    x's device, no forward-mode tangents, the result (grid dims + 2 * halo) below
+    ``irno_kernels.backend.TRITON_MAX_ELEMENTS`` elements. Same result and autocast rule."""
     from irno_kernels.triton import channel_layer_norm as tr
 
-    gelu = activation == "gelu"
     if torch.is_autocast_enabled(x.device.type):  # F.layer_norm's autocast policy: computed in float32
         with torch.autocast(x.device.type, enabled=False):
             return tr(x, weight, bias, eps, gelu, halo, out_dtype if out_dtype is not None else torch.float32)

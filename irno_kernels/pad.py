@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from irno_kernels import _checks
 from irno_kernels.backend import resolve
 
-__all__ = ["periodic_pad2d", "periodic_pad_cat", "periodic_pad_cat_ref", "periodic_upsample2x",
-           "periodic_upsample2x_ref"]
+__all__ = ["periodic_pad2d", "periodic_pad_cat", "periodic_pad_cat_ref", "periodic_pad_cat_triton",
+           "periodic_upsample2x", "periodic_upsample2x_ref", "periodic_upsample2x_triton"]
 
 
 def periodic_pad_cat_ref(xs: Sequence[torch.Tensor], halo: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -78,6 +78,15 @@ def periodic_pad_cat(xs: Sequence[torch.Tensor], halo: int, *, out_dtype: torch.
     out_numel = B * sum(x.shape[1] for x in xs) * (H + 2 * halo) * (W + 2 * halo)
     if impl == "reference" or not _checks.int32_addressable(*xs, extra=out_numel):
         return periodic_pad_cat_ref(xs, halo, out_dtype)
+    return periodic_pad_cat_triton(xs, halo, out_dtype)
+
+
+def periodic_pad_cat_triton(xs: list[torch.Tensor], halo: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`periodic_pad_cat`'s Triton route without its argument checks and backend choice, for a
+    caller that made both (the U-Net's fused blocks: irno.models.unet): xs a list of 4-D floating
+    tensors with one B, H and W on a device the Triton kernels serve, 0 <= halo <= min(H, W), no
+    forward-mode tangents when the caller skips the checks, the result below
+    ``irno_kernels.backend.TRITON_MAX_ELEMENTS`` elements."""
     from irno_kernels.triton import periodic_pad_cat as tr
 
     return tr(xs, halo, out_dtype)
@@ -131,6 +140,12 @@ def periodic_upsample2x(x: torch.Tensor, halo: int = 0, *, out_dtype: torch.dtyp
     out_numel = x.shape[0] * x.shape[1] * (2 * H + 2 * halo) * (2 * W + 2 * halo)
     if impl == "reference" or not _checks.int32_addressable(x, extra=out_numel):
         return periodic_upsample2x_ref(x, halo, out_dtype)
+    return periodic_upsample2x_triton(x, halo, out_dtype)
+
+
+def periodic_upsample2x_triton(x: torch.Tensor, halo: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`periodic_upsample2x`'s Triton route without its argument checks and backend choice (see
+    :func:`periodic_pad_cat_triton`): x 4-D floating, 0 <= halo <= min(2H, 2W)."""
     from irno_kernels.triton import periodic_upsample2x as tr
 
     return tr(x, halo, out_dtype if out_dtype is not None else x.dtype)

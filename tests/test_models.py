@@ -537,16 +537,66 @@ def test_unet_fused_triton_path_is_the_module_chain(monkeypatch, layout):
     monkeypatch.setenv("IRNO_BACKEND", "reference")
     want = run()
     fused, ups = [], []
-    monkeypatch.setattr(unet.ConvBlock, "forward_fused",
-                        lambda self, t, _f=unet.ConvBlock.forward_fused, **k: fused.append(1) or _f(self, t, **k))
-    monkeypatch.setattr(irno_kernels, "periodic_upsample2x",
-                        lambda *a, _f=irno_kernels.periodic_upsample2x, **k: ups.append(1) or _f(*a, **k))
+    monkeypatch.setattr(unet.ConvBlock, "_fused",
+                        lambda self, xs, b, u, _f=unet.ConvBlock._fused: fused.append(u) or _f(self, xs, b, u))
+    monkeypatch.setattr(unet, "periodic_upsample2x_triton",
+                        lambda *a, _f=unet.periodic_upsample2x_triton: ups.append(1) or _f(*a))
     monkeypatch.setenv("IRNO_BACKEND", "triton")
     got = run()
-    assert len(fused) == 2 * 2 + 1 and len(ups) == 2  # depth 2: every block, every upsampling
+    # depth 2: every block (through the kernels without the ops' per-call checks), every upsampling
+    assert fused == [True] * (2 * 2 + 1) and len(ups) == 2
     torch.testing.assert_close(got[0], want[0])
     for a, e in zip(got[1], want[1]):
         torch.testing.assert_close(a, e)
+
+
+@_triton_cpu
+def test_unet_fused_path_skips_the_ops_checks_but_not_where_they_matter(monkeypatch):
+    """The refiner's fused blocks call the Triton routes without the public ops' per-call checks and
+    backend choice (their host cost was the eager refiner's bottleneck on a GPU), and go back to the
+    checked ops where those decide something: under forward-mode AD (the checked ops give tangents
+    through the references), a parameter on another device, a block input of another grid."""
+    import irno.models.unet as unet
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    net = UNetRefiner(3, 2, width=4, depth=2).double()
+    x = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    monkeypatch.setenv("IRNO_BACKEND", "triton")
+    checked = []
+
+    def spy(name):
+        fn = getattr(irno_kernels, name)
+        return lambda *a, **k: checked.append(name) or fn(*a, **k)
+
+    for name in ("channel_layer_norm", "periodic_pad_cat", "periodic_upsample2x"):
+        monkeypatch.setattr(irno_kernels, name, spy(name))
+    with torch.no_grad():
+        y = net(x)
+    assert checked == []
+    monkeypatch.setenv("IRNO_BACKEND", "reference")
+    with torch.no_grad():
+        torch.testing.assert_close(y, net(x))
+
+    # forward-mode AD with tangents on the parameters only (x plain, so the blocks stay fused): the
+    # checked ops, whose choice sees the dual weights: the forced Triton backend refuses them by name
+    # (the automatic choice would take the references), where the kernels would drop the tangents
+    params = dict(net.named_parameters())
+    monkeypatch.setenv("IRNO_BACKEND", "triton")
+    with fwAD.dual_level():
+        dual = {k: fwAD.make_dual(v.detach(), torch.randn_like(v)) for k, v in params.items()}
+        with pytest.raises(RuntimeError, match="no forward-mode AD formula for channel_layer_norm"):
+            torch.func.functional_call(net, dual, (x,))
+    assert checked == ["periodic_pad_cat", "channel_layer_norm"]
+
+    blk = net.down[0]
+    assert blk._unchecked([x])
+    assert not blk._unchecked([x, torch.randn(2, 1, 8, 10, dtype=torch.float64)])  # another grid
+    assert not blk._unchecked([x, torch.randn(1, 1, 8, 12, dtype=torch.float64)])  # another batch
+    monkeypatch.setattr(blk.net[1], "weight", nn.Parameter(torch.ones(4, dtype=torch.float64, device="meta")))
+    assert not blk._unchecked([x])  # a LayerNorm weight on another device: the checked op names it
+    monkeypatch.setattr(unet, "TRITON_MAX_ELEMENTS", 2 * 4 * 10 * 14)  # the block's widest padded tensor
+    assert not net.down[1]._unchecked([torch.randn(2, 4, 8, 12, dtype=torch.float64)])
 
 
 def test_conv_block_fuses_only_what_it_can(monkeypatch):
@@ -577,8 +627,8 @@ def test_cuda_unet_fused_blocks_match_the_module_chain(monkeypatch, autocast):
     net = UNetRefiner(5, 1, width=8, out_gain=1.0).cuda()
     x = torch.randn(4, 5, 64, 96, device="cuda").contiguous(memory_format=torch.channels_last)
     calls = []
-    fused = unet.ConvBlock.forward_fused
-    monkeypatch.setattr(unet.ConvBlock, "forward_fused", lambda self, t, **k: calls.append(1) or fused(self, t, **k))
+    fused = unet.ConvBlock._fused
+    monkeypatch.setattr(unet.ConvBlock, "_fused", lambda self, xs, b, u: calls.append(u) or fused(self, xs, b, u))
 
     def run():
         net.zero_grad()
@@ -588,10 +638,10 @@ def test_cuda_unet_fused_blocks_match_the_module_chain(monkeypatch, autocast):
         return y.float(), [p.grad.clone() for p in net.parameters()]
 
     ups = []
-    monkeypatch.setattr(irno_kernels, "periodic_upsample2x",
-                        lambda *a, _f=irno_kernels.periodic_upsample2x, **k: ups.append(1) or _f(*a, **k))
+    monkeypatch.setattr(unet, "periodic_upsample2x_triton",
+                        lambda *a, _f=unet.periodic_upsample2x_triton: ups.append(1) or _f(*a))
     got = run()
-    assert len(calls) == 2 * 4 + 1  # every block of depth 4: 4 down, the bottleneck, 4 up
+    assert calls == [True] * (2 * 4 + 1)  # every block of depth 4: 4 down, the bottleneck, 4 up
     assert len(ups) == 4  # every upsampling written padded for its conv
     monkeypatch.setenv("IRNO_FUSED_BLOCKS", "0")  # the module chain (blocks and upsampling)
     want = run()

@@ -160,6 +160,14 @@ def with_autograd(op, fn, setup, backward):
     return call
 
 
+def needs_autograd(tensors) -> bool:
+    """Whether a call on ``tensors`` must go through an autograd.Function: grad mode is on and one of
+    them requires grad, or a forward-mode AD level is open (a tangent needs the Function's jvp)."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def backward_fn(ctx, fn, op):
     """The function a registered backward calls to compute a gradient: ``fn``, the plain function
     of the backward op ``op``, in the backward of an eager autograd.Function (``with_autograd``'s,

@@ -29,7 +29,10 @@ from irno.models._layers import (
     pad_to_multiple,
     upsample2x_periodic,
 )
-from irno_kernels.backend import resolve
+from irno_kernels._checks import within
+from irno_kernels.backend import TRITON_MAX_ELEMENTS, resolve
+from irno_kernels.norm import channel_layer_norm_triton
+from irno_kernels.pad import periodic_pad_cat_triton, periodic_upsample2x_triton
 
 __all__ = ["UNetRefiner", "ConvBlock", "periodic_coordinates"]
 
@@ -41,6 +44,24 @@ def _triton_serves(op: str, x: torch.Tensor) -> bool:
         return resolve(op, x.device, None, (x,)) == "triton"
     except RuntimeError:
         return False
+
+
+def _fused_on(x: torch.Tensor) -> bool:
+    """The fused Triton path may serve x (4-D, floating point): IRNO_FUSED_BLOCKS is not 0, and the
+    Triton LayerNorm and periodic pad serve it (the automatic choice on CUDA; on CPU only when
+    IRNO_BACKEND=triton forces triton's interpreter)."""
+    return (os.environ.get("IRNO_FUSED_BLOCKS", "1") != "0" and x.dim() == 4 and x.is_floating_point()
+            and _triton_serves("channel_layer_norm", x) and _triton_serves("periodic_pad2d", x))
+
+
+def _unchecked_ok(x: torch.Tensor, out_elements: int, *params: torch.Tensor | None) -> bool:
+    """The kernels may run without the ops' per-call checks (irno_kernels.*_triton): no forward-mode AD
+    level is open (the checked ops route tangents to the references), not tracing (compiled graphs
+    keep the checked ops), the largest tensor made stays within the kernels' 32-bit reach, and the
+    parameters live on x's device."""
+    return (torch.autograd.forward_ad._current_level < 0 and not torch.compiler.is_compiling()
+            and out_elements < TRITON_MAX_ELEMENTS and within(x, TRITON_MAX_ELEMENTS)
+            and all(p is None or p.device == x.device for p in params))
 
 
 class ConvBlock(nn.Module):
@@ -56,30 +77,42 @@ class ConvBlock(nn.Module):
 
     def forward(self, x):
         if self._fusable(x):
-            return self.forward_fused(x)
+            return self._fused([x], None, self._unchecked([x]))
         return self.net(x)
 
     def forward_cat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """``self(torch.cat(xs, 1))``; on the fused path the concatenation is written straight into
         the first conv's padded input (one pass, no separate cat and pad)."""
         if self._fusable(xs[0]):
-            return self.forward_fused(xs)
+            return self._fused(xs, None, self._unchecked(xs))
         return self.net(torch.cat(xs, 1))
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """The fused path applies: periodic convs with a symmetric halo that fits the grid, exact
-        GELUs, and the Triton channel LayerNorm and periodic pad serving x (the automatic choice on
-        CUDA; on CPU only when IRNO_BACKEND=triton forces triton's interpreter).
+        GELUs, and the Triton channel LayerNorm and periodic pad serving x (``_fused_on``).
         IRNO_FUSED_BLOCKS=0 (or IRNO_BACKEND=reference) turns it off."""
-        if os.environ.get("IRNO_FUSED_BLOCKS", "1") == "0":
-            return False
-        for conv in (self.net[0], self.net[3]):
+        conv1, _, act1, conv2, _, act2 = self.net  # iterating: Sequential's indexing costs ~2 us a time
+        for conv in (conv1, conv2):
             p = conv.padding
             if not (conv.padding_mode == "circular" and isinstance(p, tuple) and p[0] == p[1]
                     and isinstance(p[0], int) and p[0] <= min(x.shape[-2:])):
                 return False
-        kernels = _triton_serves("channel_layer_norm", x) and _triton_serves("periodic_pad2d", x)
-        return kernels and all(type(a) is nn.GELU and a.approximate == "none" for a in (self.net[2], self.net[5]))
+        return all(type(a) is nn.GELU and a.approximate == "none" for a in (act1, act2)) and _fused_on(x)
+
+    def _unchecked(self, xs: list[torch.Tensor]) -> bool:
+        """Whether ``_fused`` may call the kernels without the ops' argument checks (``_unchecked_ok``):
+        xs share x[0]'s batch, grid and device (the U-Net's concatenations do), and every tensor the
+        block makes fits the kernels."""
+        x0 = xs[0]
+        B, _, H, W = x0.shape
+        for x in xs[1:]:
+            if x.dim() != 4 or x.shape[0] != B or x.shape[2:] != x0.shape[2:] or x.device != x0.device \
+                    or not x.is_floating_point() or not within(x, TRITON_MAX_ELEMENTS):
+                return False
+        conv1, ln1, _, conv2, ln2, _ = self.net
+        h = max(conv1.padding[0], conv2.padding[0])
+        widest = max(sum(x.shape[1] for x in xs), conv2.in_channels, conv2.out_channels)
+        return _unchecked_ok(x0, B * widest * (H + 2 * h) * (W + 2 * h), ln1.weight, ln1.bias, ln2.weight, ln2.bias)
 
     def forward_fused(self, x: torch.Tensor | list[torch.Tensor], backend: str | None = None) -> torch.Tensor:
         """``self.net(x)`` (of ``torch.cat(x, 1)`` for a list) in fewer passes over memory (the path on
@@ -88,15 +121,29 @@ class ConvBlock(nn.Module):
         into the periodic halo that the second conv reads (no pad copy), in the conv's compute dtype
         under autocast (which the conv would cast it to anyway). Same parameters, same function;
         ``backend`` forces the norm's and the pad's backend."""
+        return self._fused(list(x) if isinstance(x, (list, tuple)) else [x], backend, False)
+
+    def _fused(self, xs: list[torch.Tensor], backend: str | None, unchecked: bool) -> torch.Tensor:
+        """forward_fused; ``unchecked``: through the Triton routes without the ops' per-call checks
+        and backend choice (``_unchecked``; tens of microseconds of host time per call, the eager
+        refiner's bottleneck on a GPU)."""
         conv1, ln1, _, conv2, ln2, _ = self.net
-        xs = list(x) if isinstance(x, (list, tuple)) else [x]
         dev = xs[0].device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        a = ik.periodic_pad_cat(xs, conv1.padding[0], out_dtype=dtype, backend=backend)
+        h1, h2 = conv1.padding[0], conv2.padding[0]
+        if unchecked:
+            a = periodic_pad_cat_triton(xs, h1, dtype)
+        else:
+            a = ik.periodic_pad_cat(xs, h1, out_dtype=dtype, backend=backend)
         z = F.conv2d(a, conv1.weight, conv1.bias, conv1.stride, 0, conv1.dilation, conv1.groups)
-        a = ik.channel_layer_norm(z, ln1.weight, ln1.bias, ln1.eps, activation="gelu",
-                                  halo=conv2.padding[0], out_dtype=dtype, backend=backend)
+        if unchecked:
+            a = channel_layer_norm_triton(z, ln1.weight, ln1.bias, ln1.eps, True, h2, dtype)
+        else:
+            a = ik.channel_layer_norm(z, ln1.weight, ln1.bias, ln1.eps, activation="gelu", halo=h2,
+                                      out_dtype=dtype, backend=backend)
         z = F.conv2d(a, conv2.weight, conv2.bias, conv2.stride, 0, conv2.dilation, conv2.groups)
+        if unchecked:
+            return channel_layer_norm_triton(z, ln2.weight, ln2.bias, ln2.eps, True, 0, None)
         return ik.channel_layer_norm(z, ln2.weight, ln2.bias, ln2.eps, activation="gelu", backend=backend)
 
 
@@ -188,7 +235,11 @@ class UNetRefiner(nn.Module):
                 and os.environ.get("IRNO_FUSED_BLOCKS", "1") != "0" and _triton_serves("periodic_upsample2x", x)):
             dev = x.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-            a = ik.periodic_upsample2x(x, p[0], out_dtype=dtype)
+            B, C, H, W = x.shape
+            if x.is_floating_point() and _unchecked_ok(x, B * C * (2 * H + 2 * p[0]) * (2 * W + 2 * p[0])):
+                a = periodic_upsample2x_triton(x, p[0], dtype)
+            else:
+                a = ik.periodic_upsample2x(x, p[0], out_dtype=dtype)
             return F.conv2d(a, up_conv.weight, up_conv.bias, up_conv.stride, 0, up_conv.dilation, up_conv.groups)
         return up_conv(self._upsample(x))
 
