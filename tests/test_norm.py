@@ -92,7 +92,13 @@ def _compare(shape, dtype, layout="contiguous", affine=True, eps=1e-5, factor=1.
     rtol = (1e-5 if torch.float32 in (dtype, y.dtype) else 1e-10) * factor
     torch.testing.assert_close(y, want, rtol=rtol, atol=rtol)
     with torch.no_grad():  # the direct launch (no registered op) gives the same values
-        assert torch.equal(ik.channel_layer_norm(x, w, b, eps, backend="triton", **kw), y.detach())
+        direct = ik.channel_layer_norm(x, w, b, eps, backend="triton", **kw)
+    from irno_kernels.triton.norm import MAX_CHANNELS
+
+    if shape[1] > MAX_CHANNELS:  # with a gradient the reference ran, without it the forward kernel
+        torch.testing.assert_close(direct, y.detach(), rtol=rtol, atol=rtol)
+    else:
+        assert torch.equal(direct, y.detach())
     gy = torch.randn(*out_shape, dtype=y.dtype, generator=g).to(DEVICE)
     leaves = [t for t in (x, w, b) if t is not None]
     for a, e in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(want, leaves, gy)):
@@ -137,7 +143,7 @@ def test_triton_beyond_the_widest_tile_under_autocast_computes_in_float32(monkey
         return real(x, shape, weight, bias, eps)
 
     monkeypatch.setattr(F, "layer_norm", strict)
-    x = torch.randn(2, 200, 5, 6, device=DEVICE).bfloat16()
+    x = torch.randn(2, 200, 5, 6, device=DEVICE).bfloat16().requires_grad_()  # training: the reference
     w, b = torch.randn(200, device=DEVICE), torch.randn(200, device=DEVICE)
     act = "gelu" if gelu else None
     with torch.autocast(DEVICE, torch.bfloat16):
@@ -146,6 +152,69 @@ def test_triton_beyond_the_widest_tile_under_autocast_computes_in_float32(monkey
     assert y.dtype == (out_dtype or torch.float32)
     want = ik.channel_layer_norm_ref(x.float(), w, b, activation=act, halo=halo)
     torch.testing.assert_close(y, want.to(y.dtype))
+
+
+@pytest.mark.parametrize("C", [200, 256])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=triton_only),
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_triton_wide_channel_kernels_forward_and_backward(monkeypatch, device, C):
+    """The kernels themselves at MAX_CHANNELS < C <= 256 (the GPU tiles; on CPU through the
+    interpreter), forward and every gradient against the reference: the check that would let
+    MAX_CHANNELS rise to 256 (the U-Net's bottleneck in training). On an H200 (tree fb66a22, a tile
+    that spilled) the weight and bias gradients came out wrong at C = 200, so the public entry point
+    sends C > MAX_CHANNELS with gradients to the reference; a pass on a GPU says the fault is gone."""
+    from irno_kernels.triton import norm as tn
+
+    if device == "cpu" and DEVICE != "cpu":
+        pytest.skip("the interpreter runs on CPU-only machines")
+    if device == "cpu":
+        monkeypatch.setattr(tn, "INTERPRET", False)
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(2, C, 9, 10, generator=g).to(device).requires_grad_()
+    w = torch.randn(C, generator=g).to(device).requires_grad_()
+    b = torch.randn(C, generator=g).to(device).requires_grad_()
+    y = tn._EagerChannelLayerNorm.apply(x, w, b, 1e-5, True, 1, None)
+    want = ik.channel_layer_norm_ref(x, w, b, 1e-5, activation="gelu", halo=1)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(want.shape, generator=g).to(device)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(want, (x, w, b), gy)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()))
+
+
+@triton_only
+@pytest.mark.parametrize("C", [129, 200, 256, 257])
+def test_triton_wide_fields_take_the_forward_kernel_when_no_gradient_follows(monkeypatch, C):
+    """Inference through the U-Net's 256-channel bottleneck: MAX_CHANNELS < C <= MAX_CHANNELS_FORWARD
+    runs the forward kernel (on CPU with the GPU tiles, under the interpreter) when no gradient can
+    follow, equal to the reference, also under bf16 autocast (16-bit x read as it is, float32 out);
+    with an input that requires grad, under forward-mode AD, or for wider fields, the reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    from irno_kernels.triton import norm as tn
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(tn, "INTERPRET", False)
+    kernel = C <= tn.MAX_CHANNELS_FORWARD
+    calls = []
+    monkeypatch.setattr(tn, "_cln_fwd", lambda *a, _f=tn._cln_fwd: calls.append(a[0].shape[1]) or _f(*a))
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(2, C, 5, 7, generator=g).to(DEVICE)
+    w, b = torch.randn(C, generator=g).to(DEVICE), torch.randn(C, generator=g).to(DEVICE)
+    with torch.no_grad():
+        y = ik.channel_layer_norm(x, w, b, activation="gelu", halo=1, backend="triton")
+    assert calls == ([C] if kernel else [])
+    want = ik.channel_layer_norm_ref(x, w, b, activation="gelu", halo=1)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast(DEVICE, torch.bfloat16):
+        yb = ik.channel_layer_norm(x.bfloat16(), w, b, activation="gelu", halo=1, backend="triton")
+    assert yb.dtype == torch.float32 and calls == ([C, C] if kernel else [])
+    torch.testing.assert_close(yb, ik.channel_layer_norm_ref(x.bfloat16().float(), w, b, activation="gelu", halo=1))
+    calls.clear()
+    ik.channel_layer_norm(x.clone().requires_grad_(), w, b, backend="triton")
+    with fwAD.dual_level():  # a tangent on the weight: the reference carries it
+        y = tn.channel_layer_norm(x, fwAD.make_dual(w, torch.ones_like(w)), b, 1e-5)
+        tangent = fwAD.unpack_dual(y).tangent
+    assert calls == [] and tangent is not None
 
 
 @triton_only
@@ -274,7 +343,9 @@ def test_cuda_picks_triton_and_paper_sized_fields():
     for layout in ("contiguous", "channels_last"):
         _compare((16, 16, 256, 256), torch.float32, layout, factor=10)
     _compare((4, 128, 32, 48), torch.float32, factor=10)
-    _compare((2, 200, 9, 10), torch.float32, factor=10)  # C > MAX_CHANNELS: the reference
+    _compare((2, 200, 9, 10), torch.float32, factor=10)  # C > MAX_CHANNELS: the reference, and
+    # without gradients the forward kernel (the U-Net bottleneck's inference), compared in _compare
+    _compare((2, 256, 16, 16), torch.float32, factor=10, activation="gelu", halo=1)
 
 
 @pytest.mark.gpu

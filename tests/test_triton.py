@@ -635,9 +635,18 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                                       rstd_ptr="fp32", gx_ptr=dt, pw_ptr="fp32", pb_ptr="fp32"),
               dict(HAS_W=True, HAS_B=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128, N.BWD_VALUES), GELU=gelu,
                    HALO=halo, **f32), num_warps=N.BWD_WARPS)
+    # the bottleneck's 256 channels: the forward (inference) and the backward's tile for them
+    build(N._cln_fwd_kernel, dict(x_ptr="fp32", w_ptr="fp32", b_ptr="fp32", y_ptr="fp32", mean_ptr="fp32",
+                                  rstd_ptr="fp32"),
+          dict(HAS_W=True, HAS_B=True, C_PAD=256, BLOCK_P=N._block(1 << 16, 256), GELU=True, HALO=1, **f32),
+          num_warps=N._fwd_warps(256))
+    build(N._cln_bwd_kernel, dict(g_ptr="fp32", x_ptr="fp32", w_ptr="fp32", b_ptr="fp32", mean_ptr="fp32",
+                                  rstd_ptr="fp32", gx_ptr="fp32", pw_ptr="fp32", pb_ptr="fp32"),
+          dict(HAS_W=True, HAS_B=True, C_PAD=256, BLOCK_P=N._block(1 << 16, 256, N.BWD_VALUES, N._bwd_min_points(256)),
+               GELU=True, HALO=1, **f32), num_warps=N.BWD_WARPS)
     for src, dst, halo in (("fp32", "bf16", 1), ("bf16", "bf16", 1), ("fp32", "fp32", 0)):
         bc, bp = P._blocks(32, 1 << 16)
-        build(P._pad_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
+        build(P._pad_fwd_kernel, dict(x_ptr="fp32", x2_ptr=src, y_ptr=dst), dict(BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
         build(P._pad_bwd_kernel, dict(g_ptr=dst, gx_ptr=src), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo))
         build(P._up_fwd_kernel, dict(x_ptr=src, y_ptr=dst), dict(IS_F64=False, BLOCK_C=bc, BLOCK_P=bp, HALO=halo),
               num_warps=P.UP_WARPS)

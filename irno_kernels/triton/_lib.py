@@ -37,7 +37,7 @@ def _probe():
 
 
 #: integer kernel arguments never specialised on (the module docstring; checked by the tests)
-UNSPECIALISED = frozenset({"C", "CO", "F", "S1", "nblk", "ncblk", "nchunk", "chunk"})
+UNSPECIALISED = frozenset({"C", "C2", "CO", "F", "S1", "nblk", "ncblk", "ncblk2", "nchunk", "chunk"})
 
 #: True when triton.jit gives interpreted functions (TRITON_INTERPRET was set before triton loaded).
 INTERPRET = type(_probe).__name__ == "InterpretedFunction"
@@ -161,11 +161,12 @@ def with_autograd(op, fn, setup, backward):
 
 
 def needs_autograd(tensors) -> bool:
-    """Whether a call on ``tensors`` must go through an autograd.Function: grad mode is on and one of
-    them requires grad, or a forward-mode AD level is open (a tangent needs the Function's jvp)."""
+    """Whether a call on ``tensors`` (None entries skipped) must go through an autograd.Function: grad
+    mode is on and one of them requires grad, or a forward-mode AD level is open (a tangent needs the
+    Function's jvp)."""
     if torch.autograd.forward_ad._current_level >= 0:
         return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def backward_fn(ctx, fn, op):

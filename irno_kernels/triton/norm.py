@@ -34,7 +34,17 @@ import triton.language as tl
 
 from irno_kernels._checks import channels_last_like
 from irno_kernels.backend import no_second_derivative
-from irno_kernels.triton._lib import INTERPRET, as_4d, backward_fn, cdiv, is_f64, launch, pow2, register
+from irno_kernels.triton._lib import (
+    INTERPRET,
+    as_4d,
+    backward_fn,
+    cdiv,
+    is_f64,
+    launch,
+    needs_autograd,
+    pow2,
+    register,
+)
 
 __all__ = ["channel_layer_norm"]
 
@@ -160,18 +170,37 @@ def _cln_bwd_kernel(
     tl.store(pb_ptr + pid * C + c, acc_b, mask=cmask)
 
 
-#: channels the kernels take; wider fields run the reference. On an H100/H200 the weight and bias
-#: gradients came out wrong for C = 200 (a 256 x 16 tile) while C <= 128 was right; until that is
-#: understood on a GPU, C > 128 (which the refiner U-Nets of this project do not reach) is not sent here.
+#: channels the kernels take; wider fields run the reference. On an H200 (tree fb66a22) the weight and
+#: bias gradients came out wrong for C = 200 (C_PAD = 256) while grad_x and the forward were right and
+#: C <= 128 was right throughout; the interpreter with the GPU tiles gets C = 200 and 256 right
+#: (tests/test_norm.py), so the fault lies in compiled code. Until it is understood on a GPU, C > 128
+#: runs the reference whenever a gradient may follow, and ...
 MAX_CHANNELS = 128
+#: ... the forward kernel (one launch, where the reference's permuted layer_norm, GELU and circular
+#: pad launch about eight kernels) up to this many channels when none can: inference through the
+#: paper's U-Net, whose bottleneck has 256 channels.
+MAX_CHANNELS_FORWARD = 256
 
 
-def _block(n: int, c_pad: int, values: int = 4096) -> int:
+def _block(n: int, c_pad: int, values: int = 4096, min_points: int = 32) -> int:
     """Grid points per tile: about ``values`` values (the whole field in the interpreter, whose cost
-    grows with the number of programs), at least 32 points."""
+    grows with the number of programs), at least ``min_points`` points."""
     if INTERPRET:
-        return max(32, min(pow2(n), 65536 // c_pad))
-    return max(32, min(256, values // c_pad))
+        return max(min_points, min(pow2(n), 65536 // c_pad))
+    return max(min_points, min(256, values // c_pad))
+
+
+def _fwd_warps(c_pad: int) -> int:
+    """The forward's warps: 8 from 256 padded channels (ptxas for sm_90, C_PAD = 256 and 32 points
+    with GELU and a halo: 4 warps spill, 8 do not; 4 warps suffice below)."""
+    return 8 if c_pad >= 256 else 4
+
+
+def _bwd_min_points(c_pad: int) -> int:
+    """The backward's least points per tile: 8 from 256 padded channels, so that a tile stays at
+    BWD_VALUES values (ptxas for sm_90 at C_PAD = 256 on 8 warps: 8 points do not spill, 16 spill
+    0.4 KB, 32 spill 7 KB per thread, with 32 registers in use); 32 below (coalesced NCHW rows)."""
+    return 8 if c_pad >= 256 else 32
 
 
 #: the backward's tiles and warps: 2048 values on 8 warps (ptxas for sm_90: no spills at C = 16, 0.4 KB
@@ -218,7 +247,7 @@ def _cln_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     launch(_cln_fwd_kernel, (B * nblk,), x4, weight if weight is not None else x4,
            bias if bias is not None else x4, y4, mean, rstd, float(eps), C, S1, S2, nblk,
            *x4.stride(), *y4.stride(), HAS_W=weight is not None, HAS_B=bias is not None, IS_F64=is_f64(x),
-           C_PAD=c_pad, BLOCK_P=block, GELU=bool(gelu), HALO=int(halo), num_warps=4)
+           C_PAD=c_pad, BLOCK_P=block, GELU=bool(gelu), HALO=int(halo), num_warps=_fwd_warps(c_pad))
     return y, mean, rstd
 
 
@@ -240,7 +269,7 @@ def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, b
     B, C, S1, S2 = x4.shape
     N = S1 * S2
     c_pad = pow2(C)
-    block = _block(N, c_pad, BWD_VALUES)
+    block = _block(N, c_pad, BWD_VALUES, _bwd_min_points(c_pad))
     # about 8 forward tiles per program on a GPU: enough programs to fill it, few partial rows to add up
     chunk = N if INTERPRET else _block(N, c_pad) * 8
     nchunk = cdiv(N, chunk)
@@ -309,7 +338,8 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     """LayerNorm over dim 1 of x (B, C, *S) at every grid point; weight, bias: (C,) or None; then
     GELU when ``gelu``; written periodically padded by ``halo`` (4-D x) in ``out_dtype`` (default
     x's dtype). Returns (B, C, *S) (grid dims + 2 * halo) in x's memory format. Arguments arrive
-    validated. More than MAX_CHANNELS channels run the reference.
+    validated. More than MAX_CHANNELS channels run the reference, unless no gradient can follow (no
+    input requires one, no forward-mode AD, not tracing) and C <= MAX_CHANNELS_FORWARD.
 
     Outside torch.compile the kernels run without the registered ops (directly without gradients,
     through an autograd.Function with them): the refiner calls this ~100 times per inference, and
@@ -317,7 +347,9 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     torch.compile traces the registered ops.
     """
     gelu, halo, eps = bool(gelu), int(halo), float(eps)
-    if x.shape[1] > MAX_CHANNELS:
+    C = x.shape[1]
+    if C > MAX_CHANNELS and (C > MAX_CHANNELS_FORWARD or torch.compiler.is_compiling()
+                             or needs_autograd((x, weight, bias))):
         from irno_kernels.norm import channel_layer_norm_ref
 
         # the kernel's dtype rules, by the reference: computed in float32 at least (the caller may

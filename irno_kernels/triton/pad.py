@@ -51,16 +51,36 @@ def _store_copies(y_ptr, base, c, cmask, r, q, nmask, v, ys1, ys2, ys3, S1, S2, 
                      mask=cmask[:, None] & ok[None, :])
 
 
-@triton.jit(do_not_specialize=["C", "S1", "nblk", "ncblk"])  # _lib.UNSPECIALISED
-def _pad_fwd_kernel(
-    x_ptr, y_ptr, C, S1, S2, nblk, ncblk,
-    xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr,
-):
-    b, c, cmask, i, j, nmask = _tile(C, S1, S2, nblk, ncblk, BLOCK_C, BLOCK_P)
+@triton.jit
+def _pad_part(x_ptr, y_ptr, b, c, cmask, i, j, nmask, xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3, S1, S2,
+              HALO: tl.constexpr):
     x = tl.load(x_ptr + b * xs0 + c[:, None] * xs1 + (i * xs2 + j * xs3)[None, :],
                 mask=cmask[:, None] & nmask[None, :], other=0.0)
     _store_copies(y_ptr, b * ys0, c, cmask, i, j, nmask, x.to(y_ptr.dtype.element_ty), ys1, ys2, ys3, S1, S2, HALO)
+
+
+@triton.jit(do_not_specialize=["C", "C2", "S1", "nblk", "ncblk", "ncblk2"])  # _lib.UNSPECIALISED
+def _pad_fwd_kernel(
+    x_ptr, x2_ptr, y_ptr, C, C2, S1, S2, nblk, ncblk, ncblk2,
+    xs0, xs1, xs2, xs3, x2s0, x2s1, x2s2, x2s3, ys0, ys1, ys2, ys3,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, HALO: tl.constexpr,
+):
+    """x (C channels) then x2 (C2 channels, ncblk2 channel blocks; 0 for one input) written padded
+    into y: one launch for a two-input concatenation (the U-Net decoder's skip and upsampled fields)."""
+    pid = tl.program_id(0)
+    per_b = nblk * (ncblk + ncblk2)
+    b = pid // per_b
+    rest = pid % per_b
+    cb = rest // nblk
+    n = (rest % nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
+    i, j, nmask = n // S2, n % S2, n < S1 * S2
+    if cb < ncblk:
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        _pad_part(x_ptr, y_ptr, b, c, c < C, i, j, nmask, xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3, S1, S2, HALO)
+    else:
+        c = (cb - ncblk) * BLOCK_C + tl.arange(0, BLOCK_C)
+        _pad_part(x2_ptr, y_ptr + C * ys1, b, c, c < C2, i, j, nmask, x2s0, x2s1, x2s2, x2s3, ys0, ys1, ys2, ys3,
+                  S1, S2, HALO)
 
 
 @triton.jit(do_not_specialize=["C", "S1", "nblk", "ncblk"])  # _lib.UNSPECIALISED
@@ -104,12 +124,16 @@ def _tiles(B: int, C: int, N: int, values: int = 4096) -> tuple[tuple[int], int,
 UP_WARPS, UP_BWD_VALUES = 8, 2048
 
 
-def _pad_into(x: torch.Tensor, y: torch.Tensor, halo: int) -> None:
-    """Write x (B, C, H, W) padded by halo into y (B, C, H + 2 halo, W + 2 halo), any strides."""
+def _pad_into(x: torch.Tensor, y: torch.Tensor, halo: int, x2: torch.Tensor | None = None) -> None:
+    """Write x (B, C, H, W) padded by halo into y (B, C, H + 2 halo, W + 2 halo), any strides; with
+    x2 (B, C2, H, W), y has C + C2 channels and takes x2's after x's, in the same launch."""
     B, C, H, W = x.shape
-    grid, nblk, ncblk, bc, bp = _tiles(B, C, H * W)
-    launch(_pad_fwd_kernel, grid, x, y, C, H, W, nblk, ncblk, *x.stride(), *y.stride(),
-           BLOCK_C=bc, BLOCK_P=bp, HALO=halo, num_warps=4)
+    C2 = 0 if x2 is None else x2.shape[1]
+    bc, bp = _blocks(max(C, C2), H * W)
+    nblk, ncblk, ncblk2 = cdiv(H * W, bp), cdiv(C, bc), cdiv(C2, bc)
+    other = x if x2 is None else x2
+    launch(_pad_fwd_kernel, (B * nblk * (ncblk + ncblk2),), x, other, y, C, C2, H, W, nblk, ncblk, ncblk2,
+           *x.stride(), *other.stride(), *y.stride(), BLOCK_C=bc, BLOCK_P=bp, HALO=halo, num_warps=4)
 
 
 def _fold(g: torch.Tensor, shape, dtype: torch.dtype, channels_last: bool, halo: int) -> torch.Tensor:
@@ -129,6 +153,9 @@ def _pad_cat(xs: list[torch.Tensor], halo: int, out_dtype: torch.dtype) -> torch
     fmt = torch.channels_last if channels_last_like(xs[0]) else torch.contiguous_format
     y = torch.empty((B, sum(x.shape[1] for x in xs), H + 2 * halo, W + 2 * halo), dtype=out_dtype,
                     device=xs[0].device, memory_format=fmt)
+    if len(xs) == 2:  # the decoder's concatenation: one launch
+        _pad_into(xs[0], y, halo, xs[1])
+        return y
     off = 0
     for x in xs:
         _pad_into(x, y[:, off:off + x.shape[1]], halo)
