@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from irno_kernels.backend import no_second_derivative
 from irno_kernels.triton._lib import (
     INTERPRET,
     as_4d,
@@ -232,7 +231,19 @@ def _residual_grad_phi(grad: torch.Tensor, alpha: float) -> torch.Tensor:
 
 _residual_update_op = register("residual_update", _residual_fake)(_residual_update)
 _residual_grad_phi_op = register("residual_update_grad_phi", _residual_grad_fake)(_residual_grad_phi)
-no_second_derivative(_residual_grad_phi_op, "residual_update", "Triton")  # a second backward raises
+
+
+# The backward op is linear (alpha * grad): its own backward is itself, so derivatives of every order
+# are exact (create_graph=True records it through its registered autograd, _lib.backward_fn).
+def _residual_grad_setup(ctx, inputs, output):
+    ctx.alpha = inputs[1]
+
+
+def _residual_grad_backward(ctx, gg):
+    return _residual_grad_phi_op(gg, ctx.alpha), None
+
+
+_residual_grad_phi_op.register_autograd(_residual_grad_backward, setup_context=_residual_grad_setup)
 
 
 def _residual_setup(ctx, inputs, output):
@@ -316,8 +327,48 @@ def _refine_grad_wb(grad: torch.Tensor, z: torch.Tensor, alpha: float) -> tuple[
 _refine_update_op = register("refine_update", _refine_fake)(_refine_update)
 _refine_grad_z_op = register("refine_update_grad_z", _grad_z_fake)(_refine_grad_z)
 _refine_grad_wb_op = register("refine_update_grad_weight_bias", _grad_wb_fake)(_refine_grad_wb)
-no_second_derivative(_refine_grad_z_op, "refine_update", "Triton")  # a second backward raises
-no_second_derivative(_refine_grad_wb_op, "refine_update", "Triton")
+
+
+# The backward ops are bilinear, and their derivatives are the same two ops again, so derivatives of
+# every order are exact:
+#   gz = alpha W^T g               d/dg: alpha W gg        = grad_z(gg, W^T)   d/dW: alpha g gg^T = grad_wb(g, gg)
+#   gW = alpha sum g z^T, gb = alpha sum g
+#                                  d/dg: alpha (ggW z + ggb) = grad_z(z, ggW^T) + alpha ggb
+#                                  d/dz: alpha ggW^T g       = grad_z(g, ggW)
+def _grad_z_setup(ctx, inputs, output):
+    grad, weight, alpha = inputs
+    ctx.alpha = alpha
+    ctx.save_for_backward(grad, weight)
+
+
+def _grad_z_backward(ctx, gg):
+    grad, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d_grad = _refine_grad_z_op(gg, weight.t(), ctx.alpha) if need[0] else None
+    d_weight = _refine_grad_wb_op(grad, gg, ctx.alpha)[0] if need[1] else None
+    return d_grad, d_weight, None
+
+
+def _grad_wb_setup(ctx, inputs, output):
+    grad, z, alpha = inputs
+    ctx.alpha = alpha
+    ctx.save_for_backward(grad, z)
+
+
+def _grad_wb_backward(ctx, ggw, ggb):
+    grad, z = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d_grad = d_z = None
+    if need[0]:
+        d_grad = _refine_grad_z_op(z, ggw.t(), ctx.alpha)
+        d_grad = d_grad + ctx.alpha * ggb.view(1, -1, *([1] * (grad.dim() - 2)))
+    if need[1]:
+        d_z = _refine_grad_z_op(grad, ggw, ctx.alpha)
+    return d_grad, d_z, None
+
+
+_refine_grad_z_op.register_autograd(_grad_z_backward, setup_context=_grad_z_setup)
+_refine_grad_wb_op.register_autograd(_grad_wb_backward, setup_context=_grad_wb_setup)
 
 
 def _refine_setup(ctx, inputs, output):
