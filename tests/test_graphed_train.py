@@ -86,6 +86,55 @@ def test_bad_arguments_name_the_argument():
         GraphedTrainStep(lambda x, y: x, params, opt)(*_batch())
 
 
+class _SimGraph:
+    """Stands in for a CUDA graph of a training step: replay runs the step again and writes its loss
+    into the tensor the capture returned."""
+
+    def __init__(self, step, static, loss):
+        self.step, self.static, self.loss = step, static, loss
+
+    def replay(self):
+        self.loss.copy_(self.step._step(self.static))
+
+
+def test_simulated_graphs_are_kept_lru_and_a_fresh_pool_follows_the_last(monkeypatch):
+    """At most max_graphs graphs, the least recently used dropped first; once none is left (an
+    eviction with max_graphs = 1, a failed capture) the next capture takes a new memory pool
+    (simulated graphs on CPU)."""
+    pools = []
+
+    def record(self, static):
+        pools.append(self._pool)
+        if self._pool is None:  # what a capture does: a new pool, which later captures share
+            self._pool = object()
+        loss = self._step(static)
+        return _SimGraph(self, static, loss), loss
+
+    monkeypatch.setattr(GraphedTrainStep, "_use_graphs", lambda self, on_cuda: True)
+    monkeypatch.setattr(GraphedTrainStep, "_record", record)
+    fn, params, _ = _setup(_model())
+    opt = torch.optim.SGD(params, lr=1e-3)  # needs no capturable flag (Adam's is refused on CPU tensors)
+    step = GraphedTrainStep(fn, params, opt, max_graphs=2, warmup=1)
+    a, b, c = _batch(H=16, W=16), _batch(H=16, W=24), _batch(H=32, W=16)
+    for batch, captures, size in ((a, 1, 1), (a, 1, 1), (b, 2, 2), (a, 2, 2), (c, 3, 2), (a, 3, 2), (b, 4, 2)):
+        step(*batch)
+        assert (step.n_captures, len(step)) == (captures, size)
+    assert pools[0] is None and all(p is pools[1] for p in pools[1:])  # one pool while a graph lives
+    single = GraphedTrainStep(fn, params, opt, max_graphs=1, warmup=1)
+    pools.clear()
+    single(*a)
+    single(*b)  # evicts a's graph: no graph holds the pool, so b's capture takes a new one
+    assert pools == [None, None]
+    monkeypatch.setattr(GraphedTrainStep, "_record", lambda self, static: 1 / 0)
+    fresh = GraphedTrainStep(fn, params, opt, warmup=1)
+    fresh._pool = object()
+    with pytest.raises(ZeroDivisionError):
+        fresh(*a)
+    assert fresh._pool is None and len(fresh) == 0
+    with pytest.raises(ValueError, match="max_graphs: expected an int >= 1"):
+        GraphedTrainStep(fn, params, opt, max_graphs=0)
+
+
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replayed_steps_equal_eager_steps_and_new_shapes_recapture():

@@ -19,7 +19,9 @@ Rules (those of CUDA-graph capture):
   (checked); SGD needs nothing; an optimizer that keeps state on the CPU for CUDA parameters (e.g.
   Adagrad's step counter) is refused at capture.
 - A graph per batch shape and per setting of the switches that choose kernels at capture
-  (IRNO_BACKEND, IRNO_FUSED_BLOCKS, TF32: ``irno.graphed.capture_switches``).
+  (IRNO_BACKEND, IRNO_FUSED_BLOCKS, TF32: ``irno.graphed.capture_switches``); at most ``max_graphs``
+  of them, the least recently used dropped first (a data set of many grid sizes would otherwise
+  keep a graph, and its memory, per size). Once none is left the next capture takes a fresh pool.
 - A changed optimizer state (``optimizer.load_state_dict``: new state tensors) or parameters that
   got new storage (``model.to(...)``) drop the graphs; the next call captures anew (with its warm-up
   steps).
@@ -39,6 +41,7 @@ PyTorch's capturable update takes device tensors only).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -59,6 +62,7 @@ class GraphedTrainStep:
         clip: max total gradient norm (``torch.nn.utils.clip_grad_norm_``), or None.
         warmup: eager steps before each capture (>= 1; see the module docstring).
         enabled: False runs every step eagerly.
+        max_graphs: captured graphs kept (4); the least recently used is dropped (LRU).
 
     ``step(*batch)`` -> the loss (0-D, detached, on the device). Tensors of the batch are copied into
     the graph's static inputs; other arguments must not change between calls of one shape.
@@ -66,7 +70,7 @@ class GraphedTrainStep:
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Iterable[torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer, clip: float | None = None, warmup: int = 3,
-                 enabled: bool = True):
+                 enabled: bool = True, max_graphs: int = 4):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         self.params = [p for p in params]
@@ -76,11 +80,14 @@ class GraphedTrainStep:
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if clip is not None and not (float(clip) > 0):
             raise ValueError(f"clip: expected a number > 0 or None, got {clip!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"warmup: expected an int >= 1, got {warmup!r}")
+        for name, value in (("warmup", warmup), ("max_graphs", max_graphs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         self.loss_fn, self.optimizer = loss_fn, optimizer
         self.clip, self.warmup, self.enabled = (None if clip is None else float(clip)), warmup, bool(enabled)
-        self._graphs: dict = {}  # key -> (graph, static inputs, static loss)
+        self.max_graphs = max_graphs
+        self.n_captures = 0
+        self._graphs: OrderedDict = OrderedDict()  # key -> (graph, static inputs, static loss), LRU order
         self._pool = None
         self._identity = None  # what the graphs were captured against (see _state_identity)
 
@@ -137,10 +144,13 @@ class GraphedTrainStep:
         self._pool = None
         self._identity = None
 
+    def _use_graphs(self, on_cuda: bool) -> bool:
+        return self.enabled and on_cuda and torch.cuda.is_available()
+
     def __call__(self, *batch) -> torch.Tensor:
         tensors = [b for b in batch if isinstance(b, torch.Tensor)]
         on_cuda = any(t.is_cuda for t in tensors) or any(p.is_cuda for p in self.params)
-        if not (self.enabled and on_cuda and torch.cuda.is_available()):
+        if not self._use_graphs(on_cuda):
             return self._cpu_step(batch) if not on_cuda else self._step(batch)
         if self._graphs and self._state_identity() != self._identity:
             self.clear()
@@ -149,6 +159,8 @@ class GraphedTrainStep:
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(key, batch)
+        else:
+            self._graphs.move_to_end(key)
         graph, static, loss = entry
         for s, b in zip(static, batch):
             if isinstance(s, torch.Tensor):
@@ -158,7 +170,24 @@ class GraphedTrainStep:
 
     def _capture(self, key, batch):
         self._check_capturable()
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        if not self._graphs:  # no live graph holds the pool: capture into a new one
+            self._pool = None
         static = [b.detach().clone() if isinstance(b, torch.Tensor) else b for b in batch]
+        try:
+            graph, loss = self._record(static)
+        except BaseException:
+            if not self._graphs:  # the failed capture may have been the pool's only user
+                self._pool = None
+            raise
+        self.n_captures += 1
+        self._graphs[key] = (graph, static, loss)
+        self._identity = self._state_identity()
+        return self._graphs[key]
+
+    def _record(self, static):
+        """Warm up on ``static`` (eager steps on a side stream), then capture one step: (graph, loss)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), no_autocast_cache():
@@ -174,6 +203,4 @@ class GraphedTrainStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), no_autocast_cache():
             loss = self._step(static, zero=False)
-        self._graphs[key] = (graph, static, loss)
-        self._identity = self._state_identity()
-        return self._graphs[key]
+        return graph, loss
