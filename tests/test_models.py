@@ -597,6 +597,26 @@ def test_unet_fused_path_skips_the_ops_checks_but_not_where_they_matter(monkeypa
     assert not blk._unchecked([x])  # a LayerNorm weight on another device: the checked op names it
     monkeypatch.setattr(unet, "TRITON_MAX_ELEMENTS", 2 * 4 * 10 * 14)  # the block's widest padded tensor
     assert not net.down[1]._unchecked([torch.randn(2, 4, 8, 12, dtype=torch.float64)])
+    monkeypatch.undo()
+    monkeypatch.setenv("IRNO_BACKEND", "triton")
+
+    # what the checked norm validates per call: a LayerNorm weight of the wrong shape (a view into a
+    # longer buffer, which the kernel would read past) is refused by name, a bad eps too; an empty
+    # batch and an unbatched field raise as before
+    blk = ConvBlock(3, 4).double()
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    buf = torch.tensor([1.0, 1.0, 1000.0, 1000.0], dtype=torch.float64)
+    blk.net[4].weight = nn.Parameter(buf[:2])
+    with pytest.raises(ValueError, match=r"weight: expected shape \(4,\)"):
+        blk(x)
+    blk = ConvBlock(3, 4).double()
+    blk.net[1].eps = -1.0
+    with pytest.raises(ValueError, match="eps: expected a number >= 0"):
+        blk(x)
+    with pytest.raises(ValueError, match="expected a non-empty tensor"):
+        ConvBlock(3, 4).double()(x[:0])
+    with pytest.raises(ValueError, match=r"x: expected a \(B, C, H, W\) tensor, got \(3, 4, 8\)"):
+        ConvBlock(3, 4)(torch.randn(3, 4, 8))
 
 
 def test_conv_block_fuses_only_what_it_can(monkeypatch):

@@ -14,6 +14,7 @@ boundary rule) and cropped back, so any H x W works (e.g. 33 x 47).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -46,6 +47,14 @@ def _triton_serves(op: str, x: torch.Tensor) -> bool:
         return False
 
 
+def _check_batched(name: str, x: torch.Tensor) -> None:
+    """The blocks take (B, C, H, W): an unbatched (C, H, W) field would have its LayerNorm taken over
+    H (dim 1), silently, wherever H equals the width."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a (B, C, H, W) tensor, got {got} (add the batch dim: x[None])")
+
+
 def _fused_on(x: torch.Tensor) -> bool:
     """The fused Triton path may serve x (4-D, floating point): IRNO_FUSED_BLOCKS is not 0, and the
     Triton LayerNorm and periodic pad serve it (the automatic choice on CUDA; on CPU only when
@@ -76,6 +85,7 @@ class ConvBlock(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
+        _check_batched("x", x)
         if self._fusable(x):
             return self._fused([x], None, self._unchecked([x]))
         return self.net(x)
@@ -83,6 +93,7 @@ class ConvBlock(nn.Module):
     def forward_cat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """``self(torch.cat(xs, 1))``; on the fused path the concatenation is written straight into
         the first conv's padded input (one pass, no separate cat and pad)."""
+        _check_batched("xs[0]", xs[0])
         if self._fusable(xs[0]):
             return self._fused(xs, None, self._unchecked(xs))
         return self.net(torch.cat(xs, 1))
@@ -105,11 +116,18 @@ class ConvBlock(nn.Module):
         block makes fits the kernels."""
         x0 = xs[0]
         B, _, H, W = x0.shape
+        if x0.numel() == 0:  # the checked ops refuse empty fields by name
+            return False
         for x in xs[1:]:
             if x.dim() != 4 or x.shape[0] != B or x.shape[2:] != x0.shape[2:] or x.device != x0.device \
                     or not x.is_floating_point() or not within(x, TRITON_MAX_ELEMENTS):
                 return False
         conv1, ln1, _, conv2, ln2, _ = self.net
+        for ln, conv in ((ln1, conv1), (ln2, conv2)):  # what the checked norm validates, per call
+            shape = (conv.out_channels,)
+            if not (ln.weight is None or ln.weight.shape == shape) or not (ln.bias is None or ln.bias.shape == shape) \
+                    or not 0.0 <= ln.eps < math.inf:
+                return False
         h = max(conv1.padding[0], conv2.padding[0])
         widest = max(sum(x.shape[1] for x in xs), conv2.in_channels, conv2.out_channels)
         return _unchecked_ok(x0, B * widest * (H + 2 * h) * (W + 2 * h), ln1.weight, ln1.bias, ln2.weight, ln2.bias)
