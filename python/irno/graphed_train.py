@@ -56,7 +56,9 @@ class GraphedTrainStep:
 
     Args:
         loss_fn: ``loss_fn(*batch) -> loss`` (a 0-D tensor), e.g.
-            ``lambda x, y: irno.IRNOLoss(K=6)(model, x, y)[0]``.
+            ``lambda x, y: irno.IRNOLoss(K=6)(model, x, y)[0]`` (no epoch given: the fixed-point
+            term at its full weight; a Python epoch for the paper's warm-up ramp is read once, at
+            capture, so the ramp needs ``clear()`` whenever it should move).
         params: the parameters the optimizer updates (their gradients are clipped).
         optimizer: a torch optimizer over ``params``; Adam/AdamW need ``capturable=True``.
         clip: max total gradient norm (``torch.nn.utils.clip_grad_norm_``), or None.
