@@ -72,6 +72,11 @@ log "profile: where one eager inference call spends its time (256x256 B1 fp32)"
 timeout 40 "$PY" benchmarks/profile_irno.py --batch 1 --top 8 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
   | tee -a "$OUT/bench_irno.log"
 
+log "profile: the kernels behind the unmet op targets (appended to bench_ops.log)"
+timeout 60 "$PY" benchmarks/profile_ops.py --calls 5 --top 5 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
+  >> "$OUT/bench_ops.log"
+log "profile_ops rc=$?"
+
 log "summary (speed-up over the reference, median of CUDA-event timings)"
 "$PY" - "$OUT/bench_ops.csv" <<'PYEOF'
 import csv, sys
