@@ -73,7 +73,7 @@ timeout 40 "$PY" benchmarks/profile_irno.py --batch 1 --top 8 2>&1 | grep -v -E 
   | tee -a "$OUT/bench_irno.log"
 
 log "profile: the kernels behind the unmet op targets (appended to bench_ops.log)"
-timeout 60 "$PY" benchmarks/profile_ops.py --calls 5 --top 5 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
+timeout 45 "$PY" benchmarks/profile_ops.py --calls 5 --top 5 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \
   >> "$OUT/bench_ops.log"
 log "profile_ops rc=$?"
 
