@@ -34,17 +34,8 @@ import triton.language as tl
 
 from irno_kernels._checks import channels_last_like
 from irno_kernels.backend import no_second_derivative
-from irno_kernels.triton._lib import (
-    INTERPRET,
-    as_4d,
-    backward_fn,
-    cdiv,
-    is_f64,
-    launch,
-    needs_autograd,
-    pow2,
-    register,
-)
+from irno_kernels.triton import _lib
+from irno_kernels.triton._lib import INTERPRET, as_4d, backward_fn, cdiv, is_f64, launch, pow2, register
 
 __all__ = ["channel_layer_norm"]
 
@@ -349,7 +340,7 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     gelu, halo, eps = bool(gelu), int(halo), float(eps)
     C = x.shape[1]
     if C > MAX_CHANNELS and (C > MAX_CHANNELS_FORWARD or torch.compiler.is_compiling()
-                             or needs_autograd((x, weight, bias))):
+                             or _lib.needs_autograd((x, weight, bias))):
         from irno_kernels.norm import channel_layer_norm_ref
 
         # the kernel's dtype rules, by the reference: computed in float32 at least (the caller may
