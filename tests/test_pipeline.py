@@ -211,3 +211,78 @@ def test_overrides_parse_numbers_and_lists():
     cfg = pipeline.load_config(None, ["irno.train.lr=2e-3", "base.kwargs.n_modes=[8, 8]", "irno.K=3"])
     assert cfg["irno"]["train"]["lr"] == 2e-3 and cfg["irno"]["K"] == 3
     assert cfg["base"]["kwargs"]["n_modes"] == [8, 8]
+
+
+def test_predict_replays_cuda_graphs_where_they_pay(monkeypatch):
+    """predict replays an IRNO from CUDA graphs (graphs=True, or "auto" on CUDA from
+    GRAPH_MIN_BATCHES full batches): the same predictions as eager, one capture per batch shape (here
+    with a simulated graph on CPU); a failed capture under "auto" warns and runs eagerly, under True
+    it raises; the argument is checked."""
+    import irno
+    from irno.graphed import GraphedIRNO
+
+    torch.manual_seed(0)
+    base = irno.FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    model = irno.IRNO(base, refiner=irno.UNetRefiner(3, 1, width=4, depth=2), K=2)
+    raw = torch.randn(9, 2, 16, 16)
+    want = irno.predict(model, raw, batch_size=2, graphs=False, progress=False)
+
+    class SimGraph:  # a replay re-runs the captured function into the tensors the capture returned
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            for o, n in zip(self.out if isinstance(self.out, tuple) else [self.out],
+                            (lambda r: r if isinstance(r, tuple) else [r])(self.fn())):
+                if o is not n:
+                    o.copy_(n)
+
+    def capture(self, fn, device):
+        out = fn()
+        self.n_captures += 1
+        made.append(self)
+        return SimGraph(fn, out), out
+
+    made = []
+    monkeypatch.setattr(GraphedIRNO, "_use_graphs", staticmethod(lambda x: True))
+    monkeypatch.setattr(GraphedIRNO, "_capture", capture)
+    got = irno.predict(model, raw, batch_size=2, graphs=True, progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(made) == 2 and made[0] is made[1] and made[0].n_captures == 2  # batches of 2, then the last 1
+    made.clear()
+    irno.predict(model, raw, batch_size=2, progress=False)  # "auto" on CPU: eager
+    assert made == []
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not pipeline._predict_graphs("auto", model, cpu, 100)
+    assert pipeline._predict_graphs("auto", model, cuda, pipeline.GRAPH_MIN_BATCHES)
+    assert not pipeline._predict_graphs("auto", model, cuda, pipeline.GRAPH_MIN_BATCHES - 1)
+    assert not pipeline._predict_graphs(True, base, cuda, 100)  # a base operator: no steps to replay
+
+    def fail(self, fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(GraphedIRNO, "_capture", fail)
+    with pytest.raises(RuntimeError, match="not permitted"):
+        irno.predict(model, raw, batch_size=2, graphs=True, progress=False)
+    monkeypatch.setattr(pipeline, "_predict_graphs", lambda graphs, *a: graphs in (True, "auto"))
+    with pytest.warns(UserWarning, match="CUDA-graph capture failed .*not permitted.*running eagerly"):
+        got = irno.predict(model, raw, batch_size=2, progress=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="graphs: expected True, False or 'auto'"):
+        irno.predict(model, raw, graphs="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_predict_with_graphs_equals_eager():
+    import irno
+
+    torch.manual_seed(0)
+    base = irno.FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    model = irno.IRNO(base, refiner=irno.UNetRefiner(3, 1, width=4, depth=2), K=2).cuda()
+    raw = torch.randn(9, 2, 32, 24)
+    want = irno.predict(model, raw, batch_size=2, graphs=False, progress=False)
+    got = irno.predict(model, raw, batch_size=2, graphs=True, progress=False)
+    assert got.device.type == "cpu" and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="refinement steps (default the model's K)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    s.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
+                   help="replay an IRNO from CUDA graphs: auto (on CUDA from 4 full batches), on, off")
     return p
 
 
@@ -116,7 +118,9 @@ def _predict(args) -> int:
         x = _read_array(args.input, args.key)
         if not x.is_floating_point():
             x = x.float()
-        y = pipeline.predict(args.model, x, steps=args.steps, batch_size=args.batch_size, device=args.device)
+        graphs = {"auto": "auto", "on": True, "off": False}[args.graphs]
+        y = pipeline.predict(args.model, x, steps=args.steps, batch_size=args.batch_size, device=args.device,
+                             graphs=graphs)
         _write_array(args.out, y)
     except (FileNotFoundError, ValueError) as err:
         print(f"irno: {err}", file=sys.stderr)

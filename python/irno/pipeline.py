@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -507,8 +508,25 @@ def load(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     return model.eval(), meta
 
 
+#: predict's automatic choice replays an IRNO from CUDA graphs from this many full batches on: each new
+#: batch shape costs a capture and its warm-up runs, which a few replays must pay back
+GRAPH_MIN_BATCHES = 4
+
+
+def _predict_graphs(graphs, model, device: torch.device, full_batches: int) -> bool:
+    """Whether predict replays ``model`` (an IRNO) from CUDA graphs: graphs=True, or "auto" on a CUDA
+    device with at least GRAPH_MIN_BATCHES full batches."""
+    from irno.irno import IRNO
+
+    if not isinstance(model, IRNO):
+        return False
+    if graphs == "auto":
+        return device.type == "cuda" and full_batches >= GRAPH_MIN_BATCHES
+    return graphs
+
+
 def predict(model, x: torch.Tensor, *, steps: int | None = None, normalization=None, batch_size: int = 32,
-            device=None, progress: bool = True) -> torch.Tensor:
+            device=None, progress: bool = True, graphs: bool | str = "auto") -> torch.Tensor:
     """Predictions in physical units for raw inputs, with a trained model.
 
     model: a run or checkpoint folder (loaded with :func:`load`, whose stored data statistics are used
@@ -520,6 +538,9 @@ def predict(model, x: torch.Tensor, *, steps: int | None = None, normalization=N
     Returns (B, C_out, H, W) float32 on the CPU: the model's output, denormalised. Runs in batches of
     ``batch_size`` under torch.no_grad on ``device`` (default: the model's, or CUDA when available for a
     folder), with a progress bar when there are several batches.
+    graphs: replay an IRNO's base + steps from CUDA graphs (:class:`irno.GraphedIRNO`, one capture per
+        batch shape; the same values as eager up to kernel rounding): True, False, or "auto" (on CUDA
+        from GRAPH_MIN_BATCHES full batches; a capture that fails there warns and runs eagerly).
     """
     from irno.data import Normalization
     from irno.irno import IRNO
@@ -542,19 +563,41 @@ def predict(model, x: torch.Tensor, *, steps: int | None = None, normalization=N
         raise ValueError("steps: the model is a base operator (no refinement steps); leave steps out")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if graphs not in (True, False, "auto"):
+        raise ValueError(f"graphs: expected True, False or 'auto', got {graphs!r}")
     from tqdm.auto import tqdm
+
+    from irno.graphed import GraphedIRNO
 
     was_training = model.training
     model.eval()
     out = []
     starts = range(0, x.shape[0], batch_size)
+    replay = None
+    if _predict_graphs(graphs, model, dev, x.shape[0] // batch_size):
+        replay = GraphedIRNO(model, warmup=2, max_graphs=2)  # the full batches' shape and the last one's
+
+    def run(xb):
+        nonlocal replay
+        if replay is not None:
+            try:
+                return replay(xb, steps=steps)
+            except RuntimeError as err:
+                if graphs is True:
+                    raise
+                warnings.warn(f"predict: CUDA-graph capture failed ({str(err).splitlines()[0][:200]}); "
+                              f"running eagerly (graphs=False skips the attempt)", stacklevel=3)
+                replay.clear()
+                replay = None
+        return model(xb, steps=steps) if isinstance(model, IRNO) else model(xb)
+
     try:
         with torch.no_grad():
             for i in tqdm(starts, desc="predict", disable=None if progress and len(starts) > 1 else True):
                 xb = x[i:i + batch_size].to(dev, torch.float32)
                 if normalization is not None:
                     xb = normalization.normalize(xb, channel_dim=1)
-                yb = model(xb, steps=steps) if isinstance(model, IRNO) else model(xb)
+                yb = run(xb)
                 if normalization is not None:
                     yb = normalization.denormalize(yb.float(), channel_dim=1)
                 out.append(yb.float().cpu())
