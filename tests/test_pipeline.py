@@ -286,3 +286,111 @@ def test_cuda_predict_with_graphs_equals_eager():
     got = irno.predict(model, raw, batch_size=2, graphs=True, progress=False)
     assert got.device.type == "cpu" and got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_more_bad_values_are_one_line(tmp_path, capsys):
+    """Settings of a wrong type or range, and ones that would train nothing, are refused by name with
+    exit status 2 (they used to be tracebacks, or an exit 0 that named a checkpoint never written)."""
+    for override, says in (
+            ("base.train.epochs=0", "train.epochs: expected an int >= 1"),
+            ("base.train.epochs=two", "train.epochs: expected an int >= 1"),
+            ("base.train.epochs=2.5", "train.epochs: expected an int >= 1"),
+            ("base.train.patience=0", "train.patience: expected an int >= 1"),
+            ("base.train.max_steps=-5", "train.max_steps: expected an int >= 1"),
+            ("base.train.time_budget_s=-1", "train.time_budget_s: expected a number of seconds > 0"),
+            ("base.train.lr=0", "train.lr: expected a number > 0"),
+            ("base.train.checkpoint_every=-1", "train.checkpoint_every: expected an int >= 0"),
+            ("base.train.monitor=val_loss", "train.monitor: the pipeline chooses"),
+            ("data=5", "override 'data': that is a section"),
+            ("device=gpu", "device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+            ("threads=-1", "threads: expected an int >= 0"),
+            ("seed=abc", "seed: expected an int >= 0"),
+            ("irno.refiner.width=0", "width: expected an int >= 1"),
+            ("data.task=super_resolution", "data.scale: expected an int >= 1"),
+    ):
+        extra = ("data.scale=0",) if override.startswith("data.task") else ()
+        command = "train" if override.startswith("irno.") else "train-base"
+        if command == "train":  # needs a base first
+            assert cli.main(["train-base", *_args(tmp_path)]) == 0
+            capsys.readouterr()
+        assert cli.main([command, *_args(tmp_path, override, *extra)]) == 2, override
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, (override, err)
+    if not torch.cuda.is_available():
+        assert cli.main(["train-base", *_args(tmp_path, "device=cuda")]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+    # a train.seed overrides the run's seed (it raised a TypeError: seed given twice)
+    assert pipeline._train_config({"seed": 3, "epochs": 1}, 0).seed == 3
+    # YAML reads an unquoted `off` as false: the refiner's autocast is off
+    from irno.irno import pick_refiner_dtype
+
+    assert pick_refiner_dtype("cpu", False) is None
+
+
+def test_broken_configs_paths_and_damaged_files_are_one_line(tmp_path, capsys, monkeypatch):
+    import os
+
+    import numpy as np
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run_dir: [unclosed\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    for cfg, says in ((broken, "is not valid YAML"), (listed, "must hold a mapping")):
+        assert cli.main(["generate", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    # a run folder that cannot be written: named before any training (here: a path under a file)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["train-base", *_args(tmp_path), "--set", f"run_dir={blocker / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "run_dir: cannot write to" in err and "Traceback" not in err
+    # files written atomically get the permissions of a plain write (mkstemp's are private)
+    assert cli.main(["train-base", *_args(tmp_path)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = tmp_path / "run" / "base" / "best" / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~mask
+    data_set = next(p for p in (tmp_path / "data").iterdir() if p.is_dir())
+    assert data_set.stat().st_mode & 0o777 == 0o777 & ~mask
+    # an IRNO trained on a base of other settings than the config's records the base's own: it loads
+    assert cli.main(["train", *_args(tmp_path, "base.kwargs.hidden_channels=6")]) == 0
+    capsys.readouterr()
+    raw = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", raw)
+    out = tmp_path / "y.npy"
+    assert cli.main(["predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "x.npy"),
+                     "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", *_args(tmp_path, "evaluate.extra_steps=-1")]) == 2
+    assert "evaluate.extra_steps: expected an int >= 0" in capsys.readouterr().err
+    # damaged inputs and checkpoints: one line each
+    (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
+    np.save(tmp_path / "c.npy", raw.astype(np.complex64))
+    np.save(tmp_path / "be.npy", raw.astype(">f4"))
+    for name, says in (("garbage.pt", "input: cannot read"), ("c.npy", "expected a real numeric array")):
+        assert cli.main(["predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / name),
+                         "--out", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert cli.main(["predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "be.npy"),
+                     "--out", str(out)]) == 0  # big-endian is read as its values
+    capsys.readouterr()
+    weights = tmp_path / "run" / "irno" / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert cli.main(["predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "x.npy"),
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "Traceback" not in err, err
+    monkeypatch.setenv("IRNO_DEBUG", "1")  # predict's errors show their traceback too
+    with pytest.raises(ValueError, match="is damaged"):
+        cli.main(["predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "x.npy"), "--out", str(out)])
+    monkeypatch.delenv("IRNO_DEBUG")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "train_base", interrupted)
+    assert cli.main(["train-base", *_args(tmp_path)]) == 130
+    assert "interrupted (`--resume` continues" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -33,8 +34,18 @@ STATE = "state.pt"
 MARKER = "complete"
 
 
+def default_mode(folder: bool = False) -> int:
+    """The permissions a plain ``open`` (0o666) or ``mkdir`` (0o777) would give under the process's
+    umask: the private temporary files and folders that atomic writes rename into place get them,
+    so that a shared run or data folder stays readable by whoever could read a plain write."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place atomically (same folder, fsync, os.replace)."""
+    """Call ``write(tmp_path)`` then move the file into place atomically (same folder, fsync, os.replace),
+    with the permissions of a plain write (``default_mode``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,6 +54,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -161,13 +173,25 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
         raise RuntimeError(f"checkpoint: {folder} is incomplete (no '{MARKER}' marker): it was being written "
                            f"when the writer stopped")
     folder = found
-    state_dict = load_file(str(folder / WEIGHTS), device=str(map_location))
-    config = json.loads((folder / CONFIG).read_text())
+    try:
+        state_dict = load_file(str(folder / WEIGHTS), device=str(map_location))
+    except OSError:
+        raise
+    except Exception as err:  # safetensors' own error type for a damaged file
+        raise ValueError(f"checkpoint: {folder / WEIGHTS} is damaged ({' '.join(str(err).split())[:200]})") from None
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except ValueError as err:
+        raise ValueError(f"checkpoint: {folder / CONFIG} is not valid JSON ({err})") from None
     if not with_state:
         return state_dict, config
     state = None
     if (folder / STATE).exists():
-        state = torch.load(folder / STATE, map_location=map_location, weights_only=False)
+        try:
+            state = torch.load(folder / STATE, map_location=map_location, weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise ValueError(f"checkpoint: {folder / STATE} (the training state) is damaged "
+                             f"({' '.join(str(err).split())[:200]})") from None
     return state_dict, config, state
 
 

@@ -69,19 +69,29 @@ def _read_array(path: Path, key: str):
     if not path.is_file():
         raise FileNotFoundError(f"input: no such file {path}")
     suffix = path.suffix.lower()
-    if suffix == ".pt":
-        t = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"input: {path} holds a {type(t).__name__}, expected a tensor")
-        return t
-    if suffix == ".npy":
-        return torch.from_numpy(np.load(path))
-    if suffix == ".npz":
-        with np.load(path) as z:
-            if key not in z:
-                raise ValueError(f"input: {path} has no array {key!r} (it has {sorted(z.files)}); pass --key")
-            return torch.from_numpy(z[key])
-    raise ValueError(f"input: expected a .npy, .npz or .pt file, got {path}")
+    if suffix not in (".pt", ".npy", ".npz"):
+        raise ValueError(f"input: expected a .npy, .npz or .pt file, got {path}")
+    try:
+        if suffix == ".pt":
+            t = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"input: {path} holds a {type(t).__name__}, expected a tensor")
+            return t
+        if suffix == ".npy":
+            a = np.load(path)
+        else:
+            with np.load(path) as z:
+                if key not in z:
+                    raise ValueError(f"input: {path} has no array {key!r} (it has {sorted(z.files)}); pass --key")
+                a = z[key]
+    except ValueError:
+        raise
+    except Exception as err:  # pickle, zip and numpy format errors of a damaged or foreign file
+        raise ValueError(f"input: cannot read {path} ({type(err).__name__}: {' '.join(str(err).split())[:160]})") \
+            from None
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"input: expected a real numeric array, got dtype {a.dtype} in {path}")
+    return torch.from_numpy(np.ascontiguousarray(a.astype(a.dtype.newbyteorder("="), copy=False)))
 
 
 def _write_array(path: Path, y) -> None:
@@ -111,20 +121,43 @@ def _write_array(path: Path, y) -> None:
     atomic_write(path, write)
 
 
-def _predict(args) -> int:
+def _check_writable(run: Path) -> None:
+    """Create the run folder and write a probe file in it: a read-only, full or foreign folder is
+    named now, not after the first epoch's training."""
+    import tempfile
+
     try:
-        if args.out.suffix.lower() not in (".npy", ".pt"):  # before the work, not after
-            raise ValueError(f"out: expected a .npy or .pt file name, got {args.out}")
-        x = _read_array(args.input, args.key)
-        if not x.is_floating_point():
-            x = x.float()
-        graphs = {"auto": "auto", "on": True, "off": False}[args.graphs]
-        y = pipeline.predict(args.model, x, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                             graphs=graphs)
-        _write_array(args.out, y)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"irno: {err}", file=sys.stderr)
-        return 2
+        run.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run):
+            pass
+    except OSError as err:
+        raise OSError(f"run_dir: cannot write to {run} ({err.strerror or err})") from None
+
+
+def _saved(best: Path, section: str) -> bool:
+    """Whether training left a best checkpoint; says why not on stderr (it stopped before its first
+    validation: a time or step budget smaller than an epoch's first steps)."""
+    from irno.checkpoint import find_checkpoint
+    from irno.train import distributed_info
+
+    if distributed_info()[0] != 0 or find_checkpoint(best) is not None:  # rank 0 writes the checkpoints
+        return True
+    print(f"irno: training stopped before its first validation, so no checkpoint was written to {best} "
+          f"({section}.time_budget_s or {section}.max_steps too small?)", file=sys.stderr)
+    return False
+
+
+def _predict(args) -> int:
+    if args.out.suffix.lower() not in (".npy", ".pt"):  # before the work, not after
+        raise ValueError(f"out: expected a .npy or .pt file name, got {args.out}")
+    x = _read_array(args.input, args.key)
+    if not x.is_floating_point():
+        x = x.float()
+    graphs = {"auto": "auto", "on": True, "off": False}[args.graphs]
+    device = None if args.device is None else pipeline.device_of({"device": args.device})
+    y = pipeline.predict(args.model, x, steps=args.steps, batch_size=args.batch_size, device=device,
+                         graphs=graphs)
+    _write_array(args.out, y)
     print(f"predictions {tuple(y.shape)} written to {args.out}")
     return 0
 
@@ -150,16 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = _parser().parse_args(argv)
-    if args.command == "predict":
-        return _predict(args)
     try:
-        return _run(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as err:
+        return _predict(args) if args.command == "predict" else _run(args)
+    except (OSError, ValueError, TypeError) as err:  # OSError: a path that cannot be read or written
         if os.environ.get("IRNO_DEBUG"):
             raise
         print(f"irno: {type(err).__name__ + ': ' if isinstance(err, TypeError) else ''}{err} "
               f"(IRNO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("IRNO_DEBUG"):
+            raise
+        resume = " (`--resume` continues from the last checkpoint)" if args.command in ("train", "train-base") else ""
+        print(f"irno: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 def _warn_if_other_statistics(meta: dict, data: dict) -> None:
@@ -184,7 +221,10 @@ def _run(args) -> int:
     cfg = pipeline.load_config(args.config, args.overrides)
     if not cfg.get("run_dir"):
         raise ValueError("run_dir: expected a folder name, got an empty value")
-    run = Path(cfg["run_dir"])
+    run = Path(cfg["run_dir"]).expanduser()
+    cfg["run_dir"] = str(run)
+    if args.command != "generate":
+        _check_writable(run)
     from irno.train import init_distributed_from_env
 
     init_distributed_from_env()  # a no-op unless launched by torchrun
@@ -194,6 +234,8 @@ def _run(args) -> int:
             print(f"{split}: {len(ds)} pairs, x {tuple(ds[0][0].shape)}, y {tuple(ds[0][1].shape)}")
     elif args.command == "train-base":
         _, info = pipeline.train_base(cfg, resume=args.resume)
+        if not _saved(run / "base" / "best", "base.train"):
+            return 2
         print(f"base: best validation VRMSE {info['best_val_vrmse']:.4f} after {info['train_s']:.0f} s; "
               f"checkpoint {run / 'base' / 'best'}")
     elif args.command == "train":
@@ -202,7 +244,9 @@ def _run(args) -> int:
                      f"irno train-base --config {args.config}", kind="a base checkpoint")
         if base is None:
             return 2
-        _, info = pipeline.train_irno(cfg, base[0], resume=args.resume)
+        _, info = pipeline.train_irno(cfg, base[0], resume=args.resume, base_meta=base[1])
+        if not _saved(run / "irno" / "best", "irno.train"):
+            return 2
         print(f"IRNO: best validation VRMSE at K {info['best_val_vrmse']:.4f}; checkpoint {run / 'irno' / 'best'}")
     elif args.command == "evaluate":
         device = pipeline.device_of(cfg)

@@ -83,6 +83,8 @@ def pick_refiner_dtype(device: str | torch.device, choice: str | torch.dtype | N
     """
     if isinstance(choice, torch.dtype) or choice is None:
         return choice
+    if choice is False:  # YAML reads an unquoted off as false
+        return None
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "off": None, "fp32": None, "float32": None, "none": None}
     key = str(choice).lower()

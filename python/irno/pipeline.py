@@ -121,6 +121,9 @@ def set_dotted(cfg: dict, assignment: str) -> None:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+        raise ValueError(f"override {key.strip()!r}: that is a section ({', '.join(map(str, node[parts[-1]]))}); "
+                         f"set one of its keys, e.g. {key.strip()}.<key>=...")
     node[parts[-1]] = value
 
 
@@ -160,20 +163,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         p = config_path(path)
-        cfg = merge(cfg, yaml.safe_load(p.read_text()) or {})
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"config: {p} is not valid YAML ({' '.join(str(err).split())})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config: {p} must hold a mapping of sections (data, base, irno, ...), "
+                             f"got a {type(loaded).__name__}")
+        cfg = merge(cfg, loaded or {})
     for a in overrides or []:
         set_dotted(cfg, a)
     return cfg
 
 
 def device_of(cfg: dict) -> torch.device:
+    """The config's device ("auto": CUDA when available), checked: a name torch knows, and a CUDA
+    device only where there is one."""
     d = cfg.get("device", "auto")
     if d == "auto":
         d = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(d)
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {d!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {d!r} asked for, but this torch sees no CUDA device (use auto or cpu)")
+    return dev
 
 
 def _setup(cfg: dict) -> torch.device:
+    for key in ("seed", "threads"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"{key}: expected an int >= 0{' or null' if key == 'threads' else ''}, got {v!r}")
     torch.manual_seed(int(cfg.get("seed", 0)))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -209,7 +231,8 @@ def datasets(cfg: dict, progress: bool = True) -> dict:
     if task == "super_resolution":
         frames = _next_step_datasets({**d, "n_steps_input": 1, "n_steps_output": 0}, progress)
         boundary = d.get("boundary", "auto")
-        return {k: _SuperRes(v, int(d.get("scale", 4)), _boundaries_of(v) if boundary in (None, "auto") else boundary)
+        scale = _scale(cfg)
+        return {k: _SuperRes(v, scale, _boundaries_of(v) if boundary in (None, "auto") else boundary)
                 for k, v in frames.items()}
     raise ValueError(f"data.task: expected 'next_step' or 'super_resolution', got {task!r}")
 
@@ -244,7 +267,12 @@ def _next_step_datasets(d: dict, progress: bool) -> dict:
 
 def _scale(cfg: dict) -> int:
     d = cfg.get("data") or {}
-    return int(d.get("scale", 4)) if d.get("task") == "super_resolution" else 1
+    if d.get("task") != "super_resolution":
+        return 1
+    scale = d.get("scale", 4)
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"data.scale: expected an int >= 1 (the super-resolution factor), got {scale!r}")
+    return scale
 
 
 def _channels(ds) -> tuple[int, int]:
@@ -319,13 +347,16 @@ def _train_config(spec: dict, seed: int):
     from irno.train import TrainConfig
 
     t = {k: v for k, v in spec.items() if k in TrainConfig.__dataclass_fields__}
+    if "monitor" in t:
+        raise ValueError(f"train.monitor: the pipeline chooses its best checkpoint by validation VRMSE; "
+                         f"leave monitor out (got {t['monitor']!r})")
     for k in ("lr", "weight_decay", "lr_min", "grad_clip", "time_budget_s", "decay_fraction"):
         if isinstance(t.get(k), str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 t[k] = float(t[k])
             except ValueError:
                 raise ValueError(f"train.{k}: expected a number, got {t[k]!r}") from None
-    return TrainConfig(seed=seed, monitor="val_vrmse", **t)
+    return TrainConfig(**{"seed": seed, "monitor": "val_vrmse", **t})  # a train.seed overrides the run's
 
 
 def _val_fn(ds, device, steps: int | None = None, batch_size: int = 32):
@@ -445,17 +476,29 @@ def deep_state_loss(model, x: torch.Tensor, y: torch.Tensor, h_K: torch.Tensor, 
     return torch.nn.functional.mse_loss(model.update(x, h), y)
 
 
-def train_irno(cfg: dict, base: torch.nn.Module, data: dict | None = None, resume: bool = False):
-    """Train IRNO's refiner on the frozen base; returns (model with the best weights, info)."""
+def train_irno(cfg: dict, base: torch.nn.Module, data: dict | None = None, resume: bool = False,
+               base_meta: dict | None = None):
+    """Train IRNO's refiner on the frozen base; returns (model with the best weights, info).
+
+    ``base_meta``: the meta of the checkpoint the base was loaded from (``load_base``); the IRNO
+    checkpoint then records that base's own settings (a base trained with other settings than
+    ``cfg["base"]`` still loads with the IRNO), and its channels must match the data's."""
     from irno.checkpoint import find_checkpoint, load_checkpoint
     from irno.train import Trainer
 
     device = _setup(cfg)
     data = data or datasets(cfg)
     cin, cout = _channels(data["train"])
+    base_spec = cfg["base"]
+    if base_meta is not None:
+        got = (base_meta.get("in_channels"), base_meta.get("out_channels"))
+        if got != (cin, cout):
+            raise ValueError(f"--base: the base maps {got[0]} to {got[1]} channels, the data {cin} to {cout} "
+                             f"(data settings other than the base's training data?)")
+        base_spec = base_meta.get("base", base_spec)
     model = build_irno(cfg["irno"], base, cin, cout, device=device).to(device)
     run = Path(cfg["run_dir"])
-    meta = {"kind": "irno", "base": cfg["base"], "irno": cfg["irno"], "in_channels": cin, "out_channels": cout,
+    meta = {"kind": "irno", "base": base_spec, "irno": cfg["irno"], "in_channels": cin, "out_channels": cout,
             "normalization": data["train"].normalization.to_dict() if data["train"].normalization else None,
             "data": cfg["data"], "channel_names": data["train"].channel_names}
     trainer = Trainer(model, _irno_loss(cfg["irno"]), data["train"],
@@ -626,7 +669,10 @@ def evaluate(cfg: dict, model, data: dict | None = None, refine_from=None) -> di
     ev = cfg["evaluate"]
     ds = _split(data, ev.get("split", "test"))
     loader = DataLoader(ds, batch_size=ev.get("batch_size", 32))
-    return evaluate_irno(model, loader, steps=model.K + ev.get("extra_steps", 6), device=device,
+    extra = ev.get("extra_steps", 6)
+    if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+        raise ValueError(f"evaluate.extra_steps: expected an int >= 0 (steps past K to evaluate), got {extra!r}")
+    return evaluate_irno(model, loader, steps=model.K + extra, device=device,
                          field_names=ds.channel_names, refine_from=refine_from)
 
 

@@ -58,6 +58,34 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form, stored with the checkpoint
 
+    def check(self) -> None:
+        """Raise a ValueError naming the first setting of a wrong type or out of range (settings
+        that would train nothing, e.g. epochs 0 or patience 0, included)."""
+        def need(name, ok, expected, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            kinds = (int,) if expected.startswith("an int") else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kinds) or not ok(v) or v != v:
+                raise ValueError(f"train.{name}: expected {expected}{' or null' if optional else ''}, got {v!r}")
+
+        need("epochs", lambda v: v >= 1, "an int >= 1")
+        need("batch_size", lambda v: v >= 1, "an int >= 1")
+        need("lr", lambda v: 0 < v < math.inf, "a number > 0")
+        need("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
+        need("lr_min", lambda v: 0 <= v <= self.lr if isinstance(self.lr, (int, float)) else True,
+             "a number in [0, lr]")
+        need("grad_clip", lambda v: 0 <= v <= math.inf, "a number >= 0 (0: no clipping)", optional=True)
+        need("seed", lambda v: v >= 0, "an int >= 0")
+        need("time_budget_s", lambda v: 0 < v <= math.inf, "a number of seconds > 0", optional=True)
+        need("max_steps", lambda v: v >= 1, "an int >= 1", optional=True)
+        need("decay_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        need("patience", lambda v: v >= 1, "an int >= 1", optional=True)
+        need("checkpoint_every", lambda v: v >= 0, "an int >= 0 (0: at epoch ends)")
+        need("num_workers", lambda v: v >= 0, "an int >= 0")
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise ValueError(f"train.monitor: expected the name of a validation value, got {self.monitor!r}")
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -126,8 +154,7 @@ class Trainer:
         self.rank, self.world = distributed_info()
         if len(train_set) == 0:
             raise ValueError("train_set: expected a non-empty dataset")
-        if self.cfg.batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {self.cfg.batch_size}")
+        self.cfg.check()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model: no parameter requires grad (is everything frozen?)")
@@ -188,7 +215,7 @@ class Trainer:
             raise ValueError(f"resume: {folder} holds a model of another shape than the config builds ({first}); "
                              f"restore the model settings, or train afresh without --resume") from None
         if state is None:
-            raise RuntimeError(f"resume: {folder} holds weights but no training state")
+            raise ValueError(f"resume: {folder} holds weights but no training state (start without --resume)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

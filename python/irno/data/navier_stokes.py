@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from irno.checkpoint import default_mode
+
 DATASET_NAME = "navier_stokes_kolmogorov_2d"
 FIELD_NAME = "vorticity"
 SPLITS = ("train", "valid", "test")
@@ -451,6 +453,7 @@ def ensure_navier_stokes(root, config: NavierStokesConfig = NavierStokesConfig()
         shutil.rmtree(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{config.key()}-", dir=root))
     try:
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp's folder is private; the data set is not
         write_navier_stokes(tmp, config, progress=progress)
         try:
             os.replace(tmp, target)

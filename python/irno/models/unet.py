@@ -197,8 +197,10 @@ class UNetRefiner(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, depth: int = 4, width: int = 16,
                  padding: str = "periodic", out_gain: float = 0.1, positional: bool = False):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth: expected >= 1, got {depth}")
+        sizes = (("depth", depth), ("width", width), ("in_channels", in_channels), ("out_channels", out_channels))
+        for name, v in sizes:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.depth, self.width, self.padding = depth, width, padding
         self.positional = bool(positional)
