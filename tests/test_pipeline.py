@@ -336,7 +336,10 @@ def test_broken_configs_paths_and_damaged_files_are_one_line(tmp_path, capsys, m
     broken.write_text("run_dir: [unclosed\n")
     listed = tmp_path / "list.yaml"
     listed.write_text("- 1\n- 2\n")
-    for cfg, says in ((broken, "is not valid YAML"), (listed, "must hold a mapping")):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("irno:\n  train: {epoch: 50}\n")
+    for cfg, says in ((broken, "is not valid YAML"), (listed, "must hold a mapping"),
+                      (typo, "typo.yaml: no key 'epoch' under 'irno.train'")):
         assert cli.main(["generate", "--config", str(cfg)]) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, err

@@ -82,6 +82,26 @@ FREE_SECTIONS = (("data", "navier_stokes"), ("base", "kwargs"), ("irno", "refine
 TRAIN_SECTIONS = (("base", "train"), ("irno", "train"))
 
 
+def check_keys(loaded: dict, source: str, defaults: dict | None = None, where: tuple = ()) -> None:
+    """Refuse a key of a config file that the defaults do not have (the rules of ``set_dotted``: free
+    sections take any key, train sections any TrainConfig field): a misspelt key would otherwise be
+    a setting that nothing reads."""
+    from dataclasses import fields
+
+    from irno.train import TrainConfig
+
+    defaults = DEFAULTS if defaults is None else defaults
+    if any(where[:len(f)] == f for f in FREE_SECTIONS):
+        return
+    known = set(defaults) | ({f.name for f in fields(TrainConfig)} if where in TRAIN_SECTIONS else set())
+    for key, value in loaded.items():
+        if key not in known:
+            at = f"under {'.'.join(where)!r}" if where else "at the top level"
+            raise ValueError(f"config: {source}: no key {key!r} {at} (known: {', '.join(sorted(map(str, known)))})")
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            check_keys(value, source, defaults[key], (*where, key))
+
+
 def set_dotted(cfg: dict, assignment: str) -> None:
     """Apply one ``a.b.c=value`` override (value parsed as YAML: numbers, lists, null, true).
 
@@ -170,6 +190,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config: {p} must hold a mapping of sections (data, base, irno, ...), "
                              f"got a {type(loaded).__name__}")
+        check_keys(loaded or {}, str(p))
         cfg = merge(cfg, loaded or {})
     for a in overrides or []:
         set_dotted(cfg, a)
