@@ -151,3 +151,19 @@ def test_losses_match_neuraloperator():
     assert LpLoss(d=2).abs(x, y).item() == pytest.approx(ref_lp.abs(x, y).item(), rel=1e-5)
     ref_h1 = neuralop.losses.H1Loss(d=2)
     assert H1Loss(d=2)(x, y).item() == pytest.approx(ref_h1(x, y).item(), rel=1e-5)
+
+
+def test_loss_settings_are_checked_by_name():
+    """Negative or non-finite weights, a non-positive f0, K < 1: refused by name at construction
+    (they trained silently, e.g. beta_s = -1 rewarded spectral error)."""
+    from irno import IRNOLoss
+
+    for kw, says in (({"beta_s": -1}, "beta_s: expected a finite number >= 0"),
+                     ({"beta_fp": float("nan")}, "beta_fp: expected a finite number"),
+                     ({"fp_warmup_epochs": float("inf")}, "fp_warmup_epochs"),
+                     ({"f0": 0}, "f0: expected a finite number > 0"),
+                     ({"lam_min": -0.5}, "lam_min"), ({"lam_max": "2"}, "lam_max"),
+                     ({"K": 0}, "K: expected an int >= 1"), ({"K": 2.5}, "K: expected an int")):
+        with pytest.raises(ValueError, match=says):
+            IRNOLoss(**kw)
+    assert IRNOLoss(K=1, beta_s=0, beta_fp=0, lam_min=2, lam_max=1).K == 1  # edge values stay allowed

@@ -52,6 +52,9 @@ class ProgressiveSpectralLoss(nn.Module):
         super().__init__()
         if mode not in ("magnitude", "error"):
             raise ValueError(f"mode: expected 'magnitude' or 'error', got {mode!r}")
+        K = _check_number("K", K, minimum=1, integer=True)
+        lam_min, lam_max = _check_number("lam_min", lam_min), _check_number("lam_max", lam_max)
+        f0 = _check_number("f0", f0, positive=True)
         self.K, self.lam_min, self.lam_max, self.f0, self.mode = int(K), lam_min, lam_max, f0, mode
 
     def lam(self, k: int) -> float:
@@ -59,6 +62,18 @@ class ProgressiveSpectralLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
         return irno_kernels.spectral_loss(pred, target, self.lam(k), self.f0, self.mode)
+
+
+def _check_number(name: str, value, minimum: float = 0.0, positive: bool = False, integer: bool = False):
+    """A finite number >= minimum (> 0 with ``positive``; an int with ``integer``), else a ValueError
+    naming the argument."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            or value < minimum or (positive and value <= 0):
+        what = "an int" if integer else "a finite number"
+        bound = "> 0" if positive else f">= {minimum:g}"
+        raise ValueError(f"{name}: expected {what} {bound}, got {value!r}")
+    return value
 
 
 def fixed_point_weight(epoch: float | None, beta_fp: float = 0.01, warmup_epochs: float = 5) -> float:
@@ -103,8 +118,10 @@ class IRNOLoss(nn.Module):
     def __init__(self, K: int = 6, beta_s: float = 1.0, beta_fp: float = 0.01, fp_warmup_epochs: float = 5,
                  lam_min: float = 1.0, lam_max: float = 2.0, f0: float = 0.5, spectral_mode: str = "magnitude"):
         super().__init__()
-        self.K, self.beta_s, self.beta_fp, self.fp_warmup_epochs = int(K), beta_s, beta_fp, fp_warmup_epochs
+        beta_s, beta_fp = _check_number("beta_s", beta_s), _check_number("beta_fp", beta_fp)
+        fp_warmup_epochs = _check_number("fp_warmup_epochs", fp_warmup_epochs)
         self.spectral = ProgressiveSpectralLoss(K, lam_min, lam_max, f0, spectral_mode)
+        self.K, self.beta_s, self.beta_fp, self.fp_warmup_epochs = int(K), beta_s, beta_fp, fp_warmup_epochs
 
     def forward(self, model, x: torch.Tensor, y: torch.Tensor, epoch: float | None = None,
                 trajectory: list[torch.Tensor] | None = None):
