@@ -41,6 +41,9 @@ def test_demo_then_evaluate_and_resume(tmp_path, capsys):
     assert (run / "figures" / "error_vs_step.png").stat().st_size > 1000
     text = json.dumps(metrics)
     assert "vrmse" in text and "controls" in text
+    # the control trains the base for at least IRNO's training time (no epoch cap stops it short)
+    train_s, ctrl = metrics["run_info"]["train_s"], metrics["controls"]
+    assert ctrl["base + more training (IRNO's time)"]["train_s"] - ctrl["base"]["train_s"] >= train_s["irno"]
     # irno.load: the run folder gives the trained IRNO, a base checkpoint the base, both in eval mode
     import irno
 
