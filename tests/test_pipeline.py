@@ -371,6 +371,11 @@ def test_broken_configs_paths_and_damaged_files_are_one_line(tmp_path, capsys, m
     capsys.readouterr()
     assert cli.main(["evaluate", *_args(tmp_path, "evaluate.extra_steps=-1")]) == 2
     assert "evaluate.extra_steps: expected an int >= 0" in capsys.readouterr().err
+    # resuming with changed model or loss settings says which (only training settings were named)
+    with pytest.warns(UserWarning, match=r"model, loss or data settings changed .*irno\.alpha: 0\.12 -> 0\.3"):
+        assert cli.main(["train", *_args(tmp_path, "base.kwargs.hidden_channels=6", "irno.alpha=0.3",
+                                          "irno.train.epochs=2"), "--resume"]) == 0
+    capsys.readouterr()
     # damaged inputs and checkpoints: one line each
     (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
     np.save(tmp_path / "c.npy", raw.astype(np.complex64))

@@ -207,7 +207,7 @@ class Trainer:
         return save_checkpoint(self.out_dir / name, self.model, cfg, self._state())
 
     def load(self, folder: str | os.PathLike) -> None:
-        state_dict, _, state = load_checkpoint(folder, map_location=self.device, with_state=True)
+        state_dict, saved_config, state = load_checkpoint(folder, map_location=self.device, with_state=True)
         try:
             self.model.load_state_dict(state_dict)
         except RuntimeError as err:  # the config now builds another model
@@ -223,6 +223,35 @@ class Trainer:
                   "elapsed"):
             setattr(self, k, state[k])
         self._reconcile_config(state.get("train_config") or {})
+        self._warn_changed_model_config(saved_config)
+
+    def _warn_changed_model_config(self, saved: dict) -> None:
+        """Say which model, loss or data settings differ from the checkpoint's (K, alpha, the loss
+        weights...: the weights still fit, so the run goes on, with the new settings)."""
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in d.items():
+                if prefix == "" and k in ("train", "epoch", "history"):
+                    continue
+                if isinstance(v, dict) and k != "train":
+                    out.update(flat(v, f"{prefix}{k}."))
+                elif k != "train":
+                    out[f"{prefix}{k}"] = v
+            return out
+
+        import json
+
+        from irno.checkpoint import _json_default
+
+        # compared as the checkpoint stored them (JSON: tuples as lists, numpy numbers as floats)
+        now = json.loads(json.dumps(self.model_config, default=_json_default))
+        old, now = flat(saved or {}), flat(now)
+        changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+        if changed and self.rank == 0:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
+            more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+            warnings.warn(f"resume: model, loss or data settings changed since the checkpoint ({what}{more}); "
+                          f"the run goes on with the new ones", stacklevel=3)
 
     def _reconcile_config(self, saved: dict) -> None:
         """A resumed run keeps the checkpoint's optimiser and schedule; say which settings changed, and
