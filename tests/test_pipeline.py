@@ -399,6 +399,19 @@ def test_broken_configs_paths_and_damaged_files_are_one_line(tmp_path, capsys, m
         cli.main(["predict", "--model", str(tmp_path / "run"), "--input", str(tmp_path / "x.npy"), "--out", str(out)])
     monkeypatch.delenv("IRNO_DEBUG")
 
+    # a second training process on the same run folder is refused by name (the lock of another one)
+    import fcntl
+
+    with open(tmp_path / "run" / ".irno.lock", "a+") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate(0)
+        other.write("4242")
+        other.flush()
+        assert cli.main(["train-base", *_args(tmp_path)]) == 2
+        assert "is in use by another irno process (pid 4242)" in capsys.readouterr().err
+    assert cli.main(["generate", *_args(tmp_path)]) == 0  # commands that write no checkpoint take no lock
+    capsys.readouterr()
+
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 

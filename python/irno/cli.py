@@ -18,7 +18,9 @@ Every command takes ``--resume`` where it trains, and ``--set`` overrides any co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -134,6 +136,40 @@ def _check_writable(run: Path) -> None:
         raise OSError(f"run_dir: cannot write to {run} ({err.strerror or err})") from None
 
 
+@contextlib.contextmanager
+def _run_dir_lock(run: Path):
+    """Hold the run folder's lock while a command trains (rank 0 of a torchrun job, or the only
+    process): a second training process on the same folder is refused by name, where the two would
+    overwrite each other's checkpoints. An advisory lock (fcntl), released however the process ends;
+    none on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    from irno.train import distributed_info
+
+    if distributed_info()[0] != 0:
+        yield
+        return
+    with open(run / ".irno.lock", "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise OSError(f"run_dir: {run} is in use by another irno process (pid {holder}); wait for it, or "
+                          f"use another run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _saved(best: Path, section: str) -> bool:
     """Whether training left a best checkpoint; says why not on stderr (it stopped before its first
     validation: a time or step budget smaller than an epoch's first steps)."""
@@ -180,8 +216,6 @@ def _load(loader, path, device, flag: str, produce: str | None = None, kind: str
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a user error (a bad config value, a wrong path) is one line on stderr and
     exit status 2 (IRNO_DEBUG=1 shows the traceback instead)."""
-    import os
-
     args = _parser().parse_args(argv)
     try:
         return _predict(args) if args.command == "predict" else _run(args)
@@ -228,6 +262,13 @@ def _run(args) -> int:
     from irno.train import init_distributed_from_env
 
     init_distributed_from_env()  # a no-op unless launched by torchrun
+    if args.command in ("train-base", "train", "demo"):
+        with _run_dir_lock(run):
+            return _command(args, cfg, run)
+    return _command(args, cfg, run)
+
+
+def _command(args, cfg: dict, run: Path) -> int:
     if args.command == "generate":
         data = pipeline.datasets(cfg)
         for split, ds in data.items():
