@@ -177,6 +177,8 @@ class Trainer:
         self.bad_epochs = 0
         self.elapsed = 0.0
         self._epoch_start: float | None = None  # perf_counter at the start of the epoch in progress
+        self._epoch_sums: dict[str, float] = {}  # the epoch in progress: summed step losses ...
+        self._epoch_count = 0  # ... over this many finite steps
 
     # ------------------------------------------------------------------------------------------
     def _loader(self, epoch: int) -> DataLoader:
@@ -198,7 +200,10 @@ class Trainer:
                 # from there, not from the epoch's start)
                 "elapsed": self.elapsed + (time.perf_counter() - self._epoch_start
                                            if self._epoch_start is not None else 0.0),
-                "train_config": asdict(self.cfg)}
+                "train_config": asdict(self.cfg),
+                # the epoch's running loss sums, so that a run resumed mid-epoch reports the epoch's
+                # mean over all its steps (not only those after the resume)
+                "epoch_sums": dict(self._epoch_sums), "epoch_count": self._epoch_count}
 
     def save(self, name: str = "last") -> Path | None:
         if self.out_dir is None or self.rank != 0:
@@ -222,6 +227,8 @@ class Trainer:
         for k in ("epoch", "step_in_epoch", "global_step", "skipped", "history", "best_score", "bad_epochs",
                   "elapsed"):
             setattr(self, k, state[k])
+        self._epoch_sums = dict(state.get("epoch_sums") or {})  # absent from checkpoints before 2026-11-27
+        self._epoch_count = int(state.get("epoch_count") or 0)
         self._reconcile_config(state.get("train_config") or {})
         self._warn_changed_model_config(saved_config)
 
@@ -370,8 +377,9 @@ class Trainer:
 
         self.model.train()
         loader = self._loader(self.epoch)
-        sums: dict[str, float] = {}
-        count = 0
+        if self.step_in_epoch == 0:  # a fresh epoch; a resumed one goes on from the checkpoint's sums
+            self._epoch_sums, self._epoch_count = {}, 0
+        sums = self._epoch_sums
         seen = 0
         t0 = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}",
@@ -406,7 +414,7 @@ class Trainer:
                         sums[k] = sums.get(k, 0.0) + float(v)
                     elif isinstance(v, float | int):
                         sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
+                self._epoch_count += 1
             else:
                 self.skipped += 1
             if not self._budgeted:
@@ -420,7 +428,7 @@ class Trainer:
                     and self.step_in_epoch < self.steps_per_epoch:
                 self.save("last")
         bar.close()
-        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out = {k: v / max(self._epoch_count, 1) for k, v in sums.items()}
         out["samples_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
         return out
 
