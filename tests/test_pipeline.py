@@ -141,6 +141,7 @@ def test_bad_config_values_and_misspelt_keys_are_one_line(tmp_path, capsys):
     cfg = pipeline.load_config(None, ["base.train.max_steps=5", "base.kwargs.anything=1",
                                       "data.navier_stokes.resolution=32"])
     assert cfg["base"]["train"]["max_steps"] == 5 and cfg["base"]["kwargs"]["anything"] == 1
+    assert pipeline.load_config(None, ["irno.K=010"])["irno"]["K"] == 10  # not YAML 1.1's octal 8
 
 
 def test_irno_resample_mode_from_the_config():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -133,7 +134,8 @@ def set_dotted(cfg: dict, assignment: str) -> None:
             node[p] = {}
         node = node[p]
     try:
-        value = yaml.safe_load(raw)
+        # YAML 1.1 reads 010 as octal 8 and 0x10 as 16: a leading-zero number on the command line is decimal
+        value = int(raw.strip()) if re.fullmatch(r"[+-]?0[0-9]+", raw.strip()) else yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ValueError(f"override {key.strip()!r}: cannot read the value {raw!r} ({type(err).__name__})") from None
     if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string: take numbers as numbers
