@@ -320,6 +320,11 @@ def test_more_bad_values_are_one_line(tmp_path, capsys):
         assert cli.main([command, *_args(tmp_path, override, *extra)]) == 2, override
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err, (override, err)
+    # the demo names a bad IRNO setting before it generates data or trains the base
+    (tmp_path / "fresh").mkdir()
+    assert cli.main(["demo", *_args(tmp_path / "fresh", "irno.refiner.width=0")]) == 2
+    assert "width: expected an int >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "fresh" / "data").exists() and not (tmp_path / "fresh" / "run" / "base").exists()
     if not torch.cuda.is_available():
         assert cli.main(["train-base", *_args(tmp_path, "device=cuda")]) == 2
         assert "sees no CUDA device" in capsys.readouterr().err

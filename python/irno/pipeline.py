@@ -707,12 +707,22 @@ def _sample_fields(model, ds, device, steps: int) -> dict:
             "field_names": list(getattr(ds, "channel_names", []))}
 
 
+def check_irno_settings(cfg: dict) -> None:
+    """Raise the ValueError that IRNO's settings would raise once its training starts (the model, the
+    loss, the training loop's settings), without data: the demo runs it before the base's training."""
+    _train_config(cfg["base"]["train"], cfg.get("seed", 0)).check()
+    _train_config(cfg["irno"]["train"], cfg.get("seed", 0)).check()
+    _irno_loss(cfg["irno"])
+    build_irno(cfg["irno"], torch.nn.Identity(), 1, 1)  # channel counts do not change what is checked
+
+
 def demo(cfg: dict, resume: bool = False) -> Path:
     """The whole job: data, base, IRNO, control, evaluation, report. Returns the report's path."""
     from irno import metrics
 
     t_start = time.perf_counter()
     device = _setup(cfg)
+    check_irno_settings(cfg)  # before minutes of data generation and base training
     run = Path(cfg["run_dir"])
     run.mkdir(parents=True, exist_ok=True)
     print(f"[irno] run folder {run.resolve()}  device {device}  threads {torch.get_num_threads()}")
