@@ -9,7 +9,7 @@ import sys
 import time
 
 import torch
-from irno.train import TrainConfig, Trainer, distributed_info, init_distributed_from_env
+from irno.train import TrainConfig, Trainer, TrainingInterrupted, distributed_info, init_distributed_from_env
 from torch.utils.data import TensorDataset
 
 
@@ -46,7 +46,11 @@ def main():
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=8, lr=1e-2, checkpoint_every=3, progress=False)
     tr = Trainer(model, loss_fn, TensorDataset(x, y), val_fn, cfg, out_dir=a.out, model_config={"kind": "toy"})
-    hist = tr.fit(resume=a.resume)
+    try:
+        hist = tr.fit(resume=a.resume)
+    except TrainingInterrupted:  # SIGTERM: record how many steps ran, for the test to compare
+        torch.save({"loss_calls": calls["n"]}, f"{a.out}/interrupted_rank{rank}.pt")
+        sys.exit(143)
     torch.save({"params": [q.detach().clone() for q in model.parameters()], "history": hist,
                 "skipped": tr.skipped}, f"{a.out}/final_rank{rank}.pt")
     print(f"rank {rank}/{world} done", file=sys.stderr)

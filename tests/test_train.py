@@ -68,6 +68,34 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert [h["loss"] for h in ref["history"]] == [h["loss"] for h in res["history"]]
 
 
+def test_sigterm_checkpoints_the_step_reached_and_resume_matches(tmp_path):
+    """SIGTERM (a scheduler's preemption) ends a single-process run after the step in progress, with
+    last/ checkpointed at that step (between the every-3-steps checkpoints), and --resume then ends
+    exactly where an uninterrupted run does."""
+    from irno.checkpoint import load_checkpoint
+
+    ref = _run(tmp_path / "ref")
+    out = tmp_path / "term"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, JOB, str(out), "--sleep", "0.05"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = out / "last" / "complete"
+    deadline = time.time() + 60
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.05)
+    time.sleep(0.4)  # into the run, between checkpoints
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    calls = torch.load(out / "interrupted_rank0.pt")["loss_calls"]
+    _, _, state = load_checkpoint(out / "last", with_state=True)
+    assert state["global_step"] == calls  # every step that ran is in the checkpoint
+    res = _run(out, "--resume")
+    for a, b in zip(ref["params"], res["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [h["loss"] for h in ref["history"]] == [h["loss"] for h in res["history"]]
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_two_process_gloo_training_stays_in_sync(tmp_path):
     # --standalone: torchrun picks a free port (a fixed one failed with EADDRINUSE when two test

@@ -225,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"irno: {type(err).__name__ + ': ' if isinstance(err, TypeError) else ''}{err} "
               f"(IRNO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (irno.train.TrainingInterrupted: checkpointed first)
         if os.environ.get("IRNO_DEBUG"):
             raise
-        resume = " (`--resume` continues from the last checkpoint)" if args.command in ("train", "train-base") else ""
-        print(f"irno: interrupted{resume}", file=sys.stderr)
-        return 130
+        from irno.train import TrainingInterrupted
+
+        trains = args.command in ("train", "train-base", "demo")
+        resume = " (`--resume` continues from the last checkpoint)" if trains else ""
+        detail = f": {err}" if isinstance(err, TrainingInterrupted) else ""
+        print(f"irno: interrupted{detail}{resume}", file=sys.stderr)
+        return 143 if isinstance(err, TrainingInterrupted) else 130
 
 
 def _warn_if_other_statistics(meta: dict, data: dict) -> None:

@@ -91,6 +91,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``) reached a single-process run: the step in progress
+    finished and the run was checkpointed to ``last`` first, so ``--resume`` continues exactly."""
+
+
 def distributed_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside a process group."""
     if dist.is_available() and dist.is_initialized():
@@ -177,6 +182,7 @@ class Trainer:
         self.bad_epochs = 0
         self.elapsed = 0.0
         self._epoch_start: float | None = None  # perf_counter at the start of the epoch in progress
+        self._stop_signal: int | None = None  # a SIGTERM received during fit (see fit)
         self._epoch_sums: dict[str, float] = {}  # the epoch in progress: summed step losses ...
         self._epoch_count = 0  # ... over this many finite steps
 
@@ -286,7 +292,36 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict]:
-        """Train until ``epochs``, the time budget or the patience runs out; returns the history."""
+        """Train until ``epochs``, the time budget or the patience runs out; returns the history.
+
+        In a single-process run on the main thread, SIGTERM ends training after the step in progress,
+        with ``last`` checkpointed there (``TrainingInterrupted``, a KeyboardInterrupt); a torchrun job
+        keeps the default (its checkpoints stay consistent, the steps since the last one are lost).
+        """
+        import signal
+        import threading
+
+        self._stop_signal = None
+        handle = self.world == 1 and threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._on_signal) if handle else None
+        try:
+            return self._fit(resume)
+        finally:
+            if handle:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _stop_if_signalled(self, mid_epoch: bool) -> None:
+        if self._stop_signal is None:
+            return
+        if mid_epoch:
+            self.save("last")
+        where = f"epoch {self.epoch}, step {self.step_in_epoch}" if mid_epoch else f"epoch {self.epoch}"
+        raise TrainingInterrupted(f"signal {self._stop_signal}: stopped at {where}; last checkpointed")
+
+    def _fit(self, resume: bool) -> list[dict]:
         if not resume and self.out_dir is not None and self.rank == 0 and find_checkpoint(self.out_dir / "best"):
             print(f"[irno] {self.out_dir} already holds a trained model: training afresh replaces it after the "
                   f"first epoch (--resume continues it instead)", flush=True)
@@ -295,6 +330,7 @@ class Trainer:
             if self.rank == 0:
                 print(f"resumed from {self.out_dir / 'last'} at epoch {self.epoch}, step {self.step_in_epoch}")
         while self.epoch < self.cfg.epochs:
+            self._stop_if_signalled(mid_epoch=False)  # between epochs: last holds the finished one
             if self._out_of_budget() or self._out_of_patience():  # also a resumed run that had stopped
                 break
             t0 = self._epoch_start = time.perf_counter()
@@ -427,6 +463,8 @@ class Trainer:
             if self.cfg.checkpoint_every and self.step_in_epoch % self.cfg.checkpoint_every == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:
                 self.save("last")
+            if self.step_in_epoch < self.steps_per_epoch:  # the epoch's last step: its end saves
+                self._stop_if_signalled(mid_epoch=True)
         bar.close()
         out = {k: v / max(self._epoch_count, 1) for k, v in sums.items()}
         out["samples_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
