@@ -35,12 +35,17 @@ def test_non_finite_batches_are_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in res["params"])
 
 
+def _start_slow_job(out):
+    """The toy training job in a subprocess, 0.05 s per step (to be interrupted)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, JOB, str(out), "--sleep", "0.05"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     ref = _run(tmp_path / "ref")
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, JOB, str(out), "--sleep", "0.05"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _start_slow_job(out)
     marker = out / "last" / "complete"
     deadline = time.time() + 60
     # wait for the second epoch (mid-epoch checkpoints are written every 3 steps)
@@ -76,9 +81,7 @@ def test_sigterm_checkpoints_the_step_reached_and_resume_matches(tmp_path):
 
     ref = _run(tmp_path / "ref")
     out = tmp_path / "term"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, JOB, str(out), "--sleep", "0.05"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _start_slow_job(out)
     marker = out / "last" / "complete"
     deadline = time.time() + 60
     while time.time() < deadline and not marker.exists():
