@@ -153,13 +153,12 @@ def _pad_cat(xs: list[torch.Tensor], halo: int, out_dtype: torch.dtype) -> torch
     fmt = torch.channels_last if channels_last_like(xs[0]) else torch.contiguous_format
     y = torch.empty((B, sum(x.shape[1] for x in xs), H + 2 * halo, W + 2 * halo), dtype=out_dtype,
                     device=xs[0].device, memory_format=fmt)
-    if len(xs) == 2:  # the decoder's concatenation: one launch
-        _pad_into(xs[0], y, halo, xs[1])
-        return y
     off = 0
-    for x in xs:
-        _pad_into(x, y[:, off:off + x.shape[1]], halo)
-        off += x.shape[1]
+    for k in range(0, len(xs), 2):  # two inputs per launch (the decoder's concatenation: one)
+        pair = xs[k:k + 2]
+        width = sum(x.shape[1] for x in pair)
+        _pad_into(pair[0], y[:, off:off + width], halo, pair[1] if len(pair) == 2 else None)
+        off += width
     return y
 
 

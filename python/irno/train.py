@@ -73,8 +73,7 @@ class TrainConfig:
         need("batch_size", lambda v: v >= 1, "an int >= 1")
         need("lr", lambda v: 0 < v < math.inf, "a number > 0")
         need("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")
-        need("lr_min", lambda v: 0 <= v <= self.lr if isinstance(self.lr, (int, float)) else True,
-             "a number in [0, lr]")
+        need("lr_min", lambda v: 0 <= v <= self.lr, "a number in [0, lr]")  # lr is checked above
         need("grad_clip", lambda v: 0 <= v <= math.inf, "a number >= 0 (0: no clipping)", optional=True)
         need("seed", lambda v: v >= 0, "an int >= 0")
         need("time_budget_s", lambda v: 0 < v <= math.inf, "a number of seconds > 0", optional=True)
@@ -241,14 +240,14 @@ class Trainer:
     def _warn_changed_model_config(self, saved: dict) -> None:
         """Say which model, loss or data settings differ from the checkpoint's (K, alpha, the loss
         weights...: the weights still fit, so the run goes on, with the new settings)."""
-        def flat(d, prefix=""):
+        def flat(d, prefix=""):  # dotted keys; train sections are _reconcile_config's
             out = {}
             for k, v in d.items():
-                if prefix == "" and k in ("train", "epoch", "history"):
+                if k == "train" or (not prefix and k in ("epoch", "history")):
                     continue
-                if isinstance(v, dict) and k != "train":
+                if isinstance(v, dict):
                     out.update(flat(v, f"{prefix}{k}."))
-                elif k != "train":
+                else:
                     out[f"{prefix}{k}"] = v
             return out
 
