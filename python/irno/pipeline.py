@@ -83,22 +83,31 @@ FREE_SECTIONS = (("data", "navier_stokes"), ("base", "kwargs"), ("irno", "refine
 TRAIN_SECTIONS = (("base", "train"), ("irno", "train"))
 
 
-def check_keys(loaded: dict, source: str, defaults: dict | None = None, where: tuple = ()) -> None:
-    """Refuse a key of a config file that the defaults do not have (the rules of ``set_dotted``: free
-    sections take any key, train sections any TrainConfig field): a misspelt key would otherwise be
-    a setting that nothing reads."""
+def _unknown_key(node: dict, key, where: tuple) -> str | None:
+    """Why ``key`` may not stand at ``where`` (a config path) in ``node``, or None where it may: any key
+    in a free section, a TrainConfig field in a train section, else only the keys ``node`` has. The
+    message names the place and the known keys."""
     from dataclasses import fields
 
     from irno.train import TrainConfig
 
-    defaults = DEFAULTS if defaults is None else defaults
     if any(where[:len(f)] == f for f in FREE_SECTIONS):
-        return
-    known = set(defaults) | ({f.name for f in fields(TrainConfig)} if where in TRAIN_SECTIONS else set())
+        return None
+    known = set(node) | ({f.name for f in fields(TrainConfig)} if where in TRAIN_SECTIONS else set())
+    if key in known:
+        return None
+    at = f"under {'.'.join(where)!r}" if where else "at the top level"
+    return f"no key {key!r} {at} (known: {', '.join(sorted(map(str, known)))})"
+
+
+def check_keys(loaded: dict, source: str, defaults: dict | None = None, where: tuple = ()) -> None:
+    """Refuse a key of a config file that the defaults do not have (the rules of ``set_dotted``,
+    ``_unknown_key``): a misspelt key would otherwise be a setting that nothing reads."""
+    defaults = DEFAULTS if defaults is None else defaults
     for key, value in loaded.items():
-        if key not in known:
-            at = f"under {'.'.join(where)!r}" if where else "at the top level"
-            raise ValueError(f"config: {source}: no key {key!r} {at} (known: {', '.join(sorted(map(str, known)))})")
+        why = _unknown_key(defaults, key, where)
+        if why:
+            raise ValueError(f"config: {source}: {why}")
         if isinstance(value, dict) and isinstance(defaults.get(key), dict):
             check_keys(value, source, defaults[key], (*where, key))
 
@@ -109,11 +118,7 @@ def set_dotted(cfg: dict, assignment: str) -> None:
     The path must name a key the config has (or a TrainConfig field in a train section, or any key
     in a free section such as ``base.kwargs``): a misspelt key is an error, not a new setting that
     nothing reads."""
-    from dataclasses import fields
-
     import yaml
-
-    from irno.train import TrainConfig
 
     if "=" not in assignment:
         raise ValueError(f"override: expected key.path=value, got {assignment!r}")
@@ -121,13 +126,9 @@ def set_dotted(cfg: dict, assignment: str) -> None:
     node = cfg
     parts = key.strip().split(".")
     for i, p in enumerate(parts):
-        where = tuple(parts[:i])
-        free = any(where[:len(f)] == f for f in FREE_SECTIONS)
-        known = set(node) | ({f.name for f in fields(TrainConfig)} if where in TRAIN_SECTIONS else set())
-        if not free and p not in known:
-            at = f"under {'.'.join(where)!r}" if where else "at the top level"
-            names = ", ".join(sorted(map(str, known)))
-            raise ValueError(f"override {key.strip()!r}: no key {p!r} {at} (known: {names})")
+        why = _unknown_key(node, p, tuple(parts[:i]))
+        if why:
+            raise ValueError(f"override {key.strip()!r}: {why}")
         if i == len(parts) - 1:
             break
         if not isinstance(node.get(p), dict):
