@@ -3,7 +3,8 @@
     y[b, c, s] = (x[b, c, s] - mu[b, s]) / sqrt(var[b, s] + eps) * weight[c] + bias[c]
     mu[b, s] = mean_c x[b, c, s],  var[b, s] = mean_c (x[b, c, s] - mu[b, s])^2   (biased)
 
-x: (B, C, *S). This is ``nn.LayerNorm(C)`` applied to the channels-last view of x, and the reference
+x: (B, C, *S); an optional per-channel ``in_bias`` is added to x first (a preceding convolution's bias,
+folded into this pass). This is ``nn.LayerNorm(C)`` applied to the channels-last view of x, and the reference
 computes it exactly so. Backends: "reference" (F.layer_norm on the permuted view: the fastest route
 on CPU) and "triton" (irno_kernels/triton/norm.py: one pass each way, NCHW or channels-last in place;
 the automatic choice on CUDA tensors when triton is present).
@@ -25,11 +26,15 @@ ACTIVATIONS = (None, "gelu")
 
 def channel_layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                            eps: float = 1e-5, activation: str | None = None, halo: int = 0,
-                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """LayerNorm over dim 1 of x (B, C, *S), in pure PyTorch. weight, bias: (C,) or None. Then
-    ``F.gelu`` (exact) when activation is "gelu", then ``F.pad(.., (halo,) * 4, mode="circular")``
-    (4-D x), then the cast to ``out_dtype``. Returns (B, C, *S) (grid dims + 2 * halo) of x's dtype
-    (under autocast: float32, as F.layer_norm) or out_dtype."""
+                           out_dtype: torch.dtype | None = None, in_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over dim 1 of x (B, C, *S), in pure PyTorch. weight, bias: (C,) or None; in_bias
+    (C,) or None is added to x first (x + in_bias[c] rounded to x's dtype, as a convolution with that
+    bias gives it). Then ``F.gelu`` (exact) when activation is "gelu", then
+    ``F.pad(.., (halo,) * 4, mode="circular")`` (4-D x), then the cast to ``out_dtype``. Returns
+    (B, C, *S) (grid dims + 2 * halo) of x's dtype (under autocast: float32, as F.layer_norm) or
+    out_dtype."""
+    if in_bias is not None:
+        x = (x + in_bias.view(-1, *(1,) * (x.dim() - 2))).to(x.dtype)
     perm = (0, *range(2, x.dim()), 1)
     inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
     y = F.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps).permute(inv)
@@ -40,10 +45,10 @@ def channel_layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, 
     return y if out_dtype is None else y.to(out_dtype)
 
 
-def _check(x, weight, bias, eps, activation, halo, out_dtype) -> float:
+def _check(x, weight, bias, eps, activation, halo, out_dtype, in_bias=None) -> float:
     _checks.tensor("x", x, min_ndim=2)
     C = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("in_bias", in_bias)):
         if t is None:
             continue
         _checks.tensor(name, t, ndim=1)
@@ -67,9 +72,13 @@ def _check(x, weight, bias, eps, activation, halo, out_dtype) -> float:
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                        eps: float = 1e-5, *, activation: str | None = None, halo: int = 0,
-                       out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None, in_bias: torch.Tensor | None = None,
+                       backend: str | None = None) -> torch.Tensor:
     """LayerNorm over the channels (dim 1) of x (B, C, *S) at every grid point, differentiable in x,
-    weight and bias (module docstring). weight, bias: (C,) or None.
+    weight, bias and in_bias (module docstring). weight, bias: (C,) or None.
+
+    ``in_bias`` (C,) is added to x before the normalisation: a preceding convolution's bias folded in,
+    so that the convolution runs without one (cuDNN adds a bias in a separate pass over its output).
 
     Fusions for a conv -> norm -> GELU -> periodic conv chain: ``activation="gelu"`` applies the exact
     GELU, ``halo=h`` returns the result periodically padded by h on both sides of both grid dims
@@ -78,24 +87,25 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias
     float32, as F.layer_norm) or out_dtype, in x's memory format. ``backend`` forces "reference" or
     "triton" (16-bit x is read directly, with no cast pass).
     """
-    eps = _check(x, weight, bias, eps, activation, halo, out_dtype)
-    impl = resolve("channel_layer_norm", x.device, backend, (x, weight, bias))
+    eps = _check(x, weight, bias, eps, activation, halo, out_dtype, in_bias)
+    impl = resolve("channel_layer_norm", x.device, backend, (x, weight, bias, in_bias))
     out_numel = x.numel() if not halo else x.shape[0] * x.shape[1] * (x.shape[2] + 2 * halo) * (x.shape[3] + 2 * halo)
     if impl == "reference" or x.dim() > 4 or x.dim() < 3 or not _checks.int32_addressable(x, extra=out_numel):
-        return channel_layer_norm_ref(x, weight, bias, eps, activation, halo, out_dtype)
-    return channel_layer_norm_triton(x, weight, bias, eps, activation == "gelu", halo, out_dtype)
+        return channel_layer_norm_ref(x, weight, bias, eps, activation, halo, out_dtype, in_bias)
+    return channel_layer_norm_triton(x, weight, bias, eps, activation == "gelu", halo, out_dtype, in_bias)
 
 
 def channel_layer_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                              gelu: bool, halo: int, out_dtype: torch.dtype | None) -> torch.Tensor:
+                              gelu: bool, halo: int, out_dtype: torch.dtype | None,
+                              in_bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`channel_layer_norm`'s Triton route without its argument checks and backend choice, for a
     caller that made both once for many calls (the U-Net's fused blocks: irno.models.unet): x 4-D
-    (B, C, H, W) floating point on a device the Triton kernel serves, weight and bias (C,) or None on
-    x's device, no forward-mode tangents, the result (grid dims + 2 * halo) below
+    (B, C, H, W) floating point on a device the Triton kernel serves, weight, bias and in_bias (C,) or
+    None on x's device, no forward-mode tangents, the result (grid dims + 2 * halo) below
     ``irno_kernels.backend.TRITON_MAX_ELEMENTS`` elements. Same result and autocast rule."""
     from irno_kernels.triton import channel_layer_norm as tr
 
     if torch.is_autocast_enabled(x.device.type):  # F.layer_norm's autocast policy: computed in float32
         with torch.autocast(x.device.type, enabled=False):
-            return tr(x, weight, bias, eps, gelu, halo, out_dtype if out_dtype is not None else torch.float32)
-    return tr(x, weight, bias, eps, gelu, halo, out_dtype)
+            return tr(x, weight, bias, eps, gelu, halo, out_dtype if out_dtype is not None else torch.float32, in_bias)
+    return tr(x, weight, bias, eps, gelu, halo, out_dtype, in_bias)

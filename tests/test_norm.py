@@ -77,12 +77,13 @@ def _layout(x, layout):
 
 
 def _compare(shape, dtype, layout="contiguous", affine=True, eps=1e-5, factor=1.0, activation=None, halo=0,
-             out_dtype=None):
+             out_dtype=None, in_bias=False):
     g = torch.Generator().manual_seed(sum(shape))
     x = _layout(torch.randn(*shape, dtype=dtype, generator=g).to(DEVICE), layout).requires_grad_()
     w = (torch.randn(shape[1], dtype=dtype, generator=g).to(DEVICE).requires_grad_() if affine else None)
     b = (torch.randn(shape[1], dtype=dtype, generator=g).to(DEVICE).requires_grad_() if affine else None)
-    kw = {"activation": activation, "halo": halo, "out_dtype": out_dtype}
+    s = (3 * torch.randn(shape[1], dtype=dtype, generator=g)).to(DEVICE).requires_grad_() if in_bias else None
+    kw = {"activation": activation, "halo": halo, "out_dtype": out_dtype, "in_bias": s}
     y = ik.channel_layer_norm(x, w, b, eps, backend="triton", **kw)
     want = ik.channel_layer_norm_ref(x, w, b, eps, **kw)
     out_shape = (*shape[:-2], shape[-2] + 2 * halo, shape[-1] + 2 * halo) if halo else shape
@@ -100,7 +101,7 @@ def _compare(shape, dtype, layout="contiguous", affine=True, eps=1e-5, factor=1.
     else:
         assert torch.equal(direct, y.detach())
     gy = torch.randn(*out_shape, dtype=y.dtype, generator=g).to(DEVICE)
-    leaves = [t for t in (x, w, b) if t is not None]
+    leaves = [t for t in (x, w, b, s) if t is not None]
     for a, e in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(want, leaves, gy)):
         torch.testing.assert_close(a, e, rtol=rtol * 10, atol=rtol * 10 * max(1.0, e.abs().max().item()))
 
@@ -237,6 +238,38 @@ def test_triton_fused_layouts_and_out_dtype(layout):
 
 
 @triton_only
+@pytest.mark.parametrize("shape,layout", [((2, 5, 7, 9), "contiguous"), ((1, 16, 3, 10), "channels_last"),
+                                          ((2, 3, 6, 5), "transposed"), ((1, 129, 4, 5), "contiguous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_in_bias_is_added_before_the_norm(shape, layout, dtype):
+    """in_bias (a conv's bias folded into the norm that reads the conv's output): forward and every
+    gradient, in_bias's included, against the reference's x + in_bias; with and without the fusions,
+    the affine parameters, and beyond the widest tile (C = 129: the reference with a gradient)."""
+    _compare(shape, dtype, layout, activation="gelu", halo=1, in_bias=True)
+    _compare(shape, dtype, layout, in_bias=True)
+    _compare(shape, dtype, layout, affine=False, in_bias=True)
+
+
+@triton_only
+def test_triton_in_bias_gpu_launch_configuration_under_the_interpreter(monkeypatch):
+    """Several chunks per batch item: the in_bias gradient is summed from per-program partial rows."""
+    from irno_kernels.triton import norm
+
+    monkeypatch.setattr(norm, "INTERPRET", False)
+    _compare((2, 20, 40, 30), torch.float32, activation="gelu", halo=1, in_bias=True)
+
+
+def test_reference_in_bias_is_a_bias_on_x():
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    w, b, s = (torch.randn(3, dtype=torch.float64) for _ in range(3))
+    want = _definition(x + s[:, None, None], w, b, 1e-5)
+    torch.testing.assert_close(ik.channel_layer_norm_ref(x, w, b, in_bias=s), want)
+    torch.testing.assert_close(ik.channel_layer_norm(x, w, b, in_bias=s), want)
+    # in x's dtype, as a convolution with that bias gives its output
+    assert ik.channel_layer_norm(x.float(), w.float(), b.float(), in_bias=s).dtype == torch.float32
+
+
+@triton_only
 def test_triton_fused_gpu_launch_configuration_under_the_interpreter(monkeypatch):
     from irno_kernels.triton import norm
 
@@ -256,6 +289,10 @@ def test_fused_arguments_are_checked():
         ik.channel_layer_norm(torch.randn(2, 3, 7), halo=1)
     with pytest.raises(ValueError, match="out_dtype: expected None or one of"):
         ik.channel_layer_norm(x, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"in_bias: expected shape \(3,\)"):
+        ik.channel_layer_norm(x, in_bias=torch.ones(4))
+    with pytest.raises(ValueError, match="in_bias"):
+        ik.channel_layer_norm(x, in_bias=torch.ones(3, 1))
 
 
 def test_reference_fusions_are_gelu_then_circular_pad():
@@ -278,6 +315,10 @@ def test_triton_gradcheck():
     x, w, b = x[:1, :, :3, :2].detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda *a: ik.channel_layer_norm(*a, backend="triton", activation="gelu", halo=2), (x, w, b), fast_mode=True)
+    s = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, s: ik.channel_layer_norm(x, w, b, backend="triton", activation="gelu", halo=2, in_bias=s),
+        (x, w, b, s), fast_mode=True)
 
 
 @triton_only
@@ -303,6 +344,11 @@ def test_triton_opcheck():
     args = (x.detach(), w.detach(), b.detach(), mean, rstd)
     torch.library.opcheck(ops.channel_layer_norm_bwd, (torch.randn_like(x), *args))
     torch.library.opcheck(ops.channel_layer_norm_bwd, (torch.randn(2, 3, 7, 9, device=DEVICE), *args, True, 1))
+    s = torch.randn(3, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.channel_layer_norm_fwd, (x, w, b, 1e-5, True, 1, None, s))
+    _, mean, rstd = ops.channel_layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5, in_bias=s.detach())
+    args = (x.detach(), w.detach(), b.detach(), mean, rstd, True, 1, s.detach())
+    torch.library.opcheck(ops.channel_layer_norm_bwd, (torch.randn(2, 3, 7, 9, device=DEVICE), *args))
 
 
 @triton_only

@@ -626,24 +626,28 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         bh, bw, rp, mp = D._blocks(256, 256, 64, 32)
         build(D._modes_to_grid_kernel, dict(z_ptr="fp32", pr_ptr="fp32", pi_ptr="fp32", qr_ptr="fp32",
                                             qi_ptr="fp32", y_ptr="fp32"), dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp))
+    # the U-Net's fused blocks: GELU, a halo and the conv's bias folded in (in_bias, HAS_S)
     for dt, fused in (("fp32", (False, 0)), ("bf16", (False, 0)), ("fp32", (True, 1)), ("bf16", (True, 1))):
         gelu, halo = fused
-        build(N._cln_fwd_kernel, dict(x_ptr=dt, w_ptr="fp32", b_ptr="fp32", y_ptr=dt, mean_ptr="fp32",
-                                      rstd_ptr="fp32"),
-              dict(HAS_W=True, HAS_B=True, C_PAD=16, BLOCK_P=N._block(1 << 16, 16), GELU=gelu, HALO=halo, **f32))
-        build(N._cln_bwd_kernel, dict(g_ptr=dt, x_ptr=dt, w_ptr="fp32", b_ptr="fp32", mean_ptr="fp32",
-                                      rstd_ptr="fp32", gx_ptr=dt, pw_ptr="fp32", pb_ptr="fp32"),
-              dict(HAS_W=True, HAS_B=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128, N.BWD_VALUES), GELU=gelu,
-                   HALO=halo, **f32), num_warps=N.BWD_WARPS)
+        build(N._cln_fwd_kernel, dict(x_ptr=dt, s_ptr="fp32", w_ptr="fp32", b_ptr="fp32", y_ptr=dt,
+                                      mean_ptr="fp32", rstd_ptr="fp32"),
+              dict(HAS_S=gelu, HAS_W=True, HAS_B=True, C_PAD=16, BLOCK_P=N._block(1 << 16, 16), GELU=gelu,
+                   HALO=halo, **f32))
+        build(N._cln_bwd_kernel, dict(g_ptr=dt, x_ptr=dt, s_ptr="fp32", w_ptr="fp32", b_ptr="fp32", mean_ptr="fp32",
+                                      rstd_ptr="fp32", gx_ptr=dt, pw_ptr="fp32", pb_ptr="fp32", ps_ptr="fp32"),
+              dict(HAS_S=gelu, HAS_W=True, HAS_B=True, C_PAD=128, BLOCK_P=N._block(1 << 16, 128, N.BWD_VALUES),
+                   GELU=gelu, HALO=halo, **f32), num_warps=N.BWD_WARPS)
     # the bottleneck's 256 channels: the forward (inference) and the backward's tile for them
-    build(N._cln_fwd_kernel, dict(x_ptr="fp32", w_ptr="fp32", b_ptr="fp32", y_ptr="fp32", mean_ptr="fp32",
-                                  rstd_ptr="fp32"),
-          dict(HAS_W=True, HAS_B=True, C_PAD=256, BLOCK_P=N._block(1 << 16, 256), GELU=True, HALO=1, **f32),
-          num_warps=N._fwd_warps(256))
-    build(N._cln_bwd_kernel, dict(g_ptr="fp32", x_ptr="fp32", w_ptr="fp32", b_ptr="fp32", mean_ptr="fp32",
-                                  rstd_ptr="fp32", gx_ptr="fp32", pw_ptr="fp32", pb_ptr="fp32"),
-          dict(HAS_W=True, HAS_B=True, C_PAD=256, BLOCK_P=N._block(1 << 16, 256, N.BWD_VALUES, N._bwd_min_points(256)),
-               GELU=True, HALO=1, **f32), num_warps=N.BWD_WARPS)
+    build(N._cln_fwd_kernel, dict(x_ptr="fp32", s_ptr="fp32", w_ptr="fp32", b_ptr="fp32", y_ptr="fp32",
+                                  mean_ptr="fp32", rstd_ptr="fp32"),
+          dict(HAS_S=True, HAS_W=True, HAS_B=True, C_PAD=256, BLOCK_P=N._block(1 << 16, 256), GELU=True, HALO=1,
+               **f32), num_warps=N._fwd_warps(256))
+    build(N._cln_bwd_kernel, dict(g_ptr="fp32", x_ptr="fp32", s_ptr="fp32", w_ptr="fp32", b_ptr="fp32",
+                                  mean_ptr="fp32", rstd_ptr="fp32", gx_ptr="fp32", pw_ptr="fp32", pb_ptr="fp32",
+                                  ps_ptr="fp32"),
+          dict(HAS_S=True, HAS_W=True, HAS_B=True, C_PAD=256,
+               BLOCK_P=N._block(1 << 16, 256, N.BWD_VALUES, N._bwd_min_points(256)), GELU=True, HALO=1, **f32),
+          num_warps=N.BWD_WARPS)
     for src, dst, halo in (("fp32", "bf16", 1), ("bf16", "bf16", 1), ("fp32", "fp32", 0)):
         bc, bp = P._blocks(32, 1 << 16)
         build(P._pad_fwd_kernel, dict(x_ptr="fp32", x2_ptr=src, y_ptr=dst), dict(BLOCK_C=bc, BLOCK_P=bp, HALO=halo))

@@ -53,11 +53,11 @@ def _halo_copy(i, j, nmask, a: tl.constexpr, e: tl.constexpr, S1, S2, HALO: tl.c
 
 @triton.jit(do_not_specialize=["C", "S1", "nblk"])  # _lib.UNSPECIALISED
 def _cln_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, eps: tl.float64,
+    x_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, eps: tl.float64,
     C, S1, S2, nblk,
     xs0, xs1, xs2, xs3, ys0, ys1, ys2, ys3,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-    GELU: tl.constexpr, HALO: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr, C_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, GELU: tl.constexpr, HALO: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // nblk
@@ -72,6 +72,8 @@ def _cln_fwd_kernel(
     acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
     x = tl.load(x_ptr + b * xs0 + c[:, None] * xs1 + (i * xs2 + j * xs3)[None, :], mask=mask, other=0.0)
     x = x.to(acc_ty)
+    if HAS_S:  # the preceding conv's bias, folded in (0 on padded channels)
+        x = x + tl.load(s_ptr + c, mask=cmask, other=0.0).to(acc_ty)[:, None]
     mean = tl.sum(x, axis=0) / C
     d = tl.where(mask, x - mean[None, :], 0.0)
     var = tl.sum(d * d, axis=0) / C
@@ -98,14 +100,15 @@ def _cln_fwd_kernel(
 
 @triton.jit(do_not_specialize=["C", "S1", "nchunk", "chunk"])  # _lib.UNSPECIALISED
 def _cln_bwd_kernel(
-    g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gx_ptr, pw_ptr, pb_ptr,
+    g_ptr, x_ptr, s_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, gx_ptr, pw_ptr, pb_ptr, ps_ptr,
     C, S1, S2, nchunk, chunk,
     gs0, gs1, gs2, gs3, xs0, xs1, xs2, xs3, os0, os1, os2, os3,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-    GELU: tl.constexpr, HALO: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_F64: tl.constexpr, C_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, GELU: tl.constexpr, HALO: tl.constexpr,
 ):
     """grad_x for the points of one chunk of one batch item, and that chunk's partial sums of
-    g * xhat and g per channel (rows of pw, pb), g the gradient at the normalised, affine output."""
+    g * xhat and g per channel (rows of pw, pb), g the gradient at the normalised, affine output,
+    and with HAS_S of grad_x (rows of ps: the gradient of the folded-in input bias)."""
     pid = tl.program_id(0)
     b = pid // nchunk
     start = (pid % nchunk) * chunk
@@ -119,8 +122,11 @@ def _cln_bwd_kernel(
         w = tl.where(cmask, 1.0, 0.0).to(acc_ty)
     if HAS_B:
         bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc_ty)
+    if HAS_S:
+        shift = tl.load(s_ptr + c, mask=cmask, other=0.0).to(acc_ty)
     acc_w = tl.zeros((C_PAD,), dtype=acc_ty)
     acc_b = tl.zeros((C_PAD,), dtype=acc_ty)
+    acc_s = tl.zeros((C_PAD,), dtype=acc_ty)
     for n0 in range(start, tl.minimum(start + chunk, N), BLOCK_P):
         n = n0 + tl.arange(0, BLOCK_P)
         nmask = n < N
@@ -129,6 +135,8 @@ def _cln_bwd_kernel(
         mask = cmask[:, None] & nmask[None, :]
         sp = (i * xs2 + j * xs3)[None, :]
         x = tl.load(x_ptr + b * xs0 + c[:, None] * xs1 + sp, mask=mask, other=0.0).to(acc_ty)
+        if HAS_S:
+            x = x + shift[:, None]
         if HALO == 0:
             g = tl.load(g_ptr + b * gs0 + c[:, None] * gs1 + (i * gs2 + j * gs3)[None, :], mask=mask,
                         other=0.0).to(acc_ty)
@@ -157,8 +165,12 @@ def _cln_bwd_kernel(
                  gx.to(gx_ptr.dtype.element_ty), mask=mask)
         acc_w += tl.sum(g * xhat, axis=1)
         acc_b += tl.sum(g, axis=1)
+        if HAS_S:  # points off the grid add 0 (g and xhat are 0 there); padded channels are not stored
+            acc_s += tl.sum(gx, axis=1)
     tl.store(pw_ptr + pid * C + c, acc_w, mask=cmask)
     tl.store(pb_ptr + pid * C + c, acc_b, mask=cmask)
+    if HAS_S:
+        tl.store(ps_ptr + pid * C + c, acc_s, mask=cmask)
 
 
 #: channels the kernels take; wider fields run the reference. On an H200 (tree fb66a22) the weight and
@@ -216,15 +228,15 @@ def _out_like(x: torch.Tensor, halo: int, out_dtype: torch.dtype | None) -> torc
     return torch.empty((B, C, H + 2 * halo, W + 2 * halo), dtype=dtype, device=x.device, memory_format=fmt)
 
 
-def _fwd_fake(x, weight, bias, eps, gelu=False, halo=0, out_dtype=None):
+def _fwd_fake(x, weight, bias, eps, gelu=False, halo=0, out_dtype=None, in_bias=None):
     B, N = x.shape[0], x[0, 0].numel()
     st = _stats_dtype(x)
     return _out_like(x, halo, out_dtype), x.new_empty((B, N), dtype=st), x.new_empty((B, N), dtype=st)
 
 
 def _cln_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-             gelu: bool = False, halo: int = 0,
-             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             gelu: bool = False, halo: int = 0, out_dtype: torch.dtype | None = None,
+             in_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y = _out_like(x, halo, out_dtype)
     x4, y4 = as_4d(x), as_4d(y)
     B, C, S1, S2 = x4.shape
@@ -235,26 +247,36 @@ def _cln_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     c_pad = pow2(C)
     block = _block(N, c_pad)
     nblk = cdiv(N, block)
-    launch(_cln_fwd_kernel, (B * nblk,), x4, weight if weight is not None else x4,
-           bias if bias is not None else x4, y4, mean, rstd, float(eps), C, S1, S2, nblk,
-           *x4.stride(), *y4.stride(), HAS_W=weight is not None, HAS_B=bias is not None, IS_F64=is_f64(x),
+    launch(_cln_fwd_kernel, (B * nblk,), x4, _or(in_bias, x4), _or(weight, x4), _or(bias, x4), y4, mean, rstd,
+           float(eps), C, S1, S2, nblk, *x4.stride(), *y4.stride(), HAS_S=in_bias is not None,
+           HAS_W=weight is not None, HAS_B=bias is not None, IS_F64=is_f64(x),
            C_PAD=c_pad, BLOCK_P=block, GELU=bool(gelu), HALO=int(halo), num_warps=_fwd_warps(c_pad))
     return y, mean, rstd
+
+
+def _or(t: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """t, or a stand-in pointer for an absent optional tensor (the kernel never reads it)."""
+    return t if t is not None else other
 
 
 _cln_fwd_op = register("channel_layer_norm_fwd", _fwd_fake)(_cln_fwd)
 
 
-def _bwd_fake(grad, x, weight, bias, mean, rstd, gelu=False, halo=0):
+def _grad_dtypes(x, weight, bias, in_bias) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    return tuple(t.dtype if t is not None else x.dtype for t in (weight, bias, in_bias))
+
+
+def _bwd_fake(grad, x, weight, bias, mean, rstd, gelu=False, halo=0, in_bias=None):
     C = x.shape[1]
-    pdt = weight.dtype if weight is not None else x.dtype
-    bdt = bias.dtype if bias is not None else x.dtype
-    return torch.empty_like(x), x.new_empty((C,), dtype=pdt), x.new_empty((C,), dtype=bdt)
+    pdt, bdt, sdt = _grad_dtypes(x, weight, bias, in_bias)
+    return (torch.empty_like(x), x.new_empty((C,), dtype=pdt), x.new_empty((C,), dtype=bdt),
+            x.new_empty((C,) if in_bias is not None else (0,), dtype=sdt))
 
 
 def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             mean: torch.Tensor, rstd: torch.Tensor, gelu: bool = False,
-             halo: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             mean: torch.Tensor, rstd: torch.Tensor, gelu: bool = False, halo: int = 0,
+             in_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias, grad_in_bias); the last is empty (0,) without an in_bias."""
     gx = torch.empty_like(x)
     g4, x4, o4 = as_4d(grad), as_4d(x), as_4d(gx)
     B, C, S1, S2 = x4.shape
@@ -267,39 +289,46 @@ def _cln_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, b
     acc = _stats_dtype(x)
     pw = torch.empty((B * nchunk, C), dtype=acc, device=x.device)
     pb = torch.empty((B * nchunk, C), dtype=acc, device=x.device)
-    launch(_cln_bwd_kernel, (B * nchunk,), g4, x4, weight if weight is not None else x4,
-           bias if bias is not None else x4, mean, rstd, o4, pw, pb,
-           C, S1, S2, nchunk, chunk, *g4.stride(), *x4.stride(), *o4.stride(),
+    ps = torch.empty((B * nchunk, C), dtype=acc, device=x.device) if in_bias is not None else None
+    launch(_cln_bwd_kernel, (B * nchunk,), g4, x4, _or(in_bias, x4), _or(weight, x4), _or(bias, x4), mean, rstd,
+           o4, pw, pb, _or(ps, pw),
+           C, S1, S2, nchunk, chunk, *g4.stride(), *x4.stride(), *o4.stride(), HAS_S=in_bias is not None,
            HAS_W=weight is not None, HAS_B=bias is not None, IS_F64=is_f64(x), C_PAD=c_pad, BLOCK_P=block,
            GELU=bool(gelu), HALO=int(halo), num_warps=BWD_WARPS)
-    pdt = weight.dtype if weight is not None else x.dtype
-    bdt = bias.dtype if bias is not None else x.dtype
-    return gx, pw.sum(0).to(pdt), pb.sum(0).to(bdt)
+    pdt, bdt, sdt = _grad_dtypes(x, weight, bias, in_bias)
+    gs = ps.sum(0).to(sdt) if ps is not None else x.new_empty((0,), dtype=sdt)
+    return gx, pw.sum(0).to(pdt), pb.sum(0).to(bdt), gs
 
 
 _cln_bwd_op = register("channel_layer_norm_bwd", _bwd_fake)(_cln_bwd)
 no_second_derivative(_cln_bwd_op, "channel_layer_norm", "Triton")  # a second backward raises
 
 
-def _grads(ctx, gx, gw, gb):
+def _grads(ctx, gx, gw, gb, gs):
     need = ctx.needs_input_grad
-    return (gx if need[0] else None), (gw if ctx.has_w and need[1] else None), \
-        (gb if ctx.has_b and need[2] else None)
+    return ((gx if need[0] else None), (gw if ctx.has_w and need[1] else None),
+            (gb if ctx.has_b and need[2] else None), None, None, None, None, (gs if ctx.has_s and need[7] else None))
+
+
+def _save(ctx, x, weight, bias, in_bias, mean, rstd, gelu, halo):
+    ctx.has_w, ctx.has_b, ctx.has_s = weight is not None, bias is not None, in_bias is not None
+    ctx.gelu, ctx.halo = gelu, halo
+    ctx.save_for_backward(x, weight, bias, in_bias, mean, rstd)
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, eps, gelu, halo, _ = inputs
+    x, weight, bias, eps, gelu, halo, _, in_bias = inputs
     _, mean, rstd = output
-    ctx.has_w, ctx.has_b, ctx.gelu, ctx.halo = weight is not None, bias is not None, gelu, halo
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    _save(ctx, x, weight, bias, in_bias, mean, rstd, gelu, halo)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad, _gmean=None, _grstd=None):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+    x, weight, bias, in_bias, mean, rstd = ctx.saved_tensors
     bwd = backward_fn(ctx, _cln_bwd, _cln_bwd_op)  # the op when recorded (create_graph=True) or traced
-    gx, gw, gb = bwd(grad.contiguous() if grad.dim() > 4 else grad, x, weight, bias, mean, rstd, ctx.gelu, ctx.halo)
-    return *_grads(ctx, gx, gw, gb), None, None, None, None
+    grads = bwd(grad.contiguous() if grad.dim() > 4 else grad, x, weight, bias, mean, rstd, ctx.gelu, ctx.halo,
+                in_bias)
+    return _grads(ctx, *grads)
 
 
 _cln_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -311,10 +340,9 @@ class _EagerChannelLayerNorm(torch.autograd.Function):
     (``_backward``): the plain kernels, or the backward op when a second backward could follow."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, gelu, halo, out_dtype):
-        y, mean, rstd = _cln_fwd(x, weight, bias, eps, gelu, halo, out_dtype)
-        ctx.has_w, ctx.has_b, ctx.gelu, ctx.halo = weight is not None, bias is not None, gelu, halo
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+    def forward(ctx, x, weight, bias, eps, gelu, halo, out_dtype, in_bias=None):
+        y, mean, rstd = _cln_fwd(x, weight, bias, eps, gelu, halo, out_dtype, in_bias)
+        _save(ctx, x, weight, bias, in_bias, mean, rstd, gelu, halo)
         ctx.eager = True  # _lib.backward_fn
         return y
 
@@ -325,12 +353,12 @@ class _EagerChannelLayerNorm(torch.autograd.Function):
 
 def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        eps: float, gelu: bool = False, halo: int = 0,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """LayerNorm over dim 1 of x (B, C, *S) at every grid point; weight, bias: (C,) or None; then
-    GELU when ``gelu``; written periodically padded by ``halo`` (4-D x) in ``out_dtype`` (default
-    x's dtype). Returns (B, C, *S) (grid dims + 2 * halo) in x's memory format. Arguments arrive
-    validated. More than MAX_CHANNELS channels run the reference, unless no gradient can follow (no
-    input requires one, no forward-mode AD, not tracing) and C <= MAX_CHANNELS_FORWARD.
+                       out_dtype: torch.dtype | None = None, in_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over dim 1 of x + in_bias (B, C, *S) at every grid point; weight, bias, in_bias: (C,)
+    or None; then GELU when ``gelu``; written periodically padded by ``halo`` (4-D x) in ``out_dtype``
+    (default x's dtype). Returns (B, C, *S) (grid dims + 2 * halo) in x's memory format. Arguments
+    arrive validated. More than MAX_CHANNELS channels run the reference, unless no gradient can follow
+    (no input requires one, no forward-mode AD, not tracing) and C <= MAX_CHANNELS_FORWARD.
 
     Outside torch.compile the kernels run without the registered ops (directly without gradients,
     through an autograd.Function with them): the refiner calls this ~100 times per inference, and
@@ -339,19 +367,20 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     """
     gelu, halo, eps = bool(gelu), int(halo), float(eps)
     C = x.shape[1]
+    params = (x, weight, bias, in_bias)
     if C > MAX_CHANNELS and (C > MAX_CHANNELS_FORWARD or torch.compiler.is_compiling()
-                             or _lib.needs_autograd((x, weight, bias))):
+                             or _lib.needs_autograd(params)):
         from irno_kernels.norm import channel_layer_norm_ref
 
         # the kernel's dtype rules, by the reference: computed in float32 at least (the caller may
         # have turned autocast off around a 16-bit x and float32 weights, which CUDA's layer_norm
         # refuses to mix), returned in out_dtype or x's dtype
         wide = torch.promote_types(x.dtype, torch.float32)
-        y = channel_layer_norm_ref(x.to(wide), weight if weight is None else weight.to(wide),
-                                   bias if bias is None else bias.to(wide), eps, "gelu" if gelu else None, halo)
-        return y.to(out_dtype if out_dtype is not None else x.dtype)
+        x, weight, bias, in_bias = (t if t is None else t.to(wide) for t in params)
+        y = channel_layer_norm_ref(x, weight, bias, eps, "gelu" if gelu else None, halo, in_bias=in_bias)
+        return y.to(out_dtype if out_dtype is not None else params[0].dtype)
     if torch.compiler.is_compiling():
-        return _cln_fwd_op(x, weight, bias, eps, gelu, halo, out_dtype)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _EagerChannelLayerNorm.apply(x, weight, bias, eps, gelu, halo, out_dtype)
-    return _cln_fwd(x, weight, bias, eps, gelu, halo, out_dtype)[0]
+        return _cln_fwd_op(x, weight, bias, eps, gelu, halo, out_dtype, in_bias)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        return _EagerChannelLayerNorm.apply(x, weight, bias, eps, gelu, halo, out_dtype, in_bias)
+    return _cln_fwd(x, weight, bias, eps, gelu, halo, out_dtype, in_bias)[0]

@@ -125,12 +125,13 @@ class ConvBlock(nn.Module):
         conv1, ln1, _, conv2, ln2, _ = self.net
         for ln, conv in ((ln1, conv1), (ln2, conv2)):  # what the checked norm validates, per call
             shape = (conv.out_channels,)
-            if not (ln.weight is None or ln.weight.shape == shape) or not (ln.bias is None or ln.bias.shape == shape) \
+            if any(t is not None and t.shape != shape for t in (ln.weight, ln.bias, conv.bias)) \
                     or not 0.0 <= ln.eps < math.inf:
                 return False
         h = max(conv1.padding[0], conv2.padding[0])
         widest = max(sum(x.shape[1] for x in xs), conv2.in_channels, conv2.out_channels)
-        return _unchecked_ok(x0, B * widest * (H + 2 * h) * (W + 2 * h), ln1.weight, ln1.bias, ln2.weight, ln2.bias)
+        return _unchecked_ok(x0, B * widest * (H + 2 * h) * (W + 2 * h), ln1.weight, ln1.bias, ln2.weight, ln2.bias,
+                             conv1.bias, conv2.bias)
 
     def forward_fused(self, x: torch.Tensor | list[torch.Tensor], backend: str | None = None) -> torch.Tensor:
         """``self.net(x)`` (of ``torch.cat(x, 1)`` for a list) in fewer passes over memory (the path on
@@ -144,7 +145,8 @@ class ConvBlock(nn.Module):
     def _fused(self, xs: list[torch.Tensor], backend: str | None, unchecked: bool) -> torch.Tensor:
         """forward_fused; ``unchecked``: through the Triton routes without the ops' per-call checks
         and backend choice (``_unchecked``; tens of microseconds of host time per call, the eager
-        refiner's bottleneck on a GPU)."""
+        refiner's bottleneck on a GPU). Each conv runs without its bias, which the LayerNorm after it
+        adds as it reads the conv's output (``in_bias``): cuDNN would add it in a pass of its own."""
         conv1, ln1, _, conv2, ln2, _ = self.net
         dev = xs[0].device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
@@ -153,16 +155,17 @@ class ConvBlock(nn.Module):
             a = periodic_pad_cat_triton(xs, h1, dtype)
         else:
             a = ik.periodic_pad_cat(xs, h1, out_dtype=dtype, backend=backend)
-        z = F.conv2d(a, conv1.weight, conv1.bias, conv1.stride, 0, conv1.dilation, conv1.groups)
+        z = F.conv2d(a, conv1.weight, None, conv1.stride, 0, conv1.dilation, conv1.groups)
         if unchecked:
-            a = channel_layer_norm_triton(z, ln1.weight, ln1.bias, ln1.eps, True, h2, dtype)
+            a = channel_layer_norm_triton(z, ln1.weight, ln1.bias, ln1.eps, True, h2, dtype, conv1.bias)
         else:
             a = ik.channel_layer_norm(z, ln1.weight, ln1.bias, ln1.eps, activation="gelu", halo=h2,
-                                      out_dtype=dtype, backend=backend)
-        z = F.conv2d(a, conv2.weight, conv2.bias, conv2.stride, 0, conv2.dilation, conv2.groups)
+                                      out_dtype=dtype, in_bias=conv1.bias, backend=backend)
+        z = F.conv2d(a, conv2.weight, None, conv2.stride, 0, conv2.dilation, conv2.groups)
         if unchecked:
-            return channel_layer_norm_triton(z, ln2.weight, ln2.bias, ln2.eps, True, 0, None)
-        return ik.channel_layer_norm(z, ln2.weight, ln2.bias, ln2.eps, activation="gelu", backend=backend)
+            return channel_layer_norm_triton(z, ln2.weight, ln2.bias, ln2.eps, True, 0, None, conv2.bias)
+        return ik.channel_layer_norm(z, ln2.weight, ln2.bias, ln2.eps, activation="gelu", in_bias=conv2.bias,
+                                     backend=backend)
 
 
 def periodic_coordinates(x: torch.Tensor) -> torch.Tensor:
