@@ -5,6 +5,7 @@
 // once, instead of materialising Phi's output and re-reading it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -146,7 +147,11 @@ void refine_update_inplace_cpu(at::Tensor& h, const at::Tensor& z, const at::Ten
                                const c10::optional<at::Tensor>& bias, double alpha) {
   check_refine_args(h, z, weight, bias);
   if (h.is_contiguous()) {
-    refine_into(h, h, z, weight, bias, alpha);  // each element of h is read before it is written
+    // each element of h is read before it is written, but not each element of z: the fused loop writes
+    // h channel by channel and the GEMM its whole output, so a z sharing memory with h (z is h, or a
+    // view into h's buffer) is read from a copy
+    const at::Tensor zr = at::get_overlap_status(h, z) == at::MemOverlapStatus::No ? z : z.clone();
+    refine_into(h, h, zr, weight, bias, alpha);
   } else {
     at::Tensor tmp = at::empty(h.sizes(), h.options());
     refine_into(tmp, h, z, weight, bias, alpha);
@@ -154,7 +159,42 @@ void refine_update_inplace_cpu(at::Tensor& h, const at::Tensor& z, const at::Ten
   }
 }
 
+// ADInplaceOrView kernels of the in-place ops (CPU and CUDA alike): the backend kernels write h
+// through its data pointer, unseen by autograd, so h's version counter is bumped here, as ATen's
+// in-place ops bump theirs; a backward that saved h's old value then raises instead of using the new
+// one. (Not reached under torch.inference_mode, like ATen's: inference tensors have no counter.)
+void residual_update_inplace_adinplaceorview(c10::DispatchKeySet ks, at::Tensor& h, const at::Tensor& phi,
+                                             double alpha) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("irno::residual_update_", "")
+                             .typed<void(at::Tensor&, const at::Tensor&, double)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, h, phi, alpha);
+  }
+  h.unsafeGetTensorImpl()->bump_version();
+}
+
+void refine_update_inplace_adinplaceorview(c10::DispatchKeySet ks, at::Tensor& h, const at::Tensor& z,
+                                           const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                           double alpha) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("irno::refine_update_", "")
+          .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, h, z, weight, bias, alpha);
+  }
+  h.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(irno, ADInplaceOrView, m) {
+  m.impl("residual_update_", TORCH_FN(residual_update_inplace_adinplaceorview));
+  m.impl("refine_update_", TORCH_FN(refine_update_inplace_adinplaceorview));
+}
 
 TORCH_LIBRARY_IMPL(irno, CPU, m) {
   m.impl("residual_update", &residual_update_cpu);

@@ -59,6 +59,10 @@ def same_shape(**tensors: torch.Tensor) -> None:
 
 
 def finite_scalar(name: str, value) -> float:
+    """``value`` as a finite float: an int, a float, a numpy scalar or a 0-d tensor (not a string,
+    which float() would parse)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     try:
         v = float(value)
     except (TypeError, ValueError):

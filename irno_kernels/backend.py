@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from irno_kernels._checks import within
+from irno_kernels._checks import INT32_ELEMENTS, within
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "dft")
 #: ops with a "dft" implementation (pure PyTorch matrix products; automatic for large CUDA fields)
@@ -133,12 +133,15 @@ def has_tangent(tensors) -> bool:
                for t in tensors)
 
 
-def resolve(op: str, device: torch.device | str, backend: str | None = None, tensors=()) -> str:
+def resolve(op: str, device: torch.device | str, backend: str | None = None, tensors=(), extra: int = 0) -> str:
     """The backend that serves ``op`` for tensors on ``device``.
 
     ``backend`` (or else ``$IRNO_BACKEND``) forces one; ``None``/"auto" picks the fastest present.
     The compiled and Triton kernels have no forward-mode AD formula: when ``tensors`` carry forward
-    tangents, "auto" picks the reference (which has one) and a forced kernel raises.
+    tangents, "auto" picks the reference (which has one) and a forced kernel raises. Triton serves
+    ``tensors`` below ``TRITON_MAX_ELEMENTS`` and, when the op's Triton route makes a tensor larger
+    than a few times its inputs (spectral_conv2d's output spectrum with many output channels),
+    ``extra``, its number of elements, below 2^31 - 1; "auto" passes over it otherwise.
     """
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
@@ -155,16 +158,18 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
         if dual and forced not in ("reference", "dft"):
             raise RuntimeError(f"irno backend {forced!r} has no forward-mode AD formula for {op}; use "
                                f"backend='reference' (or the automatic choice) under torch.autograd.forward_ad")
-        if forced == "triton" and not _triton_fits(tensors):
+        if forced == "triton" and not _triton_fits(tensors, extra):
+            made = (f", nor make one of {INT32_ELEMENTS} or more (this call makes {extra})"
+                    if extra >= INT32_ELEMENTS else "")
             raise RuntimeError(f"irno backend 'triton' cannot run {op} on a tensor of {TRITON_MAX_ELEMENTS} elements "
-                               f"or more, or a view reaching that far into its storage (its kernels address "
-                               f"with 32-bit offsets); use the automatic choice")
+                               f"or more, or a view reaching that far into its storage{made} (its kernels "
+                               f"address with 32-bit offsets); use the automatic choice")
         return forced
     if dual:
         return "reference"
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     for name in order:
-        if available(op, name, device) and (name != "triton" or _triton_fits(tensors)):
+        if available(op, name, device) and (name != "triton" or _triton_fits(tensors, extra)):
             return name
     return "reference"
 
@@ -172,12 +177,14 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None, ten
 #: inputs of a Triton kernel stay below this many elements (and reach no further in memory: a view of
 #: a larger tensor counts by its strides): the kernels address with 32-bit offsets,
 #: and an op's internal buffers (an rfft2 spectrum, a padded or upsampled output) can be up to a few
-#: times its input (the ops with a larger output also check that: irno_kernels/pad.py, norm.py)
+#: times its input (the ops with a larger output also check that: irno_kernels/pad.py, norm.py, and
+#: spectral_conv.py through ``resolve``'s ``extra``)
 TRITON_MAX_ELEMENTS = 1 << 29
 
 
-def _triton_fits(tensors) -> bool:
-    return all(within(t, TRITON_MAX_ELEMENTS) for t in tensors if isinstance(t, torch.Tensor))
+def _triton_fits(tensors, extra: int = 0) -> bool:
+    return extra < INT32_ELEMENTS and all(within(t, TRITON_MAX_ELEMENTS) for t in tensors
+                                          if isinstance(t, torch.Tensor))
 
 
 def _absent_message(op: str, backend: str, device: torch.device) -> str:

@@ -35,6 +35,7 @@ def channel_layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, 
     out_dtype."""
     if in_bias is not None:
         x = (x + in_bias.view(-1, *(1,) * (x.dim() - 2))).to(x.dtype)
+    weight, bias = _in_compute_dtype(weight, x), _in_compute_dtype(bias, x)
     perm = (0, *range(2, x.dim()), 1)
     inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
     y = F.layer_norm(x.permute(perm), (x.shape[1],), weight, bias, eps).permute(inv)
@@ -43,6 +44,16 @@ def channel_layer_norm_ref(x: torch.Tensor, weight: torch.Tensor | None = None, 
     if halo:
         y = F.pad(y, (halo,) * 4, mode="circular")
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def _in_compute_dtype(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """A parameter (C,) as F.layer_norm takes it with x: in x's dtype, or float32 for 16-bit x (its
+    compute precision, the dtype it keeps there: the refiner's fp32 parameters under autocast). Any
+    other float dtype is cast, differentiably: the Triton kernel reads parameters of any float dtype
+    in x's compute precision, and F.layer_norm on CPU refuses the mix (an unnamed "mixed dtype" error)."""
+    if p is None or p.dtype == x.dtype or (p.dtype == torch.float32 and x.dtype in _checks.LOW_PRECISION):
+        return p
+    return p.to(torch.float32 if x.dtype in _checks.LOW_PRECISION else x.dtype)
 
 
 def _check(x, weight, bias, eps, activation, halo, out_dtype, in_bias=None) -> float:

@@ -125,6 +125,14 @@ def _forced(backend: str | None) -> bool:
     return name not in (None, "auto")
 
 
+def _spectrum_elements(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """Real values of the largest spectrum the Triton route addresses: (B, max(C_in, C_out), H, W//2+1)
+    complex (the output spectrum and, in the backward, grad_y's have C_out channels: with
+    C_out > C_in they pass the 32-bit reach long before x does)."""
+    B, Ci, H, W = x.shape
+    return 2 * B * max(Ci, weight.shape[1]) * H * (W // 2 + 1)
+
+
 def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor, modes: int | Sequence[int] | None = None, *,
                     backend: str | None = None) -> torch.Tensor:
     """Spectral convolution y = irfft2(Mix(rfft2(x))), differentiable in x and weight.
@@ -143,7 +151,7 @@ def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor, modes: int | Sequence
     :func:`irno_kernels.spectral_dft.spectral_conv2d_dft` for its precision).
     """
     _check(x, weight, modes)
-    impl = resolve("spectral_conv2d", x.device, backend, (x, weight))
+    impl = resolve("spectral_conv2d", x.device, backend, (x, weight), extra=_spectrum_elements(x, weight))
     if impl == "cuda" and not _forced(backend):
         from irno_kernels.spectral_dft import prefer_dft
 

@@ -59,6 +59,8 @@ def _check_refine(h, z, weight, bias, alpha):
     _checks.tensor("h", h, min_ndim=2)
     _checks.tensor("z", z, min_ndim=2)
     _checks.tensor("weight", weight, min_ndim=2)
+    if bias is not None:  # before same_device/same_dtype, which read its attributes
+        _checks.tensor("bias", bias, ndim=1)
     _checks.same_device(h=h, z=z, weight=weight, bias=bias)
     _checks.same_dtype(h=h, z=z, weight=weight, bias=bias)
     if z.dim() != h.dim():
@@ -74,10 +76,8 @@ def _check_refine(h, z, weight, bias, alpha):
     if tuple(weight.shape) != (h.shape[1], z.shape[1]):
         raise ValueError(f"weight: expected shape ({h.shape[1]}, {z.shape[1]}) = (C_out of h, F of z), "
                          f"got {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.tensor("bias", bias, ndim=1)
-        if bias.shape[0] != h.shape[1]:
-            raise ValueError(f"bias: expected shape ({h.shape[1]},), got {tuple(bias.shape)}")
+    if bias is not None and bias.shape[0] != h.shape[1]:
+        raise ValueError(f"bias: expected shape ({h.shape[1]},), got {tuple(bias.shape)}")
     return weight, _checks.finite_scalar("alpha", alpha)
 
 
@@ -111,7 +111,7 @@ def residual_update_(h: torch.Tensor, phi: torch.Tensor, alpha: float, *, backen
     """h += alpha * phi in place (inference only); returns h."""
     alpha = _check_residual(h, phi, alpha)
     _refuse_grad("residual_update_", h, phi)
-    impl = resolve("residual_update", h.device, backend)
+    impl = resolve("residual_update", h.device, backend, (h, phi))
     if impl in ("cpu", "cuda"):
         torch.ops.irno.residual_update_(h, phi, alpha)
     elif impl == "triton":
@@ -145,7 +145,12 @@ def refine_update_(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias:
     """In-place ``refine_update`` for inference; returns h."""
     weight, alpha = _check_refine(h, z, weight, bias, alpha)
     _refuse_grad("refine_update_", h, z, weight, bias)
-    impl = resolve("refine_update", h.device, backend)
+    impl = resolve("refine_update", h.device, backend, (h, z, weight, bias))
+    if impl in ("cuda", "triton") and not torch.compiler.is_compiling() and torch._C._overlaps(h, z):
+        # z shares memory with h: the CUDA kernel writes h's channels one after another, and a Triton
+        # program could write positions another one has yet to read in z; the CPU kernel checks this
+        # itself (csrc/update.cpp). Compiled, the functionalised op reads a copy of h already.
+        z = z.clone()
     if impl in ("cpu", "cuda"):
         torch.ops.irno.refine_update_(h, z, weight, bias, alpha)
     elif impl == "triton":

@@ -164,3 +164,60 @@ def test_step_flops_unet():
     assert a.total > 2 * 2 * 4 * 9 * 256
     # the refiner's cost scales with the grid: 4x the pixels, 4x the flops
     assert step_flops(fused, torch.randn(1, 1, 32, 32)).total == pytest.approx(4 * a.total)
+
+
+def test_contraction_radius_converges_for_non_normal_and_complex_jacobians():
+    # the last step's growth ||J v|| overshoots for a non-normal J and oscillates for a complex
+    # eigenpair; the geometric mean over the second half of the iterations converges
+    x, h = torch.randn(2, 1, 4, 4), torch.randn(2, 2, 4, 4)
+    A = torch.tensor([[-1.0, 8.0], [0.0, -2.0]])  # J = [[0.8, 1.6], [0, 0.6]]: radius 0.8, norm 1.87
+    for n in (40, 41):
+        q = contraction_factor(_linear_irno(A), x, h, n_iter=n, kind="radius")
+        torch.testing.assert_close(q, torch.full((2,), 0.8), rtol=0.02, atol=0)
+    A2 = torch.tensor([[-2.5, 5.0], [-2.5, -2.5]])  # J = [[0.5, 1], [-0.5, 0.5]]: eig 0.5 +- 0.707i
+    for n in (40, 41, 80, 81):
+        q = contraction_factor(_linear_irno(A2), x, h, n_iter=n, kind="radius")
+        torch.testing.assert_close(q, torch.full((2,), math.sqrt(0.75)), rtol=0.03, atol=0)
+    _, hist = contraction_factor(_linear_irno(A2), x, h, n_iter=6, kind="radius", return_history=True)
+    assert hist[-1].tolist() == contraction_factor(_linear_irno(A2), x, h, n_iter=6, kind="radius").tolist()
+
+
+def test_bias_error_floor_from_another_start():
+    # h0: the iteration starts from another base's output (transfer); Phi = 0 keeps h_k = h_0
+    conv = nn.Conv2d(2, 1, 1, bias=False)
+    nn.init.zeros_(conv.weight)
+    m = IRNO(nn.Identity(), conv, in_channels=1, out_channels=1)
+    x, y = torch.randn(3, 1, 6, 6), torch.randn(3, 1, 6, 6)
+    res = bias_error_floor(m, (x, y), n_steps=4, h0=lambda t: 2 * t)
+    torch.testing.assert_close(res.floor, (2 * x - y).flatten(1).norm(dim=1))
+    torch.testing.assert_close(bias_error_floor(m, (x, y), n_steps=4).floor, (x - y).flatten(1).norm(dim=1))
+
+
+def test_complex_addmm_family_counts_four_real_flops():
+    a, b, c = (torch.randn(*s, dtype=torch.cfloat) for s in ((4, 6), (6, 5), (4, 5)))
+    assert count_flops(torch.mm, a, b).total == 8 * 4 * 6 * 5
+    assert count_flops(torch.addmm, c, a, b).total == 8 * 4 * 6 * 5
+    assert count_flops(torch.addmm, c.real, a.real, b.real).total == 2 * 4 * 6 * 5
+    A, Bm, C = (torch.randn(*s, dtype=torch.cfloat) for s in ((3, 4, 6), (3, 6, 5), (3, 4, 5)))
+    assert count_flops(torch.baddbmm, C, A, Bm).total == 8 * 3 * 4 * 6 * 5
+    assert count_flops(torch.addbmm, c, A, Bm).total == 8 * 3 * 4 * 6 * 5
+    assert count_flops(torch.addbmm, c.real, A.real, Bm.real).total == 2 * 3 * 4 * 6 * 5
+    assert count_flops(nn.Linear(6, 5, dtype=torch.cfloat), a).total == 8 * 4 * 6 * 5
+
+
+def test_count_flops_does_not_depend_on_the_backend(monkeypatch):
+    # the dft route (automatic on CUDA for large fields) does matmuls instead of FFTs: count_flops
+    # runs the reference route, and puts IRNO_BACKEND back afterwards
+    B, ci, co, H, W, m1, m2 = 2, 3, 4, 16, 12, 3, 4
+    conv, x = SpectralConv2d(ci, co, (m1, m2)), torch.randn(B, ci, H, W)
+    ref = count_flops(conv, x)
+    for forced in ("dft", "cpu" if irno_kernels.backend.HAS_C else "reference"):
+        monkeypatch.setenv("IRNO_BACKEND", forced)
+        rep = count_flops(conv, x)
+        assert (rep.total, rep.fft, rep.n_fft) == (ref.total, ref.fft, ref.n_fft)
+        assert rep.total == pytest.approx(B * (ci + co) * 5 * H * W * math.log2(H * W) + 8 * B * ci * co * 2 * m1 * m2,
+                                          abs=2)
+        assert irno_kernels.backend.os.environ["IRNO_BACKEND"] == forced
+    monkeypatch.delenv("IRNO_BACKEND")
+    count_flops(conv, x)
+    assert "IRNO_BACKEND" not in irno_kernels.backend.os.environ

@@ -497,3 +497,107 @@ def test_forcing_above_the_dealiased_band_is_refused():
 
     with pytest.raises(ValueError, match="forcing_wavenumber must be > 0 and below sim_resolution / 3"):
         NavierStokesConfig(resolution=8, sim_resolution=8, forcing_wavenumber=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes
+
+
+def test_train_normalization_uses_the_whole_training_folder(tmp_path):
+    """normalization="train" gives the same statistics, from every file of train/, whether the
+    dataset is one file inside train/, one in valid/, or the train split of the root."""
+    for name, loc in (("a", 0.0), ("b", 100.0)):
+        u = {"u": (loc + np.random.default_rng(int(loc)).standard_normal((1, 5, 8, 4))).astype(np.float32)}
+        write_well_file(tmp_path / "data" / "train" / f"{name}.hdf5", dataset_name="g", time=np.arange(5.0),
+                        coords=D, t0_fields=u)
+    make_split(tmp_path, "valid", 0.0, 1.0, 2)
+    inside = WellDataset(tmp_path / "data" / "train" / "a.hdf5", n_steps_input=1, normalization="train")
+    beside = WellDataset(tmp_path / "data" / "valid" / "valid.hdf5", n_steps_input=1, normalization="train")
+    split = WellDataset(tmp_path, split="train", n_steps_input=1, normalization="train")
+    assert inside.normalization == beside.normalization == split.normalization
+    assert [os.path.basename(s) for s in inside.normalization.source] == ["a.hdf5", "b.hdf5"]
+    assert inside.normalization.mean[0] == pytest.approx(50.0, abs=1.0)
+
+
+def test_an_empty_training_split_is_an_error_naming_its_files(tmp_path):
+    """No trajectories to learn statistics from (or to sample) is a ValueError naming the files,
+    not mean 0 and std min_std (which scaled the other splits by 1e4)."""
+    empty = write_well_file(tmp_path / "data" / "train" / "a.hdf5", dataset_name="e", time=np.arange(5.0),
+                            coords=D, t0_fields={"u": np.zeros((0, 5, 8, 4), np.float32)})
+    make_split(tmp_path, "valid", 5.0, 2.0, 0)
+    with pytest.raises(ValueError, match="no values") as err:
+        Normalization.compute([empty])
+    assert str(empty) in str(err.value)
+    with pytest.raises(ValueError, match="no values") as err:
+        WellDataset(tmp_path, split="valid", n_steps_input=2, normalization="train")
+    assert str(empty) in str(err.value)
+    with pytest.raises(ValueError, match="no samples") as err:
+        WellDataset(tmp_path, split="train", n_steps_input=2)
+    assert str(empty) in str(err.value)
+    with pytest.raises(ValueError, match="at least one file"):
+        Normalization.compute([])
+
+
+def test_a_generation_racing_a_finished_one_keeps_the_finished_data_set(tmp_path, monkeypatch):
+    """Process A finds no cache; process B completes the data set meanwhile (here: inside A's first
+    check); A must then use B's copy, never delete it."""
+    cfg = NavierStokesConfig(resolution=16, sim_resolution=16, spinup_time=0.02, snapshot_interval=0.02,
+                             n_frames=4, n_train=1, n_valid=0, n_test=0)
+    real = ns._is_complete
+    calls = []
+
+    def b_finishes_during_the_first_check(folder, config):
+        calls.append(1)
+        result = real(folder, config)
+        if len(calls) == 1:
+            ensure_navier_stokes(tmp_path, config, progress=False)  # process B
+            (tmp_path / config.key() / "B_IS_READING").write_text("B's copy")
+        return result
+
+    monkeypatch.setattr(ns, "_is_complete", b_finishes_during_the_first_check)
+    target = ensure_navier_stokes(tmp_path, cfg, progress=False)  # process A
+    assert (target / "B_IS_READING").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cfg.key()]  # no temp leftovers
+
+
+def _scalar(group, name):
+    def breaks(f):
+        del f[group][name]
+        f[group].create_dataset(name, data=np.float32(0))
+
+    return breaks
+
+
+@pytest.mark.parametrize(
+    "breaks, message",
+    [
+        (_scalar("dimensions", "time"), "dimensions/time is a scalar"),
+        (_scalar("dimensions", "y"), "dimensions/y is a scalar"),
+        (lambda f: f.attrs.__setitem__("n_trajectories", "one"), "attribute 'n_trajectories' on the root group"),
+        (lambda f: f.attrs.__setitem__("n_spatial_dims", "two"), "attribute 'n_spatial_dims' on the root group"),
+        (lambda f: f.attrs.__setitem__("n_trajectories", -1), "attribute 'n_trajectories' on the root group"),
+    ],
+)
+def test_scalar_dimensions_and_non_integer_counts_are_format_errors(tmp_path, breaks, message):
+    path = write_coded(tmp_path / "bad.hdf5", with_t2=False)
+    with h5py.File(path, "a") as f:
+        breaks(f)
+    for load in (inspect_well_file, WellDataset):
+        with pytest.raises(WellFormatError, match=message) as err:
+            load(path)
+        assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("scale", [8, 16])
+def test_periodic_downsampling_to_grids_below_3x3(scale):
+    """A coarse grid of 2x2 or 1x1 wraps the field more than once: the result is that of the
+    field tiled periodically (the middle tile of a 5x5 tiling), and a constant stays constant."""
+    y = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    n = 16 // scale
+    tiled = F.interpolate(y.repeat(1, 1, 5, 5), size=(5 * n, 5 * n), mode="bicubic", antialias=True,
+                          align_corners=False)[..., 2 * n:3 * n, 2 * n:3 * n]
+    torch.testing.assert_close(downsample(y, scale, boundary="periodic"), tiled)
+    torch.testing.assert_close(downsample(torch.full((16, 32), 2.5), scale, boundary="periodic"),
+                               torch.full((n, 2 * n), 2.5))
+    x, _ = SuperResolutionDataset(y[:, 0], scale=scale, boundary=("periodic", "none"))[0]
+    assert x.shape == (1, n, n)

@@ -167,3 +167,13 @@ def test_loss_settings_are_checked_by_name():
         with pytest.raises(ValueError, match=says):
             IRNOLoss(**kw)
     assert IRNOLoss(K=1, beta_s=0, beta_fp=0, lam_min=2, lam_max=1).K == 1  # edge values stay allowed
+
+
+def test_spectral_lambda_outside_the_schedule():
+    # deeper steps (k >= K) keep the last step's lambda instead of extrapolating; k < 0 is an error
+    assert spectral_lambda(6, 6) == spectral_lambda(20, 6) == 2.0
+    assert ProgressiveSpectralLoss(K=4, lam_min=0.5, lam_max=3.0).lam(9) == 3.0
+    assert spectral_lambda(3, 1) == 1.0
+    for k in (-1, 1.5):
+        with pytest.raises(ValueError, match="k"):
+            spectral_lambda(k, 6)

@@ -136,3 +136,20 @@ def test_shape_errors():
         M.vrmse(torch.zeros(1, 1, 4), torch.zeros(1, 1, 5))
     with pytest.raises(ValueError, match="spatial"):
         M.vrmse(torch.zeros(1, 4), torch.zeros(1, 4))
+
+
+def test_acc_one_sample_needs_a_climatology():
+    # climatology=None takes the batch mean: with B = 1 that is the target itself, acc 0/0
+    p, y = _pair()
+    with pytest.raises(ValueError, match="climatology"):
+        M.acc(p, y)
+    clim = torch.zeros_like(y)  # given: fine with one sample
+    assert torch.isfinite(M.acc(p, y, climatology=clim)).all()
+
+
+def test_summarize_names_must_match_fields():
+    v = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # (B=2, C=2)
+    with pytest.raises(ValueError, match="names"):
+        M.summarize(v, ["u"])
+    with pytest.raises(ValueError, match="names"):
+        M.summarize(v, ["u", "v", "w"])

@@ -474,7 +474,28 @@ def test_gpu_repeats_the_interpreter_checks_on_cuda():
         _compare(shape, torch.float32)
         _compare(shape, torch.float64)
     test_triton_strided_layouts_and_no_affine("channels_last")
+    test_triton_in_bias_is_added_before_the_norm((2, 5, 7, 9), "channels_last", torch.float32)
+    test_triton_in_bias_is_added_before_the_norm((2, 20, 40, 30), "contiguous", torch.float32)  # several chunks
     test_triton_gradcheck()
     test_triton_opcheck()
     test_triton_deterministic()
     test_triton_torch_compile_fullgraph_aot_eager()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=triton_only)])
+def test_parameters_of_another_float_dtype_are_used_in_x_precision(backend):
+    """float64 (or 16-bit) weight and bias with float32 x: both routes use them in x's compute
+    precision, as the Triton kernel reads them (F.layer_norm on CPU alone would refuse the mix)."""
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    w = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    y = ik.channel_layer_norm(x, w, b, backend=backend)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ik.channel_layer_norm_ref(x, w.detach().float(), b.detach().float()))
+    gw, gb = torch.autograd.grad(y.sum(), (w, b))
+    assert gw.dtype == torch.float64 and gb.dtype == torch.float16
+    # 16-bit x with float32 parameters (the refiner under autocast) is unchanged
+    xb = x.bfloat16()
+    yb = ik.channel_layer_norm(xb, w.detach().float(), b.detach().float(), backend=backend)
+    torch.testing.assert_close(yb.float(), ik.channel_layer_norm_ref(xb.float(), w.detach().float(),
+                                                                     b.detach().float()), rtol=2e-2, atol=2e-2)

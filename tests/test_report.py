@@ -223,3 +223,20 @@ def test_pick_steps():
     s = pick_steps(30, 5)
     assert len(s) <= 6 and {0, 5, 30} <= set(s)
     assert pick_steps(3, 1) == [0, 1, 2, 3]
+
+
+def test_real_evaluate_dict_one_sample(tmp_path):
+    # ACC takes the evaluated set's mean as its climatology: with one sample it is left out, not NaN
+    torch.manual_seed(0)
+    base = FNO(n_modes=(4, 4), in_channels=2, out_channels=1, hidden_channels=8, n_layers=2)
+    model = IRNO(base, K=2, refiner_kwargs={"depth": 1, "width": 4})
+    x, y = torch.randn(1, 2, 16, 16), torch.randn(1, 1, 16, 16)
+    res = evaluate_irno(model, [(x, y)], steps=3)
+    assert "acc" not in res["metrics"] and res["n_samples"] == 1
+    md = write_report(tmp_path, {"IRNO": res}).read_text()
+    rows = _table_rows(md, "Every metric per step")
+    assert len(rows) == 4 and all("nan" not in c.lower() for r in rows for c in r)
+    lines = md.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("Every metric per step"))
+    header = next(line for line in lines[i:] if line.startswith("|"))
+    assert "nRMSE" in header and "ACC" not in header

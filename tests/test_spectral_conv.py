@@ -650,3 +650,30 @@ def test_cuda_automatic_choice_takes_the_dft_route_for_large_fields(monkeypatch)
     y_cuda = ik.spectral_conv2d(big, w)
     assert len(calls) == 1
     torch.testing.assert_close(y, y_cuda, rtol=1e-4, atol=1e-4 * float(y_cuda.abs().max()))
+
+
+@pytest.mark.skipif(not ik.available("spectral_conv2d", "triton", "cpu"), reason="needs triton with TRITON_INTERPRET=1")
+def test_triton_guard_counts_the_output_spectrum(monkeypatch):
+    """The Triton mixing writes the output spectrum (B, C_out, H, W//2+1) (and its backward reads
+    grad_y's, as large) with 32-bit offsets: with C_out > C_in it passes 2^31 real values while x
+    stays small. Such shapes leave Triton (the automatic choice) or raise (forced)."""
+    from irno_kernels import backend as bk
+    from irno_kernels import spectral_conv as sc
+
+    # the reviewer's shape, on meta tensors (nothing allocated): 2 * 130 * 4096 * 2048 real values
+    x = torch.empty(1, 1, 4096, 4094, device="meta")
+    w = torch.empty(1, 130, 2, 1, dtype=torch.complex64, device="meta")
+    extra = sc._spectrum_elements(x, w)
+    assert extra == 2 * 130 * 4096 * 2048
+    assert bk.resolve("spectral_conv2d", "cuda", None, (x, w), extra=extra) != "triton"
+    fits = sc._spectrum_elements(x, w[:, :120])  # 2^31 - 2^24: below the 32-bit reach
+    assert bk.resolve("spectral_conv2d", "cuda", None, (x, w[:, :120]), extra=fits) in ("cuda", "triton")
+    # through the public op, the 32-bit limit lowered: x (1, 2, 8, 8) is 128 values, the spectrum of
+    # 6 output channels 2 * 6 * 8 * 5 = 480
+    monkeypatch.setattr(bk, "INT32_ELEMENTS", 400)
+    x = torch.randn(1, 2, 8, 8)
+    made = r"cannot run spectral_conv2d .* nor make one of 400 or more \(this call makes 480\)"
+    with pytest.raises(RuntimeError, match=made):
+        ik.spectral_conv2d(x, torch.randn(2, 6, 2, 2, dtype=torch.complex64), backend="triton")
+    w = torch.randn(2, 2, 2, 2, dtype=torch.complex64)
+    torch.testing.assert_close(ik.spectral_conv2d(x, w, backend="triton"), spectral_conv2d_ref(x, w))

@@ -10,14 +10,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch.autograd import forward_ad
-from torch.utils.flop_counter import FlopCounterMode, bmm_flop, mm_flop
+from torch.utils.flop_counter import FlopCounterMode, addmm_flop, baddbmm_flop, bmm_flop, mm_flop
+
+from irno_kernels.backend import ENV_VAR
 
 __all__ = [
     "contraction_factor", "bias_error_floor", "pearson_r",
@@ -97,7 +101,11 @@ def contraction_factor(model, x: torch.Tensor, h: torch.Tensor, n_iter: int = 20
         kind: 'norm' estimates the spectral norm ||J||_2 = sqrt(lambda_max(J^T J)) (a Lipschitz bound,
             the q of the contraction argument), with one jvp and one vjp per iteration;
             'radius' estimates the spectral radius max |eig(J)| from jvps alone (the asymptotic rate
-            of the linearised iteration). The two agree for a normal J.
+            of the linearised iteration) as the geometric mean of the growth ||J v_i|| over the
+            second half of the iterations, i = n_iter // 2 .. n_iter - 1, i.e.
+            (||J^m v|| / ||v||)^(1/m) from v = v_{n_iter // 2}: a single step's growth overshoots for
+            a non-normal J and oscillates for a complex eigenpair; the mean over m steps converges,
+            with an error of order 1/m in log q (less for a normal J). The two agree for a normal J.
         per_sample: the samples of a batch do not interact, so J is block-diagonal; True returns one
             factor per sample (B,), False the factor of the whole batch (a scalar, the max).
         seed: seed of the random start vector (None: the global generator).
@@ -105,8 +113,10 @@ def contraction_factor(model, x: torch.Tensor, h: torch.Tensor, n_iter: int = 20
             'reverse' (two backward passes; works through any op whose backward is differentiable),
             or 'auto' (forward mode, checked once against a finite difference, else reverse).
 
-    Returns q (B,) or a scalar; with ``return_history`` also the (n_iter, B) estimates.
-    Run it with the model in eval mode. The estimate approaches the true value from below.
+    Returns q (B,) or a scalar; with ``return_history`` also the (n_iter, B) estimates (row i: the
+    estimate of a run with n_iter = i + 1). Run it with the model in eval mode. For kind='norm' the
+    estimate approaches ||J||_2 from below (it is non-decreasing in n_iter); for kind='radius' it may
+    approach max |eig(J)| from either side.
     """
     if kind not in ("norm", "radius"):
         raise ValueError(f"kind: expected 'norm' or 'radius', got {kind!r}")
@@ -131,9 +141,9 @@ def contraction_factor(model, x: torch.Tensor, h: torch.Tensor, n_iter: int = 20
     v = normalise(v)
     h = h.detach()
     jvp = _pick_jvp(G, h, v, method)
-    hist = []
+    hist, logs = [], []
     est = torch.zeros(B, device=h.device, dtype=h.dtype)
-    for _ in range(n_iter):
+    for i in range(n_iter):
         jv = jvp(h, v)
         if jv is None:
             raise RuntimeError("contraction_factor: forward-mode AD gave no tangent (an op without a "
@@ -143,7 +153,8 @@ def contraction_factor(model, x: torch.Tensor, h: torch.Tensor, n_iter: int = 20
             est = norms(w).sqrt()  # ||J^T J v|| -> sigma_max^2 for unit v
         else:
             w = jv
-            est = norms(w)
+            logs.append(norms(w).clamp_min(1e-30).log())
+            est = torch.stack(logs[(i + 1) // 2:]).mean(dim=0).exp()  # geometric mean, second half
         hist.append(est.detach().clone())
         v = normalise(w)
     q = est if per_sample else est[0]
@@ -185,19 +196,25 @@ class BiasFloor:
 
 
 @torch.no_grad()
-def bias_error_floor(model, loader_or_pairs, n_steps: int = 50) -> BiasFloor:
+def bias_error_floor(model, loader_or_pairs, n_steps: int = 50,
+                     h0: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BiasFloor:
     """Per sample: the bias ||Phi(x, y)||_2 and the error of a long iteration, and Pearson r.
 
     model: an :class:`irno.IRNO`. loader_or_pairs: one (x, y) batch, or an iterable of (x, y) batches
     (tuples or dicts with keys 'x', 'y'), x (B, Cx, h, w), y (B, Cy, H, W). Norms are L2 over all of
     (Cy, H, W) per sample. n_steps: length of the iteration (well beyond K, so it settles).
+    h0: x -> the iteration's start h_0 (e.g. another base, for transfer: ``model.refine`` from it);
+    None starts from the model's own base.
     """
     device = next(model.parameters()).device
     bias, errs = [], []
     for x, y in _batches(loader_or_pairs):
         x, y = x.to(device), y.to(device)
         bias.append(model.phi(x, y).flatten(1).norm(dim=1))
-        traj = model(x, steps=n_steps, return_trajectory=True)
+        if h0 is None:
+            traj = model(x, steps=n_steps, return_trajectory=True)
+        else:
+            traj = model.refine(x, h0(x), steps=n_steps, return_trajectory=True)
         errs.append(torch.stack([(h - y).flatten(1).norm(dim=1) for h in traj]))
     bias_t = torch.cat(bias).cpu()
     errors = torch.cat(errs, dim=1).cpu()
@@ -253,11 +270,15 @@ def _fft_formulas(tally: _Tally) -> dict:
         f = transform([H, W], B * ci * H * W) + transform([H, W], B * co * H * W)
         return f + 8 * B * ci * co * modes  # complex multiply-add = 8 real flops
 
-    def complex_aware(base):  # base: torch's registered (shape-wrapped) mm / bmm formula
-        def f(a, b, *args, out_val=None, **kw):
-            n = base(a, b, out_val=out_val)
-            return 4 * n if a.is_complex() else n  # a complex multiply-add is 4 real ones
+    def complex_aware(base):  # base: torch's registered (shape-wrapped) mm / addmm / bmm / baddbmm formula
+        def f(*args, out_val=None, **kw):
+            n = base(*args, out_val=out_val, **kw)
+            cplx = any(isinstance(t, torch.Tensor) and t.is_complex() for t in args)
+            return 4 * n if cplx else n  # a complex multiply-add is 4 real ones
         return f
+
+    def addbmm(inp, b1, b2, *args, out_val=None, **kw):  # torch has no formula: bmm's (the add is free)
+        return bmm_flop(b1, b2)
 
     # FlopCounterMode counts no elementwise op; the update ops follow suit and count only their matmul
     def update_formula(h, z, weight, bias, alpha, *args, out_val=None, **kw):
@@ -270,6 +291,8 @@ def _fft_formulas(tally: _Tally) -> dict:
     table = {
         aten._fft_r2c: r2c, aten._fft_c2r: c2r, aten._fft_c2c: c2c,
         aten.mm: complex_aware(mm_flop), aten.bmm: complex_aware(bmm_flop),
+        aten.addmm: complex_aware(addmm_flop), aten.baddbmm: complex_aware(baddbmm_flop),
+        aten.addbmm: complex_aware(addbmm),
     }
     irno_ops = getattr(torch.ops, "irno", None)
     for name, fn in (("spectral_conv2d", spectral_conv), ("refine_update", update_formula),
@@ -289,8 +312,9 @@ class FlopReport:
     """FLOPs of one call. ``total`` = ``counted`` (what FlopCounterMode's own formulas give: matmuls,
     convolutions, ...) + ``fft`` (5 N log2 N per transform, which FlopCounterMode does not count)
     + ``custom`` (irno's compiled ops, by explicit formulas: spectral mode mixing, the 1x1 projection of
-    the fused update). Elementwise ops (activations, norms, the residual add) count 0, as in
-    FlopCounterMode."""
+    the fused update; 0 unless ``fn`` forces a compiled backend, as :func:`count_flops` runs the
+    references, whose matmuls land in ``counted``). Elementwise ops (activations, norms, the residual
+    add) count 0, as in FlopCounterMode."""
     total: float
     counted: float
     fft: float
@@ -299,19 +323,39 @@ class FlopReport:
     by_module: dict = field(repr=False, default_factory=dict)
 
 
+@contextlib.contextmanager
+def _reference_backend():
+    """Force irno_kernels' reference backend (``IRNO_BACKEND``, read at each op call) for the block."""
+    prev = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = "reference"
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = prev
+
+
 def count_flops(fn: Callable, *args, **kwargs) -> FlopReport:
     """FLOPs of ``fn(*args, **kwargs)`` (run once, under no_grad).
 
     FlopCounterMode counts matmuls and convolutions but gives 0 for ``aten._fft_*`` (checked in the
     tests) and knows nothing of irno's custom ops. Both are added here with explicit formulas: each
     FFT of N points costs 5 N log2 N (:func:`fft_flops`); the spectral convolution op costs its two
-    FFTs plus 8 flops per complex multiply-add of the mode mixing; a complex matmul counts 4 real
-    ones. Whichever backend serves the spectral conv (compiled op, or the reference's
-    rfft2 + einsum + irfft2), the count comes out the same way.
+    FFTs plus 8 flops per complex multiply-add of the mode mixing; a complex matmul (mm, addmm, bmm,
+    baddbmm, addbmm, so a complex Linear too) counts 4 real ones.
+
+    ``fn`` runs with every irno op on its reference route (``IRNO_BACKEND=reference`` for the call,
+    the previous setting restored after), so the count does not depend on the device or on which
+    kernels are built: the automatic choice could otherwise pick the spectral conv's "dft" route
+    (matrix products instead of FFTs, chosen on CUDA for large fields), which counts differently.
+    An op given an explicit ``backend=`` keyword inside ``fn`` still runs that backend; the compiled
+    spectral conv counts as the reference does.
     """
     tally = _Tally()
     table = _fft_formulas(tally)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=table) as counter:
+    with torch.no_grad(), _reference_backend(), FlopCounterMode(display=False, custom_mapping=table) as counter:
         fn(*args, **kwargs)
     counts = counter.get_flop_counts()
     glob = counts.get("Global", {})

@@ -29,10 +29,16 @@ __all__ = [
 
 
 def spectral_lambda(k: int, K: int, lam_min: float = 1.0, lam_max: float = 2.0) -> float:
-    """lambda_k = lam_min + (lam_max - lam_min) * k / (K - 1), k = 0..K-1 (lam_min when K == 1)."""
+    """lambda_k = lam_min + (lam_max - lam_min) * k / (K - 1), k = 0..K-1 (lam_min when K == 1).
+
+    A step beyond the unrolled ones (k >= K, e.g. a deeper step of a stability term) keeps the last
+    step's weighting, lambda_{K-1} (= lam_max for K > 1): the schedule is not extrapolated. A negative
+    k raises a ValueError.
+    """
+    k = _check_number("k", k, integer=True)
     if K <= 1:
         return float(lam_min)
-    return float(lam_min + (lam_max - lam_min) * k / (K - 1))
+    return float(lam_min + (lam_max - lam_min) * min(k, K - 1) / (K - 1))
 
 
 class ProgressiveSpectralLoss(nn.Module):
@@ -44,7 +50,8 @@ class ProgressiveSpectralLoss(nn.Module):
         f0: the reference frequency in cycles per sample (0.5, Nyquist).
         mode: 'magnitude' compares |F(pred)| with |F(target)|; 'error' uses |F(pred - target)|.
 
-    ``forward(pred, target, k)``: pred, target (B, C, H, W) -> scalar. ``lam(k)`` is lambda_k.
+    ``forward(pred, target, k)``: pred, target (B, C, H, W) -> scalar. ``lam(k)`` is lambda_k
+    (:func:`spectral_lambda`: k >= K keeps lambda_{K-1}, k < 0 raises).
     """
 
     def __init__(self, K: int = 6, lam_min: float = 1.0, lam_max: float = 2.0, f0: float = 0.5,

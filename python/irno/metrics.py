@@ -86,9 +86,16 @@ def acc(pred: torch.Tensor, target: torch.Tensor, climatology: torch.Tensor | No
 
     climatology c: broadcastable to (B, C, *S) in the channel-first layout, e.g. (C, *S) or (1, C, *S);
     None uses the mean of the target over the evaluated set (over B): the same c for both anomalies.
+    That needs B >= 2: with one sample the target is its own climatology, its anomaly is 0 and acc
+    is 0/0, so B = 1 without a climatology raises a ValueError. Wherever an anomaly is 0 over all of
+    S (p or y equal to c), acc is 0/0 and comes out NaN.
     weights w: broadcastable to *S (e.g. cos(latitude) per row); None means no latitude weighting.
     """
     pred, target, s = _cf(pred, target, channel_dim)
+    if climatology is None and target.shape[0] < 2:
+        raise ValueError("acc: climatology=None takes the mean over the batch as the climatology, which "
+                         f"needs at least 2 samples, got a batch of {target.shape[0]} (the anomaly would be "
+                         "0 and acc 0/0); pass a climatology")
     c = target.mean(dim=0, keepdim=True) if climatology is None else climatology
     pa, ya = pred - c, target - c
     w = 1.0 if weights is None else weights
@@ -179,7 +186,8 @@ def spectral_error_ratio(trajectory: Sequence[torch.Tensor], target: torch.Tenso
     """Normalised spectral error ratio per band and step: binned error of step k / of the base (k=0).
 
     trajectory [h_0, ..., h_n] each (B, C, *S) -> (n + 1, B, C, n_bands); row 0 is 1. Take the median
-    over B (``.median(dim=1)``) for the paper's dataset-level curves.
+    over B (``.quantile(0.5, dim=1)``: ``.median`` gives the lower middle value for an even B) for the
+    paper's dataset-level curves.
     """
     e = torch.stack([binned_spectral_error(h, target, edges, normalize=False) for h in trajectory])
     return e / (e[0] + eps)
@@ -199,8 +207,13 @@ def overall_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def summarize(values: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, float]:
-    """{'mean': overall mean, '<field name>': per-field mean, ...} from (B, C) values."""
+    """{'mean': overall mean, '<field name>': per-field mean, ...} from (B, C) values.
+
+    ``names``: one per field (C of them; a ValueError otherwise); None names them field0, field1, ...
+    """
     per_field = field_mean(values)
+    if names is not None and len(names) != per_field.shape[0]:
+        raise ValueError(f"names: expected one per field ({per_field.shape[0]}), got {len(names)}: {list(names)}")
     names = names or [f"field{i}" for i in range(per_field.shape[0])]
     out = {"mean": float(overall_mean(values))}
     out.update({n: float(v) for n, v in zip(names, per_field)})

@@ -277,14 +277,16 @@ def _next_step_datasets(d: dict, progress: bool) -> dict:
         ns = NavierStokesConfig(**(d.get("navier_stokes") or {}))
         return navier_stokes_datasets(d["root"], ns, d["n_steps_input"], d["n_steps_output"], progress=progress)
     if d["kind"] == "well":
-        out = {}
-        for split in ("train", "valid", "test"):
+        # train first: valid and test take its fields in its order (without data.fields, each split's
+        # first file would pick the order, and a permuted split would pass unseen: statistics match by name)
+        out = {"train": WellDataset(d["root"], d["n_steps_input"], d["n_steps_output"], fields=d.get("fields"),
+                                    normalization="train", split="train")}
+        for split in ("valid", "test"):
             try:
-                out[split] = WellDataset(d["root"], d["n_steps_input"], d["n_steps_output"], fields=d.get("fields"),
-                                         normalization="train", split=split)
+                out[split] = WellDataset(d["root"], d["n_steps_input"], d["n_steps_output"],
+                                         fields=out["train"].fields, normalization="train", split=split)
             except FileNotFoundError:
-                if split == "train":
-                    raise
+                pass
         return out
     raise ValueError(f"data.kind: expected 'navier_stokes' or 'well', got {d['kind']!r}")
 
@@ -696,8 +698,8 @@ def evaluate(cfg: dict, model, data: dict | None = None, refine_from=None) -> di
     extra = ev.get("extra_steps", 6)
     if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
         raise ValueError(f"evaluate.extra_steps: expected an int >= 0 (steps past K to evaluate), got {extra!r}")
-    return evaluate_irno(model, loader, steps=model.K + extra, device=device,
-                         field_names=ds.channel_names, refine_from=refine_from)
+    return evaluate_irno(model, loader, steps=model.K + extra, device=device, field_names=ds.channel_names,
+                         refine_from=refine_from, normalization=getattr(ds, "normalization", None))
 
 
 def _sample_fields(model, ds, device, steps: int) -> dict:

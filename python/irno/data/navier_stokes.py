@@ -24,6 +24,7 @@ last ``n_steps_input`` frames in, the next ``n_steps_output`` frames out (irno.d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -439,31 +440,57 @@ def ensure_navier_stokes(root, config: NavierStokesConfig = NavierStokesConfig()
     """Generate the data set once into root/<config.key()>/ and reuse it afterwards.
 
     The folder is built under a temporary name in root and renamed into place when complete, so
-    an interrupted run never leaves a half-written data set behind and two processes racing on the
-    same config end with one complete copy. Any changed config field (or GENERATOR_VERSION) gives
-    another key, hence a fresh data set. Returns the data set folder (pass it to WellDataset with a
-    split, e.g. WellDataset(path, split="train")).
+    an interrupted run never leaves a half-written data set behind. Generation holds an exclusive
+    lock on the root folder (fcntl.flock, released however the process ends) and checks the cache
+    again under it, so two processes racing on the same config generate once and a complete data
+    set is never removed (only an incomplete one is rebuilt); different configs in one root are
+    generated one after the other. Any changed config field (or GENERATOR_VERSION) gives another
+    key, hence a fresh data set. Returns the data set folder (pass it to WellDataset with a split,
+    e.g. WellDataset(path, split="train")).
     """
     root = Path(root)
     target = root / config.key()
     if _is_complete(target, config):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # incomplete or foreign leftovers under our key: rebuild
-        shutil.rmtree(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{config.key()}-", dir=root))
-    try:
-        os.chmod(tmp, default_mode(folder=True))  # mkdtemp's folder is private; the data set is not
-        write_navier_stokes(tmp, config, progress=progress)
+    with _locked(root):
+        if _is_complete(target, config):  # another process finished it while we waited
+            return target
+        if target.exists():  # incomplete or foreign leftovers under our key: rebuild
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{config.key()}-", dir=root))
         try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_complete(target, config):  # someone else's rename did not win either
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.chmod(tmp, default_mode(folder=True))  # mkdtemp's folder is private; the data set is not
+            write_navier_stokes(tmp, config, progress=progress)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not _is_complete(target, config):  # a process without the lock renamed its copy first
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive advisory lock on ``folder`` itself (no lock file is left behind); waits for
+    a holder in another process. None on Windows or on a file system without flock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. a network file system without flock: go on unlocked
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def navier_stokes_datasets(

@@ -48,10 +48,14 @@ def downsample(y: torch.Tensor, scale: int, antialias: bool = True,
         z = z.float()
     # The stretched bicubic kernel reaches 2 * scale fine cells from a coarse centre; a pad of
     # 3 * scale covers it and, being a multiple of scale, keeps the coarse cells where they were.
+    # The pad wraps by index (i mod n), so it may span the grid more than once (coarse grids
+    # under 3 cells, where F.pad's circular mode refuses); the values are those of F.pad otherwise.
     ph = 3 * scale if bh == "periodic" else 0
     pw = 3 * scale if bw == "periodic" else 0
-    if ph or pw:
-        z = F.pad(z, (pw, pw, ph, ph), mode="circular")
+    if ph:
+        z = z[..., torch.arange(-ph, h + ph, device=z.device) % h, :]
+    if pw:
+        z = z[..., torch.arange(-pw, w + pw, device=z.device) % w]
     out = F.interpolate(
         z, size=(z.shape[-2] // scale, z.shape[-1] // scale), mode="bicubic", antialias=antialias, align_corners=False
     )

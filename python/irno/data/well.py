@@ -282,8 +282,18 @@ def _inspect_open(f, path) -> WellFileInfo:
             raise WellFormatError(path, f"missing attribute '{key}' on {where}")
         return obj.attrs[key]
 
-    n_dims = int(attr(f, "n_spatial_dims", "the root group"))
-    n_traj = int(attr(f, "n_trajectories", "the root group"))
+    def count(obj, key, where):
+        value = attr(obj, key, where)
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = -1
+        if n < 0:
+            raise WellFormatError(path, f"attribute '{key}' on {where} is {_plain(value)!r}, not an integer >= 0")
+        return n
+
+    n_dims = count(f, "n_spatial_dims", "the root group")
+    n_traj = count(f, "n_trajectories", "the root group")
     dims_group = group("dimensions")
     spatial_dims = tuple(_names(attr(dims_group, "spatial_dims", "dimensions/")))
     if len(spatial_dims) != n_dims:
@@ -293,6 +303,8 @@ def _inspect_open(f, path) -> WellFileInfo:
     for d in (*spatial_dims, "time"):
         if not isinstance(dims_group.get(d), h5py.Dataset):
             raise WellFormatError(path, f"missing dataset 'dimensions/{d}'")
+        if dims_group[d].ndim == 0:  # the length of a dim is the last axis of its coordinates
+            raise WellFormatError(path, f"dimensions/{d} is a scalar; expected its coordinates, shape (N,) or (B, N)")
     spatial_shape = tuple(int(dims_group[d].shape[-1]) for d in spatial_dims)
     n_steps = int(dims_group["time"].shape[-1])
 
@@ -492,6 +504,8 @@ class Normalization:
         large files need no more memory than one trajectory of one field.
         """
         files = [Path(p) for p in files]
+        if not files:
+            raise ValueError("Normalization.compute needs at least one file of the training split")
         infos = [inspect_well_file(p) for p in files]
         selected = _select_fields(infos[0], fields)
         names, means, stds = [], [], []
@@ -517,6 +531,11 @@ class Normalization:
                         mean = mean + delta * nb / total
                         m2 = m2 + m2b + delta**2 * count * nb / total
                         count = total
+            if count == 0:
+                raise ValueError(
+                    f"normalization: the training files {[str(p) for p in files]} hold no values of field "
+                    f"{fname!r} (0 trajectories?); statistics need a non-empty training split"
+                )
             std = np.maximum(np.sqrt(m2 / max(count, 1)), min_std)
             names += infos[0].field(fname).channel_names
             means += mean.tolist()
@@ -555,7 +574,8 @@ class WellDataset(Dataset):
         data/<split>/ (The Well) or <split>/.
     fields: field names to use (default: every time-varying field of the file).
     normalization: None (raw values); "train" (statistics of the training split next to this
-        one: <root>/data/train when ``split`` is given, else the sibling folder named "train");
+        one: <root>/data/train when ``split`` is given, else the sibling folder named "train", or
+        the whole folder for a file inside train/);
         a Normalization, or its to_dict() (e.g. from a checkpoint).
     in_memory: load the selected fields into memory (default: when they take under 2 GiB);
         otherwise every sample is read from the files (one handle per worker process).
@@ -617,6 +637,8 @@ class WellDataset(Dataset):
         self._offsets = [0]
         for info, w in zip(self.infos, self._windows):
             self._offsets.append(self._offsets[-1] + info.n_trajectories * w)
+        if self._offsets[-1] == 0:
+            raise ValueError(f"{self.root}: no samples; its file(s) {[str(p) for p in self.files]} hold 0 trajectories")
         self._snap_offsets = [0]
         for info in self.infos:
             self._snap_offsets.append(self._snap_offsets[-1] + info.n_trajectories * info.n_steps)
@@ -647,8 +669,8 @@ class WellDataset(Dataset):
         if self.split is not None:
             return find_well_files(self.root, "train")
         here = self.root if self.root.is_dir() else self.root.parent
-        if here.name == "train":
-            return self.files
+        if here.name == "train":  # a file or folder inside train/: all of train/, as for its siblings
+            return find_well_files(here)
         sibling = here.parent / "train"
         if here.name in SPLITS and sibling.is_dir():
             return find_well_files(sibling)
