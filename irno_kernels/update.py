@@ -112,6 +112,10 @@ def residual_update_(h: torch.Tensor, phi: torch.Tensor, alpha: float, *, backen
     alpha = _check_residual(h, phi, alpha)
     _refuse_grad("residual_update_", h, phi)
     impl = resolve("residual_update", h.device, backend, (h, phi))
+    if not torch.compiler.is_compiling() and _partial_overlap(h, phi):
+        # phi reads memory that h's update writes at other positions (a shifted view of h's buffer):
+        # the kernels would read values already updated (and add_ refuses it), so phi is read from a copy
+        phi = phi.clone()
     if impl in ("cpu", "cuda"):
         torch.ops.irno.residual_update_(h, phi, alpha)
     elif impl == "triton":
@@ -121,6 +125,13 @@ def residual_update_(h: torch.Tensor, phi: torch.Tensor, alpha: float, *, backen
     else:
         h.add_(phi, alpha=alpha)
     return h
+
+
+def _partial_overlap(h: torch.Tensor, phi: torch.Tensor) -> bool:
+    """phi shares memory with h other than element for element (phi is not h itself, or the same view)."""
+    same = (phi.data_ptr() == h.data_ptr() and phi.shape == h.shape and phi.stride() == h.stride()
+            and phi.dtype == h.dtype)
+    return not same and torch._C._overlaps(h, phi)
 
 
 def refine_update(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

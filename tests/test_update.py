@@ -346,3 +346,20 @@ def test_refine_update_inplace_with_z_overlapping_h(backend, co, alias):
         with torch.no_grad():
             call(h, z)
         torch.testing.assert_close(h, want)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("alias", ["same", "shifted"])
+def test_residual_update_inplace_with_phi_overlapping_h(backend, alias):
+    """phi may share memory with h: h itself (element for element: fine as is) or a view one row back in
+    h's buffer, which the kernels would read after updating it (and add_ refuses): h += alpha * phi
+    with phi's values before the update, on every backend."""
+    if not ik.available("residual_update", backend, "cpu"):
+        pytest.skip(f"{backend} not available on cpu")
+    buf = torch.randn(2 * 3 * 30 + 6, dtype=torch.float64)
+    h = buf[6:].view(2, 3, 5, 6)
+    phi = h if alias == "same" else buf[:180].view(2, 3, 5, 6)  # a forward sweep overwrites phi before reading it
+    want = h + 0.5 * phi
+    with torch.no_grad():
+        ik.residual_update_(h, phi, 0.5, backend=backend)
+    torch.testing.assert_close(h, want)
