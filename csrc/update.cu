@@ -5,6 +5,7 @@
 // allocation outside PyTorch's caching allocator, so they can be captured in a CUDA graph.
 // <torch/extension.h> is kept out of this file on purpose (it triples nvcc's compile time).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -93,7 +94,11 @@ void residual_update_inplace_cuda(at::Tensor& h, const at::Tensor& phi, double a
   check_residual_args(h, phi);
   c10::cuda::CUDAGuard guard(h.device());
   if (h.is_contiguous()) {
-    residual_into(h, h, phi, alpha);
+    // phi == h (the same elements) is safe: each thread reads then writes its own element. A phi
+    // that partly overlaps h (a shifted view of its buffer) would read elements already updated.
+    const at::MemOverlapStatus st = at::get_overlap_status(h, phi);
+    const bool safe = st == at::MemOverlapStatus::No || st == at::MemOverlapStatus::Full;
+    residual_into(h, h, safe ? phi : phi.clone(), alpha);
   } else {
     at::Tensor tmp = at::empty(h.sizes(), h.options());
     residual_into(tmp, h, phi, alpha);
@@ -133,7 +138,10 @@ void refine_update_inplace_cuda(at::Tensor& h, const at::Tensor& z, const at::Te
   check_refine_args(h, z, weight, bias);
   c10::cuda::CUDAGuard guard(h.device());
   if (h.is_contiguous()) {
-    refine_into(h, h, z, weight, bias, alpha);
+    // a thread reads all F features of its point and writes its Co outputs one by one: a z that
+    // shares memory with h would be read after other threads updated it, so it is read from a copy
+    const at::Tensor zr = at::get_overlap_status(h, z) == at::MemOverlapStatus::No ? z : z.clone();
+    refine_into(h, h, zr, weight, bias, alpha);
   } else {
     at::Tensor tmp = at::empty(h.sizes(), h.options());
     refine_into(tmp, h, z, weight, bias, alpha);

@@ -157,10 +157,10 @@ def refine_update_(h: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias:
     weight, alpha = _check_refine(h, z, weight, bias, alpha)
     _refuse_grad("refine_update_", h, z, weight, bias)
     impl = resolve("refine_update", h.device, backend, (h, z, weight, bias))
-    if impl in ("cuda", "triton") and not torch.compiler.is_compiling() and torch._C._overlaps(h, z):
-        # z shares memory with h: the CUDA kernel writes h's channels one after another, and a Triton
-        # program could write positions another one has yet to read in z; the CPU kernel checks this
-        # itself (csrc/update.cpp). Compiled, the functionalised op reads a copy of h already.
+    if impl == "triton" and not torch.compiler.is_compiling() and torch._C._overlaps(h, z):
+        # z shares memory with h: a Triton program could write positions another one has yet to read
+        # in z. The C++ and CUDA kernels check this themselves (csrc/update.cpp, csrc/update.cu).
+        # Compiled, the functionalised op reads a copy of h already.
         z = z.clone()
     if impl in ("cpu", "cuda"):
         torch.ops.irno.refine_update_(h, z, weight, bias, alpha)

@@ -230,6 +230,35 @@ def test_cuda_low_precision_error_within_twice_pytorch(dtype):
     assert err_ours <= 2 * err_torch + 1e-6
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("co", [1, 3])
+@pytest.mark.parametrize("alias", ["same", "shifted"])
+def test_cuda_inplace_ops_read_overlapping_inputs_from_a_copy(co, alias):
+    """The registered CUDA in-place ops called directly (no Python wrapper): z or phi sharing h's
+    memory (h itself, or a view one channel plane further / one row back in h's buffer) gives the
+    values of the out-of-place op on the inputs before the update."""
+    if not ik.available("refine_update", "cuda", "cuda"):
+        pytest.skip("CUDA kernels not built")
+    dev, f64 = "cuda", torch.float64
+    w, b = torch.randn(co, co, dtype=f64, device=dev), torch.randn(co, dtype=f64, device=dev)
+    n, plane = 2 * co * 4000, 4000  # enough points for many blocks: a race shows
+    buf = torch.randn(n + plane, dtype=f64, device=dev)
+    h = buf[:n].view(2, co, 50, 80)
+    z = h if alias == "same" else buf[plane:].view(2, co, 50, 80)
+    want = ik.refine_update_ref(h, z, w, b, 0.5)
+    with torch.no_grad():
+        torch.ops.irno.refine_update_(h, z, w, b, 0.5)
+    torch.testing.assert_close(h, want)
+
+    buf = torch.randn(n + 80, dtype=f64, device=dev)
+    h = buf[80:].view(2, co, 50, 80)
+    phi = h if alias == "same" else buf[:n].view(2, co, 50, 80)
+    want = h + 0.5 * phi
+    with torch.no_grad():
+        torch.ops.irno.residual_update_(h, phi, 0.5)
+    torch.testing.assert_close(h, want)
+
+
 def test_forward_mode_ad_uses_the_reference():
     """The compiled kernels have no forward-AD formula: auto falls back to the reference (exact
     tangents); forcing a kernel under forward AD is an error, never a silent zero tangent."""
