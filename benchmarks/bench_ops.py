@@ -337,6 +337,21 @@ def cases(device: str, quick: bool) -> list[Case]:
     return out + [layer_norm_case(4, 16, 64, 64)] + _field_cases(fields, device)
 
 
+def fwdbwd_call(fn: Callable, args: tuple, grad_args: tuple[int, ...]) -> Callable:
+    """A call of fn's forward and backward: the gradients of the args at grad_args, for an output
+    gradient of ones. The output's gradient is an input of the backward, made once here (one forward
+    without grad gives its shape), outside what is timed: made anew in every call, it would add a
+    memset as large as the output to every provider's time."""
+    leaves = [a.detach().requires_grad_(i in grad_args) for i, a in enumerate(args)]
+    grads_of = [leaves[i] for i in grad_args]
+    with torch.no_grad():
+        grad_out = torch.ones_like(fn(*leaves))
+
+    def call():
+        return torch.autograd.grad(fn(*leaves), grads_of, grad_out)
+    return call
+
+
 def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw: float | None,
              env: dict) -> list[dict]:
     rows = []
@@ -388,12 +403,11 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                     with torch.no_grad():
                         return fn(*args)
             else:
-                leaves = [a.detach().requires_grad_(i in case.grad_args) for i, a in enumerate(args)]
-                grads_of = [leaves[i] for i in case.grad_args]
-
-                def call(fn=fn, leaves=leaves, grads_of=grads_of):
-                    out = fn(*leaves)
-                    return torch.autograd.grad(out, grads_of, torch.ones_like(out))
+                try:
+                    call = fwdbwd_call(fn, args, case.grad_args)
+                except Exception as err:
+                    print(f"  {case.op} {case.shape} {mode} {prov}: FAILED {type(err).__name__}: {err}")
+                    continue
             try:
                 t = time_fn(graphed(call) if mode.endswith("_graph") else call, device)
             except Exception as err:  # a provider that fails is reported, not fatal

@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ops import PROVIDER_BACKEND, loss_case, spectral_conv_case, spectral_mix_case  # noqa: E402
+from bench_ops import PROVIDER_BACKEND, fwdbwd_call, loss_case, spectral_conv_case, spectral_mix_case  # noqa: E402
 
 import irno_kernels as ik  # noqa: E402
 
@@ -47,13 +47,7 @@ def _callable(case, provider: str, mode: str, args):
             with torch.no_grad():
                 return fn(*args)
         return call
-    leaves = [a.detach().requires_grad_(i in case.grad_args) for i, a in enumerate(args)]
-    grads_of = [leaves[i] for i in case.grad_args]
-
-    def call():
-        out = fn(*leaves)
-        return torch.autograd.grad(out, grads_of, torch.ones_like(out))
-    return call
+    return fwdbwd_call(fn, args, case.grad_args)
 
 
 def _sync(device: str) -> None:
