@@ -24,12 +24,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux) with its widest vector/matrix extension, e.g.
+    "AMD EPYC (AVX2)" (which decides the speed of the CPU kernels and of bf16), else ""."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    isa = next((name for flag, name in (("amx_tile", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                if flag in flags), "")
+    return f"{model} ({isa})" if model and isa else model
+
+
 def environment(device: str) -> dict:
     """Facts every result row carries: device, versions, date, commit, threads."""
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
-        name = platform.processor() or platform.machine()
+        name = _cpu_model() or platform.processor() or platform.machine()
     try:
         import triton
 
