@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -36,18 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, time_fn, write_csv  # noqa: E402
-
-VARIANTS = ("plain", "irno", "graphed")
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points (cost, error) that no other point beats in both: sorted by cost, error falling."""
-    front, best = [], math.inf
-    for c, e in sorted(points):
-        if e < best:
-            front.append((c, e))
-            best = e
-    return front
+from irno.report import pareto_front  # noqa: E402
 
 
 def _controls(controls: dict, metric: str) -> dict:

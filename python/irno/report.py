@@ -518,7 +518,8 @@ def _fig_fields(samples, K, path: Path, show_steps=None, field_names=None) -> No
     _save(fig, path)
 
 
-def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (cost, error) that no other point beats in both: sorted by cost, error falling."""
     front, best = [], math.inf
     for x, y in sorted(points):
         if y < best:
@@ -556,7 +557,7 @@ def _fig_pareto(entries, controls, path: Path) -> None:
         if isinstance(c, Mapping) and _finite(c.get("flops")) and _finite(c.get("vrmse")):
             ax.plot(c["flops"] / div, c["vrmse"], marker, ms=9, color="0.35", label=f"control: {cname}")
             points.append((c["flops"] / div, c["vrmse"]))
-    front = _pareto_front(points)
+    front = pareto_front(points)
     if len(front) > 1:
         fx, fy = zip(*front)
         ax.step(fx, fy, where="post", color="0.6", lw=1, ls="--", label="Pareto front", zorder=0)
