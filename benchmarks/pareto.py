@@ -15,7 +15,7 @@ Every point of the front pairs the error that the evaluation measured at step k 
 reaching step k: FLOPs per sample (base + k x step, irno.analysis.count_flops) and milliseconds per
 sample (median time of one batch call / batch size). The run's controls (the base trained longer)
 cost what the base costs (its "base" entry is step 0 itself). Before timing, plain's h_n must agree with the project's
-(relative L2 error; 1e-4 for a float32 refiner, recorded but not checked for a bf16 one).
+(relative L2 error; 1e-4 for a float32 refiner, recorded but not checked for a bf16/fp16 one).
 
     python benchmarks/pareto.py --run runs/demo                        # CPU, after `make demo`
     python benchmarks/pareto.py --run runs/demo --device cuda --csv pareto.csv --plot pareto.png
@@ -146,7 +146,7 @@ def measure(run: Path, metric: str = "vrmse", device: str = "cpu", batch: int = 
         err = rel_err(fns["plain"](x, n), fns["irno"](x, n))
         facts["plain_vs_irno_rel_err"] = err
         exact = model.refiner_dtype is None
-        note = "" if exact else " (bf16 refiner: not checked)"
+        note = "" if exact else f" ({facts['refiner_dtype']} refiner: not checked)"
         print(f"  plain vs irno at k = {n}: relative L2 error {err:.2e}{note}")
         if exact and err > 1e-4:
             facts["disagrees"] = True
@@ -167,13 +167,13 @@ def measure(run: Path, metric: str = "vrmse", device: str = "cpu", batch: int = 
     # each variant's time
     ctrl = [(gf_base, c[metric]) for c in _controls(controls, metric).values()]
     on_flops = set(pareto_front([(r["gflop_per_sample"], r[metric]) for r in rows] + ctrl))
+    plain_ms = {r["steps"]: r["ms_per_sample"] for r in rows if r["variant"] == "plain"}
     for variant in fns:
         mine = [r for r in rows if r["variant"] == variant]
-        on_time = {c for c, _ in pareto_front([(r["ms_per_sample"], r[metric]) for r in mine])}
-        plain_ms = {r["steps"]: r["ms_per_sample"] for r in rows if r["variant"] == "plain"}
+        on_time = set(pareto_front([(r["ms_per_sample"], r[metric]) for r in mine]))
         for r in mine:
             r["front_flops"] = (r["gflop_per_sample"], r[metric]) in on_flops
-            r["front_time"] = r["ms_per_sample"] in on_time
+            r["front_time"] = (r["ms_per_sample"], r[metric]) in on_time
             r["speedup_vs_plain"] = round(plain_ms[r["steps"]] / r["ms_per_sample"], 3) if plain_ms else ""
     return rows, facts
 
