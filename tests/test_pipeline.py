@@ -181,11 +181,44 @@ def test_deep_state_loss_trains_only_the_last_step():
     model = IRNO(FNO(n_modes=(3, 3), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1), K=2,
                  refiner_kwargs={"width": 2, "depth": 1})
     x, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
-    hK = model(x).requires_grad_()
+    hK = model(x).detach().requires_grad_()  # a leaf, so a gradient reaching it would show
     loss = pipeline.deep_state_loss(model, x, y, hK, extra_steps=3)
     loss.backward()
     assert hK.grad is None  # the extra steps run without gradients, from a detached h_K
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.refiner.parameters())
+
+
+def test_deep_steps_range_and_its_errors():
+    assert pipeline.deep_steps_range(0) == (0, 0)
+    assert pipeline.deep_steps_range(4) == (4, 4)
+    assert pipeline.deep_steps_range([1, 8]) == (1, 8)
+    for bad in (-1, 2.5, True, [3, 1], [1, 2, 3], "4", [1, -2]):
+        with pytest.raises(ValueError, match="irno.loss.deep_steps"):
+            pipeline.deep_steps_range(bad)
+
+
+def test_irno_loss_draws_deep_steps_from_the_range(monkeypatch):
+    """With deep_steps [lo, hi] each batch's deep term runs a number of extra steps drawn from lo..hi."""
+    from irno import FNO, IRNO
+
+    torch.manual_seed(0)
+    model = IRNO(FNO(n_modes=(3, 3), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1), K=2,
+                 refiner_kwargs={"width": 2, "depth": 1})
+    x, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+    seen = []
+    real = pipeline.deep_state_loss
+    monkeypatch.setattr(pipeline, "deep_state_loss", lambda m, x, y, h, n: seen.append(n) or real(m, x, y, h, n))
+    spec = {"K": 2, "loss": {"deep_steps": [1, 3], "beta_deep": 0.5}}
+    loss_fn = pipeline._irno_loss(spec)
+    for _ in range(40):
+        total, parts = loss_fn(model, x, y, 0.0)
+        assert "deep" in parts and torch.isfinite(total)
+    assert set(seen) == {1, 2, 3}
+    seen.clear()
+    pipeline._irno_loss({"K": 2, "loss": {"deep_steps": 2, "beta_deep": 0.5}})(model, x, y, 0.0)
+    assert seen == [2]
+    with pytest.raises(ValueError, match="deep_steps"):
+        pipeline._irno_loss({"K": 2, "loss": {"deep_steps": [2, 1], "beta_deep": 0.5}})
 
 
 def test_super_resolution_base_upsamples():

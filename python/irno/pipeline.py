@@ -52,8 +52,9 @@ DEFAULTS: dict = {
         "refiner": {"kind": "unet", "width": 16, "depth": 4, "padding": "periodic"},
         "loss": {"beta_s": 1.0, "beta_fp": 0.01, "fp_warmup_epochs": 5, "spectral_mode": "magnitude",
                  "f0": 0.5, "lam_min": 1.0, "lam_max": 2.0,
-                 "deep_steps": 0, "beta_deep": 0.0,  # irno's stability terms (pipeline.deep_state_loss
-                 "beta_rest": 0.0},  # and the resting term mean(Phi(x, h_K)^2), h_K detached)
+                 # irno's stability terms, off by default: pipeline.deep_state_loss (deep_steps n, or
+                 # [lo, hi] drawn per batch) and the resting term mean(Phi(x, h_K)^2), h_K detached
+                 "deep_steps": 0, "beta_deep": 0.0, "beta_rest": 0.0},
         "checkpoint": False,
         "refiner_dtype": "auto",  # autocast of Phi: auto (bf16 on CUDA / AMX CPUs) | bf16 | fp16 | off
         "resample_mode": "bicubic",  # x onto h's grid (super-resolution): bicubic | bilinear | fourier | ...
@@ -468,15 +469,17 @@ def _irno_loss(spec: dict):
                     lam_max=lc.get("lam_max", 2.0), f0=lc.get("f0", 0.5),
                     spectral_mode=lc.get("spectral_mode", "magnitude"))
 
-    deep_steps, beta_deep = int(lc.get("deep_steps", 0)), float(lc.get("beta_deep", 0.0))
+    deep_range, beta_deep = deep_steps_range(lc.get("deep_steps", 0)), float(lc.get("beta_deep", 0.0))
     beta_rest = float(lc.get("beta_rest", 0.0))
 
     def loss(model, x, y, epoch):
         traj = model(x, steps=spec["K"], return_trajectory=True)
         total, parts = crit(model, x, y, epoch=epoch, trajectory=traj)
         out = {k: v for k, v in parts.items() if k in ("mse", "spec", "fp")}
-        if deep_steps and beta_deep:
-            deep = deep_state_loss(model, x, y, traj[-1], deep_steps)
+        if deep_range[1] and beta_deep:
+            lo, hi = deep_range
+            n = lo if lo == hi else int(torch.randint(lo, hi + 1, ()).item())
+            deep = deep_state_loss(model, x, y, traj[-1], n)
             total = total + beta_deep * deep
             out["deep"] = deep.detach()
         if beta_rest:
@@ -487,6 +490,17 @@ def _irno_loss(spec: dict):
         return total, out
 
     return loss
+
+
+def deep_steps_range(value) -> tuple[int, int]:
+    """``irno.loss.deep_steps`` as an inclusive range (lo, hi): an int n is (n, n), a pair [lo, hi]
+    draws the number of extra steps uniformly from lo..hi for every batch; 0 turns the term off."""
+    pair = list(value) if isinstance(value, (list, tuple)) else [value, value]
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair) \
+            or pair[0] > pair[1]:
+        raise ValueError(f"irno.loss.deep_steps: expected an int >= 0 or a pair [lo, hi] of ints with "
+                         f"0 <= lo <= hi, got {value!r}")
+    return pair[0], pair[1]
 
 
 def deep_state_loss(model, x: torch.Tensor, y: torch.Tensor, h_K: torch.Tensor, extra_steps: int) -> torch.Tensor:
