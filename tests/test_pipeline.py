@@ -221,6 +221,36 @@ def test_irno_loss_draws_deep_steps_from_the_range(monkeypatch):
         pipeline._irno_loss({"K": 2, "loss": {"deep_steps": [2, 1], "beta_deep": 0.5}})
 
 
+def test_perturb_start_levels_and_bands():
+    torch.manual_seed(0)
+    h = torch.randn(256, 2, 15, 22) * 3 + 1
+    d = pipeline.perturb_start(h, 0.4) - h
+    ratio = d.flatten(2).std(dim=2) / h.flatten(2).std(dim=2)
+    assert 0.15 < ratio.mean() < 0.25 and ratio.max() < 0.4 * 1.3  # u * sigma, u ~ U(0, 1)
+    power = torch.fft.rfft2(d).abs().square().mean(dim=(0, 1))
+    low, high = power[1:3, 1:3].mean(), power[6:9, 8:11].mean()
+    assert low > 2 * high  # the smooth part adds to the low wavenumbers on top of the white part
+    assert torch.equal(pipeline.perturb_start(h, 0.0), h)
+
+
+def test_irno_loss_starts_from_a_perturbed_base_output(monkeypatch):
+    from irno import FNO, IRNO
+
+    torch.manual_seed(0)
+    model = IRNO(FNO(n_modes=(3, 3), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1), K=2,
+                 refiner_kwargs={"width": 2, "depth": 1})
+    x, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+    starts = []
+    real = model.refine
+    monkeypatch.setattr(model, "refine", lambda x, h0, **kw: starts.append(h0) or real(x, h0, **kw))
+    total, _ = pipeline._irno_loss({"K": 2, "loss": {"start_noise": 0.5}})(model, x, y, 0.0)
+    total.backward()
+    assert len(starts) == 1 and not torch.allclose(starts[0], model.base_forward(x).detach())
+    assert any(p.grad is not None for p in model.refiner.parameters())
+    with pytest.raises(ValueError, match="irno.loss.start_noise"):
+        pipeline._irno_loss({"K": 2, "loss": {"start_noise": -1}})
+
+
 def test_super_resolution_base_upsamples():
     base = pipeline.build_base({"model": "fno", "kwargs": {"n_modes": [4, 4], "hidden_channels": 4}}, 1, 1, scale=4)
     assert base(torch.randn(2, 1, 8, 8)).shape == (2, 1, 32, 32)

@@ -54,7 +54,8 @@ DEFAULTS: dict = {
                  "f0": 0.5, "lam_min": 1.0, "lam_max": 2.0,
                  # irno's stability terms, off by default: pipeline.deep_state_loss (deep_steps n, or
                  # [lo, hi] drawn per batch) and the resting term mean(Phi(x, h_K)^2), h_K detached
-                 "deep_steps": 0, "beta_deep": 0.0, "beta_rest": 0.0},
+                 "deep_steps": 0, "beta_deep": 0.0, "beta_rest": 0.0,
+                 "start_noise": 0.0},  # pipeline.perturb_start: train from noisy h_0 (relative level)
         "checkpoint": False,
         "refiner_dtype": "auto",  # autocast of Phi: auto (bf16 on CUDA / AMX CPUs) | bf16 | fp16 | off
         "resample_mode": "bicubic",  # x onto h's grid (super-resolution): bicubic | bilinear | fourier | ...
@@ -471,9 +472,17 @@ def _irno_loss(spec: dict):
 
     deep_range, beta_deep = deep_steps_range(lc.get("deep_steps", 0)), float(lc.get("beta_deep", 0.0))
     beta_rest = float(lc.get("beta_rest", 0.0))
+    start_noise = float(lc.get("start_noise", 0.0))
+    if not (math.isfinite(start_noise) and start_noise >= 0):
+        raise ValueError(f"irno.loss.start_noise: expected a number >= 0, got {start_noise!r}")
 
     def loss(model, x, y, epoch):
-        traj = model(x, steps=spec["K"], return_trajectory=True)
+        if start_noise:
+            with torch.no_grad():
+                h0 = perturb_start(model.base_forward(x), start_noise)
+            traj = model.refine(x, h0, steps=spec["K"], return_trajectory=True)
+        else:
+            traj = model(x, steps=spec["K"], return_trajectory=True)
         total, parts = crit(model, x, y, epoch=epoch, trajectory=traj)
         out = {k: v for k, v in parts.items() if k in ("mse", "spec", "fp")}
         if deep_range[1] and beta_deep:
@@ -490,6 +499,25 @@ def _irno_loss(spec: dict):
         return total, out
 
     return loss
+
+
+def perturb_start(h0: torch.Tensor, sigma: float, smooth_modes: int = 8) -> torch.Tensor:
+    """h0 (B, C, H, W) plus noise, for training the refiner from perturbed starts (irno.loss.start_noise).
+
+    Each sample gets a level u * sigma, u ~ U(0, 1), times the std of each of its channels, of the sum
+    of two unit-variance fields: white noise and white noise low-passed to wavenumbers |k| <= smooth_modes
+    (the refiner's drift past K is broadband, low bands included). An irno addition to the published
+    method, off by default.
+    """
+    B, C, H, W = h0.shape
+    white = torch.randn_like(h0)
+    spec = torch.fft.rfft2(torch.randn_like(h0), norm="ortho")
+    ky = torch.fft.fftfreq(H, 1.0 / H, device=h0.device).abs().view(-1, 1)
+    kx = torch.fft.rfftfreq(W, 1.0 / W, device=h0.device).view(1, -1)
+    smooth = torch.fft.irfft2(spec * ((ky ** 2 + kx ** 2) <= smooth_modes ** 2), s=(H, W), norm="ortho")
+    smooth = smooth / smooth.flatten(2).std(dim=2).clamp_min(1e-12)[..., None, None]
+    level = sigma * torch.rand(B, 1, 1, 1, device=h0.device, dtype=h0.dtype)
+    return h0 + level * h0.flatten(2).std(dim=2)[..., None, None] * (white + smooth) / math.sqrt(2.0)
 
 
 def deep_steps_range(value) -> tuple[int, int]:
