@@ -174,13 +174,18 @@ def test_commands_without_their_checkpoints_say_what_to_run(tmp_path, capsys):
     assert "nothing" in capsys.readouterr().err
 
 
-def test_deep_state_loss_trains_only_the_last_step():
+def _tiny_irno():
+    """A seeded two-step IRNO on 8x8 fields and one batch (x, y) for the loss tests."""
     from irno import FNO, IRNO
 
     torch.manual_seed(0)
     model = IRNO(FNO(n_modes=(3, 3), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1), K=2,
                  refiner_kwargs={"width": 2, "depth": 1})
-    x, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+    return model, torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+
+
+def test_deep_state_loss_trains_only_the_last_step():
+    model, x, y = _tiny_irno()
     hK = model(x).detach().requires_grad_()  # a leaf, so a gradient reaching it would show
     loss = pipeline.deep_state_loss(model, x, y, hK, extra_steps=3)
     loss.backward()
@@ -199,12 +204,7 @@ def test_deep_steps_range_and_its_errors():
 
 def test_irno_loss_draws_deep_steps_from_the_range(monkeypatch):
     """With deep_steps [lo, hi] each batch's deep term runs a number of extra steps drawn from lo..hi."""
-    from irno import FNO, IRNO
-
-    torch.manual_seed(0)
-    model = IRNO(FNO(n_modes=(3, 3), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1), K=2,
-                 refiner_kwargs={"width": 2, "depth": 1})
-    x, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+    model, x, y = _tiny_irno()
     seen = []
     real = pipeline.deep_state_loss
     monkeypatch.setattr(pipeline, "deep_state_loss", lambda m, x, y, h, n: seen.append(n) or real(m, x, y, h, n))
@@ -234,12 +234,7 @@ def test_perturb_start_levels_and_bands():
 
 
 def test_irno_loss_starts_from_a_perturbed_base_output(monkeypatch):
-    from irno import FNO, IRNO
-
-    torch.manual_seed(0)
-    model = IRNO(FNO(n_modes=(3, 3), in_channels=2, out_channels=1, hidden_channels=4, n_layers=1), K=2,
-                 refiner_kwargs={"width": 2, "depth": 1})
-    x, y = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8)
+    model, x, y = _tiny_irno()
     starts = []
     real = model.refine
     monkeypatch.setattr(model, "refine", lambda x, h0, **kw: starts.append(h0) or real(x, h0, **kw))
