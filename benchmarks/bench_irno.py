@@ -228,12 +228,19 @@ class Bench:
         self.env["tf32_conv"] = torch.backends.cudnn.allow_tf32 if cuda else ""
         self.env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32 if cuda else ""
         self.rows: list[dict] = []
+        self.written = 0  # rows already appended to --csv
         self.failed: list[str] = []  # messages
         self.bad: set[tuple[str, str]] = set()  # (case, variant) that disagree with plain: not timed
         self.variants = [v for v in VARIANTS if args.device == "cuda" or v not in CUDA_ONLY]
         # rel. L2 error vs plain of the fp32 variants, checked with TF32 off (exact_fp32)
         self.tol = 1e-4 if args.device == "cpu" else 5e-4
         self.min_run = 0.05 if args.quick else 0.5
+
+    def flush(self) -> None:
+        """Append the rows not yet written to --csv: a run cut short by a timeout keeps what it measured."""
+        if self.a.csv:
+            write_csv(self.a.csv, self.rows[self.written:])
+        self.written = len(self.rows)
 
     def time(self, fn) -> float | None:
         try:
@@ -374,6 +381,7 @@ class Bench:
         )
         plain_t = self.time(plain_step)
         self.row(case, "plain", K, plain_t, plain_t, gflop, 0.0, True)
+        self.flush()
         for v in self.variants[1:]:
             if v == "irno" and not agree["ok"]:
                 self.row(case, v, K, None, plain_t, gflop, agree["err"], False)
@@ -412,6 +420,7 @@ class Bench:
             else:
                 fn = step
             self.row(case, v, K, self.time(fn), plain_t, gflop, err, ok)
+            self.flush()  # one training variant takes seconds (graph capture): keep each as it comes
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -471,7 +480,6 @@ def main(argv=None) -> int:
         sweep = [0, 1, a.K, 2 * a.K]
     else:  # 0..2K, every step up to K/2, then every other one
         sweep = sorted(set(range(0, a.K // 2 + 1)) | set(range(0, 2 * a.K + 1, 2)))
-    written = 0
     for i, case in enumerate(todo):
         if case.kind == "infer":
             bench.infer(case, sweep if i == 0 else None)
@@ -479,13 +487,11 @@ def main(argv=None) -> int:
             bench.train(case)
         if a.device == "cuda":
             torch.cuda.empty_cache()  # the case's models and graphs are gone
-        if a.csv:  # after every case: a run cut short by a timeout keeps what it measured
-            write_csv(a.csv, bench.rows[written:])
-            written = len(bench.rows)
+        bench.flush()  # after every case (training: after every variant too)
         if i == 0 and a.plot and any(r["kind"] == "sweep" for r in bench.rows):
             plot(bench.rows, a.plot, f"IRNO ({case.model}) {case.name}, {bench.env['device_name']}")
     if a.csv:
-        print(f"wrote {written} rows to {a.csv}")
+        print(f"wrote {bench.written} rows to {a.csv}")
     if bench.failed:
         print("FAILED (disagrees with plain, or raised): " + "; ".join(bench.failed))
         return 1

@@ -1,5 +1,7 @@
 """Time each irno op side by side: reference vs C++ (cpu) / CUDA / Triton / torch.compile(reference),
-and for spectral_conv2d the truncated-DFT route ("dft": matrix products, no FFT).
+and for spectral_conv2d the truncated-DFT route ("dft": matrix products, no FFT). On CUDA,
+"dft_tf32" and "triton_tf32" run the dft route and the Triton backend with PyTorch's TF32 matmul
+switch on (the fast mode: TF32 tensor-core products, fp32 accumulation).
 
 For every case it prints the median time, the achieved bandwidth from an explicit count of the
 bytes the op must move, the fraction of the measured copy bandwidth (the memory roofline) and the
@@ -48,7 +50,8 @@ class Case:
 
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
-PROVIDER_BACKEND = {"cpu": "cpu", "cuda": "cuda", "triton": "triton", "dft": "dft", "dft_tf32": "dft"}
+PROVIDER_BACKEND = {"cpu": "cpu", "cuda": "cuda", "triton": "triton", "dft": "dft", "dft_tf32": "dft",
+                    "triton_tf32": "triton"}
 
 
 def _es(dtype):
@@ -370,6 +373,8 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 continue
             if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "dft", "dft_tf32"):
                 continue
+            if prov == "triton_tf32" and case.op != "spectral_conv2d":  # the Triton dft kernels' switch
+                continue
             if case.only and prov not in case.only:
                 continue
             if prov == "compile" and (not case.compile or mode.endswith("_graph")):
@@ -386,12 +391,14 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 fn = case.ref
             elif prov == "compile":
                 fn = torch.compile(case.ref)
-            elif prov == "dft_tf32":  # the dft route with TF32 tensor-core products (PyTorch's setting)
-                def fn(*a):
+            elif prov in ("dft_tf32", "triton_tf32"):
+                # the dft route (PyTorch matmuls, or the Triton transforms) with TF32 tensor-core
+                # products: PyTorch's matmul setting, which both follow (the fast mode)
+                def fn(*a, _b=PROVIDER_BACKEND[prov]):
                     old = torch.backends.cuda.matmul.allow_tf32
                     torch.backends.cuda.matmul.allow_tf32 = True
                     try:
-                        return case.fast(*a, backend="dft")
+                        return case.fast(*a, backend=_b)
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = old
             else:
@@ -442,7 +449,9 @@ def main(argv=None):
     torch.manual_seed(0)
     env = environment(a.device)
     print("env:", env)
-    providers = ["reference", "cpu", "cuda", "triton", "dft"] + (["dft_tf32"] if a.device == "cuda" else [])
+    providers = ["reference", "cpu", "cuda", "triton", "dft"]
+    if a.device == "cuda":
+        providers += ["dft_tf32", "triton_tf32"]
     if a.compile or a.device == "cuda":
         providers.append("compile")
     all_cases = cases(a.device, a.quick)

@@ -37,13 +37,20 @@ def _best(rows: list[dict], ratio: str, **match) -> tuple[float, str] | None:
 
 def targets(ops: list[dict], irno: list[dict]) -> list[tuple[str, str, float, tuple[float, str] | None]]:
     """(issue, target, threshold, (measured, by whom) or None) per target."""
-    fast = ("cuda", "triton", "dft", "dft_tf32")
+    fast = ("cuda", "triton", "dft", "dft_tf32", "triton_tf32")
     out = []
     rows = [r for r in ops if r["op"] == "spectral_mix" and r["shape"].startswith("B16 C64 256x256")]
     for mode, need in (("fwd", 3.0), ("fwdbwd", 3.0), ("fwd_graph", 3.0), ("fwdbwd_graph", 3.0)):
         value = _best(rows, "speedup_vs_ref", mode=mode, provider="triton")
         if value is not None or not mode.endswith("_graph"):  # graph rows: runs after 3b528f8
             out.append(("5", f"spectral mixing alone, {mode}, B16 C64 256x256 m16", need, value))
+        if mode == "fwd":
+            ref = [r for r in rows if r["mode"] == mode and r["provider"] == "reference" and r.get("roofline_frac")]
+            if ref and float(ref[0]["roofline_frac"]) > 0:
+                # a mixing must write the whole zero-padded spectrum: at best it moves its least
+                # traffic at the copy bandwidth, 1 / (the reference's fraction of it) times faster
+                out.append(("5", "  bound: the least traffic at copy bandwidth (1 / reference's fraction)", need,
+                            (round(1 / float(ref[0]["roofline_frac"]), 3), "copy bandwidth")))
     out.append(("5", "whole spectral layer, fwd, B16 C64 256x256 m16 (Triton)", 2.0,
                 _best(ops, "speedup_vs_ref", op=LAYER[0], shape=LAYER[1], mode="fwd", provider="triton")))
     out.append(("6", "fused spectral layer, fwd, fp32 (cuda / dft / triton)", 3.0,

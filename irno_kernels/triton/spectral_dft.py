@@ -45,24 +45,28 @@ MAX_ROWS, MAX_COLS = 64, 32
 @triton.jit
 def _grid_to_modes_kernel(
     x_ptr, ar_ptr, ai_ptr, er_ptr, ei_ptr, z_ptr,
-    H, W, R, M,
+    H, W, R, M, N, rows_per_split,
     PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, RP: tl.constexpr, MP: tl.constexpr,
 ):
-    """z[n] = E @ (x[n] @ A) for plane n = program 0; x (N, H, W) contiguous, A = ar + i ai (W, M),
-    E = er + i ei (R, H), z (N, R, M, 2) a real view of a complex tensor."""
+    """z[s, n] = E[:, rows] @ (x[n, rows] @ A) for plane n = program 0 and the s-th band of
+    ``rows_per_split`` rows (a multiple of BH), s = program 1; x (N, H, W) contiguous, A = ar + i ai
+    (W, M), E = er + i ei (R, H), z (S, N, R, M, 2) a real view of a complex tensor (S bands: their
+    sum is the transform; with one band z is the transform itself)."""
     n = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
     x_base = x_ptr + n * H * W
     rr = tl.arange(0, RP)
     mm = tl.arange(0, MP)
     zr = tl.zeros((RP, MP), dtype=tl.float32)
     zi = tl.zeros((RP, MP), dtype=tl.float32)
-    for h0 in range(0, H, BH):
+    row_end = tl.minimum(H, (s + 1) * rows_per_split)
+    for h0 in range(s * rows_per_split, row_end, BH):
         hh = h0 + tl.arange(0, BH)
         tr = tl.zeros((BH, MP), dtype=tl.float32)
         ti = tl.zeros((BH, MP), dtype=tl.float32)
         for w0 in range(0, W, BW):
             ww = w0 + tl.arange(0, BW)
-            xt = tl.load(x_base + hh[:, None] * W + ww[None, :], mask=(hh < H)[:, None] & (ww < W)[None, :],
+            xt = tl.load(x_base + hh[:, None] * W + ww[None, :], mask=(hh < row_end)[:, None] & (ww < W)[None, :],
                          other=0.0).to(tl.float32)
             a_off = ww[:, None] * M + mm[None, :]
             a_mask = (ww < W)[:, None] & (mm < M)[None, :]
@@ -71,12 +75,12 @@ def _grid_to_modes_kernel(
             tr += tl.dot(xt, ar, input_precision=PREC)
             ti += tl.dot(xt, ai, input_precision=PREC)
         e_off = rr[:, None] * H + hh[None, :]
-        e_mask = (rr < R)[:, None] & (hh < H)[None, :]
+        e_mask = (rr < R)[:, None] & (hh < row_end)[None, :]
         er = tl.load(er_ptr + e_off, mask=e_mask, other=0.0)
         ei = tl.load(ei_ptr + e_off, mask=e_mask, other=0.0)
         zr += tl.dot(er, tr, input_precision=PREC) - tl.dot(ei, ti, input_precision=PREC)
         zi += tl.dot(er, ti, input_precision=PREC) + tl.dot(ei, tr, input_precision=PREC)
-    z_off = ((n * R + rr[:, None]) * M + mm[None, :]) * 2
+    z_off = (((s * N + n) * R + rr[:, None]) * M + mm[None, :]) * 2
     z_mask = (rr < R)[:, None] & (mm < M)[None, :]
     tl.store(z_ptr + z_off, zr, mask=z_mask)
     tl.store(z_ptr + z_off + 1, zi, mask=z_mask)
@@ -136,13 +140,41 @@ def _precision() -> str:
     return "tf32" if matmul_tf32() else "tf32x3"
 
 
-def _blocks(H: int, W: int, R: int, M: int) -> tuple[int, int, int, int]:
+#: GPU launch configuration of each kernel: rows (BH) and columns (BW) of the grid per tile,
+#: num_warps, num_stages and, for grid_to_modes, SPLIT: the bands of rows a plane's transform is cut
+#: into, one program each, summed after (more programs in flight: one per plane leaves 1024 programs
+#: at B16 C64, a few per SM). The values of before the tuning sweep; benchmarks/tune_dft.py times
+#: alternatives side by side on a GPU (not yet run).
+CONFIG = {
+    "grid_to_modes": dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=1),
+    "modes_to_grid": dict(BH=32, BW=64, num_warps=4, num_stages=3),
+}
+
+
+def _blocks(H: int, W: int, R: int, M: int, kernel: str = "grid_to_modes") -> tuple[int, int, int, int]:
     """(BH, BW, RP, MP): rows and columns of x per tile, kept rows and columns padded to powers of
     two of at least 16 (tl.dot's smallest operand)."""
     rp, mp = max(16, pow2(R)), max(16, pow2(M))
     if INTERPRET:  # few, large tiles: the interpreter's cost grows with the number of steps
         return max(16, min(pow2(H), 64)), max(16, min(pow2(W), 256)), rp, mp
-    return 32, 64, rp, mp
+    cfg = CONFIG[kernel]
+    return cfg["BH"], cfg["BW"], rp, mp
+
+
+def _split(H: int, bh: int) -> tuple[int, int]:
+    """(bands, rows per band) of grid_to_modes for H rows in tiles of bh: CONFIG's SPLIT, fewer when
+    H has fewer tiles; every band a whole number of tiles (the interpreter: one band)."""
+    tiles = cdiv(H, bh)
+    split = 1 if INTERPRET else max(1, min(int(CONFIG["grid_to_modes"].get("SPLIT", 1)), tiles))
+    per = cdiv(tiles, split) * bh
+    return cdiv(H, per), per
+
+
+def _launch_opts(kernel: str) -> dict:
+    if INTERPRET:
+        return dict(num_warps=4)
+    cfg = CONFIG[kernel]
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,12 +188,14 @@ def _g2m(x: torch.Tensor, ar: torch.Tensor, ai: torch.Tensor, er: torch.Tensor, 
     *lead, H, W = (int(s) for s in x.shape)
     R, M = int(er.shape[0]), int(ar.shape[1])
     x = x.contiguous()
-    z = torch.empty((*lead, R, M), dtype=torch.complex64, device=x.device)
     N = x.numel() // (H * W)
-    bh, bw, rp, mp = _blocks(H, W, R, M)
-    launch(_grid_to_modes_kernel, (N,), x, ar, ai, er, ei, torch.view_as_real(z), H, W, R, M,
-           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, num_warps=4)
-    return z
+    bh, bw, rp, mp = _blocks(H, W, R, M, "grid_to_modes")
+    split, per = _split(H, bh)
+    # one band: the kernel writes z itself; more: one partial transform per band, summed here
+    z = torch.empty((*([split] if split > 1 else []), *lead, R, M), dtype=torch.complex64, device=x.device)
+    launch(_grid_to_modes_kernel, (N, split), x, ar, ai, er, ei, torch.view_as_real(z), H, W, R, M, N, per,
+           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, **_launch_opts("grid_to_modes"))
+    return z if split == 1 else z.sum(0)
 
 
 def _m2g_fake(z, pr, pi, qr, qi):
@@ -174,9 +208,9 @@ def _m2g(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tensor, 
     z = z.resolve_conj().contiguous()
     y = torch.empty((*lead, H, W), dtype=torch.float32, device=z.device)
     N = y.numel() // (H * W)
-    bh, bw, rp, mp = _blocks(H, W, R, M)
+    bh, bw, rp, mp = _blocks(H, W, R, M, "modes_to_grid")
     launch(_modes_to_grid_kernel, (N, cdiv(H, bh)), torch.view_as_real(z), pr, pi, qr, qi, y, H, W, R, M,
-           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, num_warps=4)
+           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, **_launch_opts("modes_to_grid"))
     return y
 
 

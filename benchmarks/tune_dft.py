@@ -1,0 +1,145 @@
+"""Launch configurations of the Triton truncated-DFT kernels, timed side by side on one GPU.
+
+The two kernels of irno_kernels/triton/spectral_dft.py (grid_to_modes: the kept rfft2 modes of each
+plane; modes_to_grid: the inverse) run with the tiles, warps, pipeline stages and (grid_to_modes)
+row bands of ``CONFIG``. This script times each kernel under a list of alternatives on the layer
+shape of the targets (B16 C64 256x256 m16: 1024 planes), in the accurate mode (tf32x3) and the fast
+mode (tf32), checks every alternative against the current configuration's result, and prints the
+best per kernel and mode with its time relative to the current one: the numbers to set CONFIG from.
+
+    python benchmarks/tune_dft.py --csv OUT/tune_dft.csv          # CUDA
+    TRITON_INTERPRET=1 python benchmarks/tune_dft.py --quick      # CPU smoke run (interpreter)
+
+Each alternative compiles its kernel once (about a second); the full list fits in well under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, time_fn, write_csv  # noqa: E402
+
+from irno_kernels.triton import spectral_dft as D  # noqa: E402
+
+#: alternatives per kernel (the current CONFIG is timed first, as the baseline of the ratios)
+G2M = [
+    dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=2),
+    dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=4),
+    dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=8),
+    dict(BH=16, BW=128, num_warps=4, num_stages=3, SPLIT=4),
+    dict(BH=64, BW=64, num_warps=8, num_stages=3, SPLIT=4),
+    dict(BH=32, BW=128, num_warps=8, num_stages=2, SPLIT=4),
+    dict(BH=32, BW=64, num_warps=4, num_stages=4, SPLIT=4),
+    dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=2),
+]
+M2G = [
+    dict(BH=16, BW=64, num_warps=4, num_stages=3),
+    dict(BH=64, BW=64, num_warps=8, num_stages=3),
+    dict(BH=32, BW=128, num_warps=4, num_stages=3),
+    dict(BH=32, BW=128, num_warps=8, num_stages=2),
+    dict(BH=16, BW=256, num_warps=8, num_stages=2),
+    dict(BH=32, BW=32, num_warps=4, num_stages=4),
+]
+
+
+@contextlib.contextmanager
+def configured(kernel: str, cfg: dict, tf32: bool):
+    """D.CONFIG[kernel] = cfg and PyTorch's TF32 matmul switch (which picks the kernels' precision)."""
+    old_cfg, old_tf32 = copy.deepcopy(D.CONFIG[kernel]), torch.backends.cuda.matmul.allow_tf32
+    D.CONFIG[kernel] = dict(cfg)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        D.CONFIG[kernel] = old_cfg
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+
+
+def label(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def run(args) -> list[dict]:
+    dev = args.device
+    B, C, H, W, m = (2, 3, 40, 36, 6) if args.quick else (16, 64, 256, 256, 16)
+    x = torch.randn(B, C, H, W, device=dev)
+    z = torch.randn(B, C, 2 * m, m, dtype=torch.complex64, device=dev)
+    calls = {"grid_to_modes": lambda: D.grid_to_modes(x, m, m), "modes_to_grid": lambda: D.modes_to_grid(z, H, W)}
+    # bytes each kernel must move: the field once, the compact spectrum once
+    nbytes = B * C * H * W * 4 + B * C * 2 * m * m * 8
+    env = environment(dev)
+    rows = []
+    for kernel, alts in (("grid_to_modes", G2M), ("modes_to_grid", M2G)):
+        fn = calls[kernel]
+        for tf32 in (False, True):
+            mode = "tf32" if tf32 else "tf32x3"
+            with torch.no_grad(), configured(kernel, D.CONFIG[kernel], tf32):
+                want = fn().clone()
+                base_t = time_fn(fn, dev, min_run_time=0.05)
+            results = [(dict(D.CONFIG[kernel]), base_t, 0.0)]
+            for cfg in (alts[:2] if args.quick else alts):
+                try:
+                    with torch.no_grad(), configured(kernel, cfg, tf32):
+                        got = fn()
+                        err = float((got - want).abs().max() / want.abs().max())
+                        t = time_fn(fn, dev, min_run_time=0.05)
+                except Exception as exc:  # a configuration that does not compile is reported, not fatal
+                    print(f"  {kernel} {mode} {label(cfg)}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                results.append((cfg, t, err))
+            for i, (cfg, t, err) in enumerate(results):
+                ok = err <= (1e-5 if mode == "tf32x3" else 2e-3)
+                rows.append({**env, "kernel": kernel, "shape": f"B{B} C{C} {H}x{W} m{m}", "precision": mode,
+                             "config": label(cfg) + (" (current)" if i == 0 else ""),
+                             "median_ms": round(t * 1e3, 4), "GB_s": round(nbytes / t / 1e9, 1),
+                             "x_current": round(base_t / t, 3), "max_rel_diff": f"{err:.1e}", "agree": ok})
+                print(f"  {kernel:13s} {mode:6s} {t * 1e3:8.3f} ms {nbytes / t / 1e9:8.1f} GB/s "
+                      f"x{base_t / t:5.2f} diff {err:.1e}{'' if ok else ' DISAGREES'}  {rows[-1]['config']}")
+    return rows
+
+
+def summary(rows: list[dict]) -> None:
+    print("best per kernel and precision (x: speed-up over the current CONFIG):")
+    for kernel in ("grid_to_modes", "modes_to_grid"):
+        for mode in ("tf32x3", "tf32"):
+            rs = [r for r in rows if r["kernel"] == kernel and r["precision"] == mode and r["agree"]]
+            if rs:
+                best = min(rs, key=lambda r: r["median_ms"])
+                print(f"  {kernel:13s} {mode:6s} {best['median_ms']:8.3f} ms x{best['x_current']:.2f}  "
+                      f"{best['config']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="a tiny shape and two alternatives per kernel")
+    p.add_argument("--csv", default="", help="append result rows to this CSV file")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    if a.device == "cpu" and not D.INTERPRET:
+        p.error("--device cpu: set TRITON_INTERPRET=1 before starting (triton's interpreter runs the kernels)")
+    interpret = D.INTERPRET
+    if a.device == "cpu":
+        a.quick = True  # the interpreter: a smoke run only (its times say nothing about a GPU)
+        D.INTERPRET = False  # ... of the GPU launch configurations
+    try:
+        rows = run(a)
+    finally:
+        D.INTERPRET = interpret
+    summary(rows)
+    if a.csv:
+        write_csv(a.csv, rows)
+        print(f"wrote {len(rows)} rows to {a.csv}")
+    return 0 if all(r["agree"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
