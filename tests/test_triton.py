@@ -256,6 +256,63 @@ def test_spectral_conv2d_grad_of_weight_only():
     close(gw, ew)
 
 
+# odd sizes, channel counts not powers of two, 2*m1 < H, m2 < W//2+1; the mixing loop takes 1 input
+# channel per step forward (5 channels), 4 backward (12)
+ODD_CASE = (3, 5, 12, 11, 13, 3, 4)
+
+
+@pytest.mark.parametrize(("dtype", "gpu_config"), [(torch.float32, False), (torch.float64, False),
+                                                   (torch.float32, True)], ids=["f32", "f64", "f32-gpu-config"])
+def test_mix_into_writes_every_entry_of_a_poisoned_spectrum(dtype, gpu_config, monkeypatch):
+    """With zeroed=False the mixing launch writes the whole spectrum: the kept modes (= the mixing)
+    and exact zeros everywhere else, over a NaN-filled buffer; with the default (a zeroed buffer,
+    kept modes only) the same bits. gpu_config: the GPU tiles and 64-float zero chunks (87 forward,
+    37 backward: unmasked ones between the kept rows, masked ones, ones across two planes)."""
+    if gpu_config:
+        monkeypatch.setattr(tr_conv, "INTERPRET", False)
+        monkeypatch.setattr(tr_conv, "ZERO_BLOCK", 64)
+    B, Ci, Co, H, W, m1, m2 = ODD_CASE
+    Wr, cdt = W // 2 + 1, COMPLEX[dtype]
+    rows = [*range(m1), *range(H - m1, H)]
+    kept = torch.zeros(H, Wr, dtype=torch.bool, device=DEVICE)
+    kept[rows, :m2] = True
+    X = torch.fft.rfft2(randn(B, Ci, H, W, dtype=dtype), norm="forward")
+    G = torch.fft.rfft2(randn(B, Co, H, W, dtype=dtype))
+    w = randn(Ci, Co, 2 * m1, m2, dtype=cdt)
+    for a, wt, conj_transpose in ((X, w, False), (G, w.transpose(0, 1).conj(), True)):
+        want = torch.zeros(B, wt.shape[1], H, Wr, dtype=cdt, device=DEVICE)
+        want[:, :, rows, :m2] = torch.einsum("bixy,ioxy->boxy", a[:, :, rows, :m2], wt)
+        out = torch.full_like(want, complex(float("nan"), float("nan")))
+        tr_conv._mix_into(out, a, w, m1, m2, conj_transpose=conj_transpose, zeroed=False)
+        assert torch.equal(out[:, :, ~kept], torch.zeros_like(out[:, :, ~kept]))
+        close(out[:, :, kept], want[:, :, kept])
+        zeroed = torch.zeros_like(want)
+        tr_conv._mix_into(zeroed, a, w, m1, m2, conj_transpose=conj_transpose)
+        assert torch.equal(zeroed, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_conv2d_fused_zero_and_zero_filled_paths_agree(dtype, monkeypatch):
+    """FUSED_ZERO (torch.empty spectra, zeros written by the mixing launch) and the former path
+    (torch.zeros, kept modes only): both equal to the reference, forward and backward, and to
+    each other bit for bit."""
+    B, Ci, Co, H, W, m1, m2 = ODD_CASE
+    x = randn(B, Ci, H, W, dtype=dtype, requires_grad=True)
+    w = randn(Ci, Co, 2 * m1, m2, dtype=COMPLEX[dtype], requires_grad=True)
+    g = randn(B, Co, H, W, dtype=dtype)
+    ref = ik.spectral_conv2d_ref(x, w)
+    want = (ref, *torch.autograd.grad(ref, (x, w), g))
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setattr(tr_conv, "FUSED_ZERO", fused)
+        y = tr.spectral_conv2d(x, w)
+        got[fused] = (y, *torch.autograd.grad(y, (x, w), g))
+        for a, e in zip(got[fused], want):
+            close(a, e, dtype)
+    for a, b in zip(got[True], got[False]):
+        assert torch.equal(a, b)
+
+
 # the truncated-DFT kernels (irno_kernels/triton/spectral_dft.py)
 DFT_CASES = CONV_CASES + [(2, 3, 4, 37, 50, 8, 12), (2, 2, 3, 6, 1, 3, 1), (2, 4, 3, 40, 64, 4, 16)]
 
@@ -583,7 +640,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                     if p.name in _lib.UNSPECIALISED:
                         assert p.do_not_specialize, (name, p.name)
 
-    def build(kernel, ptrs, consts, fusion=True, num_warps=4):
+    def build(kernel, ptrs, consts, fusion=True, num_warps=4, ints=None, aligned=False):
+        # ints: types of integer arguments other than i32; aligned: pointers 16-byte aligned, as a
+        # launch specialises them (vectorised loads and stores)
         sig = {}
         for p in kernel.params:
             if p.is_constexpr:
@@ -591,8 +650,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             elif p.name in ptrs:
                 sig[p.name] = "*" + ptrs[p.name]
             else:
-                sig[p.name] = p.annotation_type or "i32"
-        src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+                sig[p.name] = (ints or {}).get(p.name) or p.annotation_type or "i32"
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if p.name in ptrs}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs if aligned else None)
         opts = {"num_warps": num_warps, "enable_fp_fusion": fusion}
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -613,10 +673,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
               dict(ERROR_MODE=err, BLOCK=1024, **f32))
         build(S._spectral_loss_bwd_kernel, dict(p_ptr="fp32", y_ptr="fp32", g_ptr="fp32", gp_ptr="fp32", gy_ptr="fp32"),
               dict(ERROR_MODE=err, NEED_Y=True, BLOCK=1024, **f32))
+    # the mixing with its zero programs (B16 C64 m16): both directions, and float64 with a spectrum
+    # of over 2^31 floats (n_out an i64)
     bm, bb, bo = C._mix_blocks(16, 16, 64, 32)
+    mix = dict(UNROLL=C._unroll(64), BLOCK_Z=C.ZERO_BLOCK)
     for conj in (False, True):
         build(C._spectral_mix_kernel, dict(a_ptr="fp32", w_ptr="fp32", out_ptr="fp32"),
-              dict(CONJ_W=conj, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, **f32))
+              dict(CONJ_W=conj, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, **mix, **f32), aligned=True)
+    build(C._spectral_mix_kernel, dict(a_ptr="fp64", w_ptr="fp64", out_ptr="fp64"),
+          dict(CONJ_W=True, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, IS_F64=True, **mix), ints=dict(n_out="i64"),
+          aligned=True)
     build(C._spectral_mix_grad_w_kernel, dict(x_ptr="fp32", g_ptr="fp32", gw_ptr="fp32"),
           dict(BLOCK_M=bm, BLOCK_I=bb, BLOCK_O=bo, **f32))
     fp = dict(x_ptr="fp32", ar_ptr="fp32", ai_ptr="fp32", er_ptr="fp32", ei_ptr="fp32", z_ptr="fp32")

@@ -4,10 +4,13 @@
     Mix: S[b, o, kx, ky] = sum_i X[b, i, kx, ky] * Wt[i, o, kx, ky] on the kept modes, 0 elsewhere
 
 The mixing kernel reads the kept modes straight from the rfft2 output (a real view of it: triton
-takes no complex pointers) and writes straight into the output spectrum, which torch has zeroed;
-there is no gathered or zero-padded copy. One program owns a block of consecutive ky modes of one
-kept row, a block of the batch and a block of output channels, and accumulates the complex
-products over the input channels as fp32 (fp64 for fp64 data) outer products.
+takes no complex pointers) and writes straight into the output spectrum; there is no gathered or
+zero-padded copy. One program owns a block of consecutive ky modes of one kept row, a block of the
+batch and a block of output channels, and accumulates the complex products over the input channels
+as fp32 (fp64 for fp64 data) outer products, loading several channels before multiplying any (the
+loop is bound by load latency). The same launch writes the zeros of the spectrum (FUSED_ZERO):
+further programs each store zeros over a flat chunk of it, skipping the kept modes, so the spectrum
+is allocated with torch.empty and no fill kernel runs.
 
 Backward, with Gy = rfft2(grad_y, norm="backward") (the adjoint of the "forward"-normalised
 irfft2 is this transform with the non-edge columns doubled, and the adjoint of rfft2 is irfft2
@@ -39,59 +42,98 @@ if FFT_NORM != "forward":  # the backward's transforms below are the adjoints fo
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_mix", "n_out"])
 def _spectral_mix_kernel(
     a_ptr, w_ptr, out_ptr,
     B, CI, CO, H, Wr, M1, M2,
     ws_i, ws_o, ws_r, ws_c,
-    n_mb, n_bb, n_ob,
+    n_mb, n_bb, n_ob, n_mix, n_out,
     CONJ_W: tl.constexpr, IS_F64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_Z: tl.constexpr,
 ):
-    """out[b, o, kx, ky] = sum_i a[b, i, kx, ky] * w[i, o, r, ky] (conj(w) with CONJ_W) for one
-    block of (ky, b, o); r is the weight row of spectrum row kx.
+    """Programs pid < n_mix: out[b, o, kx, ky] = sum_i a[b, i, kx, ky] * w[i, o, r, ky] (conj(w)
+    with CONJ_W) for one block of (ky, b, o) of the kept modes; r is the weight row of spectrum row
+    kx. Programs pid >= n_mix: zeros over the BLOCK_Z floats from (pid - n_mix) * BLOCK_Z of the
+    n_out floats of out, skipping the kept modes (which the first kind writes).
 
     a: (B, CI, H, Wr, 2) and out: (B, CO, H, Wr, 2) contiguous real views of spectra; w: a real
     view with strides (ws_i, ws_o, ws_r, ws_c) for (in, out, row, col), imaginary part at +1.
     """
     pid = tl.program_id(0)
-    ob = pid % n_ob
-    rest = pid // n_ob
-    bb = rest % n_bb
-    rest = rest // n_bb
-    mb = rest % n_mb
-    r = rest // n_mb
-    kx = tl.where(r < M1, r, H - 2 * M1 + r)
-    ky = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
-    o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-    kmask = ky < M2
-    a_mask = kmask[:, None] & (b < B)[None, :]
-    w_mask = kmask[:, None] & (o < CO)[None, :]
-    acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
-    acc_re = tl.zeros((BLOCK_M, BLOCK_B, BLOCK_O), dtype=acc_ty)
-    acc_im = tl.zeros((BLOCK_M, BLOCK_B, BLOCK_O), dtype=acc_ty)
-    plane = H * Wr * 2
-    # (ky, b) offsets of a for input channel 0, and (ky, o) offsets of the weight
-    a_off = b[None, :] * (CI * plane) + kx * (Wr * 2) + ky[:, None] * 2
-    w_off = o[None, :] * ws_o + r * ws_r + ky[:, None] * ws_c
-    for i in range(CI):
-        ar = tl.load(a_ptr + a_off + i * plane, mask=a_mask, other=0.0).to(acc_ty)
-        ai = tl.load(a_ptr + a_off + i * plane + 1, mask=a_mask, other=0.0).to(acc_ty)
-        wr = tl.load(w_ptr + w_off + i * ws_i, mask=w_mask, other=0.0).to(acc_ty)
-        wi = tl.load(w_ptr + w_off + i * ws_i + 1, mask=w_mask, other=0.0).to(acc_ty)
-        if CONJ_W:
-            wi = -wi
-        ar3 = ar[:, :, None]
-        ai3 = ai[:, :, None]
-        wr3 = wr[:, None, :]
-        wi3 = wi[:, None, :]
-        acc_re += ar3 * wr3 - ai3 * wi3
-        acc_im += ar3 * wi3 + ai3 * wr3
-    out_off = (b[None, :, None] * CO + o[None, None, :]) * plane + kx * (Wr * 2) + ky[:, None, None] * 2
-    mask = kmask[:, None, None] & (b < B)[None, :, None] & (o < CO)[None, None, :]
-    tl.store(out_ptr + out_off, acc_re.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + out_off + 1, acc_im.to(out_ptr.dtype.element_ty), mask=mask)
+    plane = H * Wr * 2  # floats per (b, channel) spectrum
+    row_len = Wr * 2
+    if pid < n_mix:
+        ob = pid % n_ob
+        rest = pid // n_ob
+        bb = rest % n_bb
+        rest = rest // n_bb
+        mb = rest % n_mb
+        r = rest // n_mb
+        kx = tl.where(r < M1, r, H - 2 * M1 + r)
+        ky = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
+        o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+        acc_ty: tl.constexpr = tl.float64 if IS_F64 else tl.float32
+        # (b, ky, o) tiles: b outermost, so that a thread's accumulators share their weight loads
+        acc_re = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_O), dtype=acc_ty)
+        acc_im = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_O), dtype=acc_ty)
+        b64 = b.to(tl.int64)  # offsets of whole channels and batches can pass 2^31 floats
+        plane64 = tl.cast(plane, tl.int64)
+        # (b, ky) offsets of a and (ky, o) offsets of w from the channel's base pointers
+        a_off = b64[:, None] * CI * plane + kx * row_len + ky[None, :] * 2
+        w_off = o[None, :] * ws_o + r * ws_r + ky[:, None] * ws_c
+        am = (b < B)[:, None] & (ky < M2)[None, :]
+        wm = (ky < M2)[:, None] & (o < CO)[None, :]
+        a_i = a_ptr  # input channel i of a and of w
+        w_i = w_ptr
+        for _ in range(0, CI, UNROLL):  # UNROLL divides CI
+            # the loads of UNROLL channels, then their products: UNROLL loads in flight, not one
+            ars = ()
+            ais = ()
+            wrs = ()
+            wis = ()
+            for u in tl.static_range(UNROLL):
+                pa = a_i + u * plane64 + a_off
+                pw = w_i + u * ws_i + w_off
+                ars = ars + (tl.load(pa, mask=am, other=0.0),)
+                ais = ais + (tl.load(pa + 1, mask=am, other=0.0),)
+                wrs = wrs + (tl.load(pw, mask=wm, other=0.0),)
+                wis = wis + (tl.load(pw + 1, mask=wm, other=0.0),)
+            for u in tl.static_range(UNROLL):
+                ar3 = ars[u].to(acc_ty)[:, :, None]
+                ai3 = ais[u].to(acc_ty)[:, :, None]
+                wr3 = wrs[u].to(acc_ty)[None, :, :]
+                wi3 = wis[u].to(acc_ty)[None, :, :]
+                if CONJ_W:
+                    wi3 = -wi3
+                acc_re += ar3 * wr3 - ai3 * wi3
+                acc_im += ar3 * wi3 + ai3 * wr3
+            a_i += UNROLL * plane64
+            w_i += UNROLL * ws_i
+        out_off = ((b64[:, None, None] * CO + o[None, None, :]) * plane + kx * row_len
+                   + ky[None, :, None] * 2)
+        mask = am[:, :, None] & (o < CO)[None, None, :]
+        tl.store(out_ptr + out_off, acc_re.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + out_off + 1, acc_im.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        start = (pid - n_mix).to(tl.int64) * BLOCK_Z
+        p0 = (start % plane).to(tl.int32)  # where the chunk starts in its (b, o) plane
+        offs = tl.arange(0, BLOCK_Z)
+        zero = tl.zeros((BLOCK_Z,), dtype=out_ptr.dtype.element_ty)
+        if (p0 >= M1 * row_len) & (p0 + BLOCK_Z <= (H - M1) * row_len):
+            # within the rows of one plane that hold no kept mode: an unmasked, vectorised store
+            tl.store(out_ptr + start + offs, zero)
+        else:
+            # element j lies q rows after the chunk's first one (in row r0), in column col; rows
+            # past H belong to the following planes
+            r0 = p0 // row_len
+            c = p0 - r0 * row_len + offs
+            q = c // row_len
+            col = c - q * row_len
+            row = (r0 + q) % H
+            kept = (col < 2 * M2) & ((row < M1) | (row >= H - M1))
+            tl.store(out_ptr + start + offs, zero, mask=(offs < n_out - start) & ~kept)
 
 
 @triton.jit
@@ -152,6 +194,23 @@ def _spectral_mix_grad_w_kernel(
 #: bench_ops times the mixing with this and with 0 (provider "triton_few": the largest tiles).
 MIN_PROGRAMS = 512
 
+#: input channels per step of the mixing kernel's channel loop (at most; a power of two dividing the
+#: channel count: _unroll): a step issues the loads of all its channels before any product, so that
+#: this many loads are in flight where the plain loop had one (it was bound by their latency). ptxas
+#: registers for sm_90 with 1 / 4 / 8: 80 / 72 / 87 at the B16 C64 m16 MIN_PROGRAMS tile (16 batch x
+#: 8 modes x 8 channels), 158 / 185 / 209 at its largest tile (MIN_PROGRAMS = 0). Not yet measured on
+#: a GPU; 1 is the plain loop.
+MIX_UNROLL = 8
+
+#: True: the FFT route's forward and backward allocate the spectrum handed to irfft2 with torch.empty,
+#: and the mixing launch writes its zeros too (programs pid >= n_mix of _spectral_mix_kernel); False:
+#: torch.zeros (a fill kernel) and a launch that writes the kept modes only. bench_ops times both.
+FUSED_ZERO = True
+
+#: floats per zero program on a GPU (32 per thread at 4 warps, stored as float4 away from the kept
+#: rows); the interpreter takes up to 2^16 per program.
+ZERO_BLOCK = 4096
+
 
 def _mix_blocks(m2: int, rows: int, cols: int, kept_rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_ROWS, BLOCK_COLS): modes per program and a rows x cols tile of the
@@ -182,9 +241,10 @@ def _mix_blocks(m2: int, rows: int, cols: int, kept_rows: int) -> tuple[int, int
 
 
 def _mix_into(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, m1: int, m2: int,
-              conj_transpose: bool) -> None:
-    """out (B, CO, H, Wr) complex, zeroed = Mix(a) on the kept modes; with conj_transpose the weight
-    acts as conj(weight[i, o]) summed over o (a then has C_out channels, out C_in)."""
+              conj_transpose: bool, *, zeroed: bool = True) -> None:
+    """out (B, CO, H, Wr) complex, contiguous = Mix(a): with conj_transpose the weight acts as
+    conj(weight[i, o]) summed over o (a then has C_out channels, out C_in). zeroed: out holds zeros
+    already and the launch writes the kept modes only; else it writes the zeros too (one launch)."""
     B, CI, H, Wr = a.shape
     CO = out.shape[1]
     wv = torch.view_as_real(weight.resolve_conj())
@@ -193,11 +253,24 @@ def _mix_into(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, m1: int,
         s_i, s_o = s_o, s_i
     bm, bb, bo = _mix_blocks(m2, B, CO, 2 * m1)
     n_mb, n_bb, n_ob = cdiv(m2, bm), cdiv(B, bb), cdiv(CO, bo)
-    launch(_spectral_mix_kernel, (2 * m1 * n_mb * n_bb * n_ob,),
+    n_mix = 2 * m1 * n_mb * n_bb * n_ob
+    n_out = 2 * out.numel()
+    bz = min(pow2(n_out), 1 << 16) if INTERPRET else ZERO_BLOCK
+    n_zero = 0 if zeroed else cdiv(n_out, bz)
+    launch(_spectral_mix_kernel, (n_mix + n_zero,),
            torch.view_as_real(a), wv, torch.view_as_real(out),
-           B, CI, CO, H, Wr, m1, m2, s_i, s_o, s_r, s_c, n_mb, n_bb, n_ob,
+           B, CI, CO, H, Wr, m1, m2, s_i, s_o, s_r, s_c, n_mb, n_bb, n_ob, n_mix, n_out,
            CONJ_W=conj_transpose, IS_F64=a.dtype == torch.complex128,
-           BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, num_warps=4)
+           BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, UNROLL=_unroll(CI), BLOCK_Z=bz, num_warps=4)
+
+
+def _unroll(channels: int) -> int:
+    """The mixing loop's channels per step: the largest power of two up to MIX_UNROLL that divides
+    the channel count (so that no step needs a channel mask)."""
+    u = 1
+    while 2 * u <= MIX_UNROLL and channels % (2 * u) == 0:
+        u *= 2
+    return u
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +285,8 @@ def _spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tenso
     B, _, H, W = (int(s) for s in x.shape)
     CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
     X = torch.fft.rfft2(x, norm=FFT_NORM).contiguous()
-    S = torch.zeros((B, CO, H, W // 2 + 1), dtype=X.dtype, device=x.device)
-    _mix_into(S, X, weight, m1, m2, conj_transpose=False)
+    S = (torch.empty if FUSED_ZERO else torch.zeros)((B, CO, H, W // 2 + 1), dtype=X.dtype, device=x.device)
+    _mix_into(S, X, weight, m1, m2, conj_transpose=False, zeroed=not FUSED_ZERO)
     return torch.fft.irfft2(hermitian_edges(S, W, m2), s=(H, W), norm=FFT_NORM), X
 
 
@@ -231,8 +304,8 @@ def _spectral_conv2d_backward(grad: torch.Tensor, X: torch.Tensor, weight: torch
     m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
     Gy = torch.fft.rfft2(grad, norm="backward").contiguous()
     if need_x:
-        GX = torch.zeros((B, CI, H, Wr), dtype=X.dtype, device=X.device)
-        _mix_into(GX, Gy, weight, m1, m2, conj_transpose=True)
+        GX = (torch.empty if FUSED_ZERO else torch.zeros)((B, CI, H, Wr), dtype=X.dtype, device=X.device)
+        _mix_into(GX, Gy, weight, m1, m2, conj_transpose=True, zeroed=not FUSED_ZERO)
         gx = torch.fft.irfft2(hermitian_edges(GX, W, m2), s=(H, W), norm="backward")
     else:
         gx = grad.new_empty((0,))
