@@ -188,27 +188,29 @@ class _MixTriton(torch.autograd.Function):
     weight's (autograd's of _mix_ref times the layer's conjugate-pair multiplicity, 2 on the
     non-edge columns, which the reference layer applies in irfft2's backward instead: the same
     products). ``min_programs``: the kernels' MIN_PROGRAMS for this call, forward and backward
-    (None: the module's)."""
+    (None: the module's). ``fused``: the spectra are allocated with torch.empty and the mixing
+    launch writes their zeros too (the layer's path); False: torch.zeros (a fill kernel) and a
+    launch that writes the kept modes only (the layer's path before FUSED_ZERO)."""
 
     @staticmethod
-    def forward(ctx, X, w, min_programs=None):
+    def forward(ctx, X, w, min_programs=None, fused=True):
         B, _, H, Wr = X.shape
-        out = torch.zeros(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
+        out = (torch.empty if fused else torch.zeros)(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
         with _min_programs(min_programs) as tc:
-            tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False)
+            tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False, zeroed=not fused)
         ctx.save_for_backward(X, w)
-        ctx.min_programs = min_programs
+        ctx.min_programs, ctx.fused = min_programs, fused
         return out
 
     @staticmethod
     def backward(ctx, G):
         X, w = ctx.saved_tensors
         G = G.contiguous()
-        gX = torch.zeros_like(X)
+        gX = (torch.empty_like if ctx.fused else torch.zeros_like)(X)
         with _min_programs(ctx.min_programs) as tc:
-            tc._mix_into(gX, G, w, w.shape[2] // 2, w.shape[3], conj_transpose=True)
+            tc._mix_into(gX, G, w, w.shape[2] // 2, w.shape[3], conj_transpose=True, zeroed=not ctx.fused)
             gw = tc._mix_grad_weight(X, G, w, 2 * (X.shape[-1] - 1))
-        return gX, gw, None
+        return gX, gw, None, None
 
 
 def _mix_triton(X, w, backend):
@@ -219,6 +221,12 @@ def _mix_triton_few(X, w):
     """_mix_triton with the mixing kernels' largest tiles (MIN_PROGRAMS = 0: the grid of before the
     minimum program count), to measure that choice side by side."""
     return _MixTriton.apply(X, w, 0)
+
+
+def _mix_triton_fill(X, w):
+    """_mix_triton on zero-filled spectra, the launch writing the kept modes only (FUSED_ZERO off),
+    to measure the fused zeros side by side."""
+    return _MixTriton.apply(X, w, None, False)
 
 
 def spectral_mix_case(B, C, H, W, m) -> Case:
@@ -237,7 +245,8 @@ def spectral_mix_case(B, C, H, W, m) -> Case:
     fwd = kept + weights + full
     return Case("spectral_mix", f"B{B} C{C} {H}x{W} m{m}", make, _mix_ref, _mix_triton,
                 lambda mode: fwd if mode == "fwd" else 2 * fwd + kept + weights, (0, 1),
-                only=("reference", "triton", "triton_few"), extra={"triton_few": ("triton", _mix_triton_few)})
+                only=("reference", "triton", "triton_few", "triton_fill"),
+                extra={"triton_few": ("triton", _mix_triton_few), "triton_fill": ("triton", _mix_triton_fill)})
 
 
 def layer_norm_case(B, C, H, W, channels_last=False, fused=False) -> Case:
