@@ -76,11 +76,11 @@ timeout 40 "$PY" benchmarks/profile_irno.py --batch 1 --top 8 2>&1 | grep -v -E 
 
 # (benchmarks/profile_ops.py, the kernels behind the unmet op targets, ran here up to cb16083; its
 # output is in those runs' bench_ops.log. Its time now goes to the tuning sweep.)
-log "tuning sweep of the Triton DFT kernels' launch configurations (appended to bench_ops.log)"
+log "tuning sweep: the Triton DFT kernels' launch configurations, the mixing kernel's settings (appended to bench_ops.log)"
 echo "=== benchmarks/tune_dft.py" >> "$OUT/bench_ops.log"
-timeout 60 "$PY" benchmarks/tune_dft.py >> "$OUT/bench_ops.log" 2>&1
+timeout 80 "$PY" benchmarks/tune_dft.py >> "$OUT/bench_ops.log" 2>&1
 log "tune_dft rc=$? (1: a configuration disagreed with the current one; 124: timeout)"
-sed -n '/^best per kernel/,$p' "$OUT/bench_ops.log" | head -6
+sed -n '/^best per kernel/,$p' "$OUT/bench_ops.log" | head -8
 
 log "summary (speed-up over the reference, median of CUDA-event timings)"
 "$PY" - "$OUT/bench_ops.csv" <<'PYEOF'

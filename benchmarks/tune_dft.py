@@ -11,6 +11,11 @@ best per kernel and mode with its time relative to the current one: the numbers 
     TRITON_INTERPRET=1 python benchmarks/tune_dft.py --quick      # CPU smoke run (interpreter)
 
 Each alternative compiles its kernel once (about a second); the full list fits in well under a minute.
+
+After them it times the FFT route's mixing kernel (irno_kernels/triton/spectral_conv.py, forward and
+the input gradient's conj-transposed launch) under its module settings: input channels per loop step
+(MIX_UNROLL), floats per zero program (ZERO_BLOCK), the zero-filled spectrum of before FUSED_ZERO, and
+the largest tiles (MIN_PROGRAMS = 0); each result against the current settings' one.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, time_fn, write_csv  # noqa: E402
 
+from irno_kernels.triton import spectral_conv as MX  # noqa: E402
 from irno_kernels.triton import spectral_dft as D  # noqa: E402
 
 #: alternatives per kernel (the current CONFIG is timed first, as the baseline of the ratios)
@@ -105,10 +111,79 @@ def run(args) -> list[dict]:
     return rows
 
 
+#: the mixing kernel's alternatives: module settings of irno_kernels.triton.spectral_conv ("fused":
+#: False is the zero-filled spectrum and the kept-modes-only launch)
+MIX = [
+    dict(MIX_UNROLL=1), dict(MIX_UNROLL=4), dict(MIX_UNROLL=8),
+    dict(ZERO_BLOCK=1024), dict(ZERO_BLOCK=16384),
+    dict(fused=False), dict(MIN_PROGRAMS=0),
+]
+
+
+@contextlib.contextmanager
+def mix_settings(cfg: dict):
+    """The mixing module's settings of cfg (all but "fused") for the duration."""
+    old = {k: getattr(MX, k) for k in cfg if k != "fused"}
+    for k in old:
+        setattr(MX, k, cfg[k])
+    try:
+        yield cfg.get("fused", MX.FUSED_ZERO)
+    finally:
+        for k, v in old.items():
+            setattr(MX, k, v)
+
+
+def run_mix(args) -> list[dict]:
+    """The mixing launch of the FFT route alone, spectrum allocation included, under each of MIX."""
+    dev = args.device
+    B, C, H, W, m = (2, 4, 40, 36, 6) if args.quick else (16, 64, 256, 256, 16)
+    a = torch.fft.rfft2(torch.randn(B, C, H, W, device=dev), norm="forward").contiguous()
+    w = torch.randn(C, C, 2 * m, m, dtype=torch.complex64, device=dev)
+    # bytes the launch must move: the kept modes and the weights read, the whole spectrum written
+    nbytes = B * C * 2 * m * m * 8 + C * C * 2 * m * m * 8 + a.numel() * 8
+    env = environment(dev)
+    current = {k: getattr(MX, k) for k in ("MIX_UNROLL", "ZERO_BLOCK", "MIN_PROGRAMS", "FUSED_ZERO")}
+    rows = []
+    def launcher(conj: bool, cfg: dict):
+        def call():
+            with mix_settings(cfg) as fused:  # (every variant pays the same few setattr)
+                out = (torch.empty_like if fused else torch.zeros_like)(a)
+                MX._mix_into(out, a, w, m, m, conj_transpose=conj, zeroed=not fused)
+                return out
+        return call
+
+    for direction, conj in (("forward", False), ("input grad", True)):
+        call = launcher(conj, {})
+        want = call().clone()
+        base_t = time_fn(call, dev, min_run_time=0.05)
+        results = [({}, base_t, 0.0)]
+        for cfg in (MIX[:3] if args.quick else MIX):
+            if all(current["FUSED_ZERO" if k == "fused" else k] == v for k, v in cfg.items()):
+                continue  # the current settings, timed above
+            call = launcher(conj, cfg)
+            try:
+                err = float((call() - want).abs().max() / want.abs().max())
+                t = time_fn(call, dev, min_run_time=0.05)
+            except Exception as exc:  # reported, not fatal
+                print(f"  mix {direction} {label(cfg)}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            results.append((dict(cfg), t, err))
+        for c, t, err in results:
+            ok = err <= 1e-6
+            name = label(c) if c else "current: " + label(current)
+            rows.append({**env, "kernel": f"mix {direction}", "shape": f"B{B} C{C} {H}x{W} m{m}",
+                         "precision": "fp32", "config": name, "median_ms": round(t * 1e3, 4),
+                         "GB_s": round(nbytes / t / 1e9, 1), "x_current": round(base_t / t, 3),
+                         "max_rel_diff": f"{err:.1e}", "agree": ok})
+            print(f"  mix {direction:10s} {t * 1e3:8.3f} ms {nbytes / t / 1e9:8.1f} GB/s x{base_t / t:5.2f} "
+                  f"diff {err:.1e}{'' if ok else ' DISAGREES'}  {name}")
+    return rows
+
+
 def summary(rows: list[dict]) -> None:
     print("best per kernel and precision (x: speed-up over the current CONFIG):")
-    for kernel in ("grid_to_modes", "modes_to_grid"):
-        for mode in ("tf32x3", "tf32"):
+    for kernel in ("grid_to_modes", "modes_to_grid", "mix forward", "mix input grad"):
+        for mode in ("fp32",) if kernel.startswith("mix") else ("tf32x3", "tf32"):
             rs = [r for r in rows if r["kernel"] == kernel and r["precision"] == mode and r["agree"]]
             if rs:
                 best = min(rs, key=lambda r: r["median_ms"])
@@ -131,9 +206,11 @@ def main(argv=None) -> int:
         a.quick = True  # the interpreter: a smoke run only (its times say nothing about a GPU)
         D.INTERPRET = False  # ... of the GPU launch configurations
     try:
+        MX.INTERPRET = D.INTERPRET
         rows = run(a)
+        rows += run_mix(a)
     finally:
-        D.INTERPRET = interpret
+        D.INTERPRET = MX.INTERPRET = interpret
     summary(rows)
     if a.csv:
         write_csv(a.csv, rows)
