@@ -42,6 +42,19 @@ if FFT_NORM != "forward":  # the backward's transforms below are the adjoints fo
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def _block_of(pid, n_mb, n_rb, n_cb, H, M1):
+    """(mb, rb, cb, r, kx): program pid's block of ky modes, of rows and of columns of the per-mode
+    outer product (row-major over (kept row r, mb, rb, cb)), and its spectrum row kx of kept row r."""
+    cb = pid % n_cb
+    rest = pid // n_cb
+    rb = rest % n_rb
+    rest = rest // n_rb
+    mb = rest % n_mb
+    r = rest // n_mb
+    return mb, rb, cb, r, tl.where(r < M1, r, H - 2 * M1 + r)
+
+
 @triton.jit(do_not_specialize=["n_mix", "n_out"])
 def _spectral_mix_kernel(
     a_ptr, w_ptr, out_ptr,
@@ -64,13 +77,7 @@ def _spectral_mix_kernel(
     plane = H * Wr * 2  # floats per (b, channel) spectrum
     row_len = Wr * 2
     if pid < n_mix:
-        ob = pid % n_ob
-        rest = pid // n_ob
-        bb = rest % n_bb
-        rest = rest // n_bb
-        mb = rest % n_mb
-        r = rest // n_mb
-        kx = tl.where(r < M1, r, H - 2 * M1 + r)
+        mb, bb, ob, r, kx = _block_of(pid, n_mb, n_bb, n_ob, H, M1)
         ky = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         b = bb * BLOCK_B + tl.arange(0, BLOCK_B)
         o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -146,13 +153,7 @@ def _spectral_mix_grad_w_kernel(
     """gw[i, o, r, ky] = c(ky) * sum_b conj(x[b, i, kx, ky]) * g[b, o, kx, ky] for one block of
     (ky, i, o); x: (B, CI, H, Wr, 2), g: (B, CO, H, Wr, 2), gw: (CI, CO, 2*M1, M2, 2), contiguous."""
     pid = tl.program_id(0)
-    ob = pid % n_ob
-    rest = pid // n_ob
-    ib = rest % n_ib
-    rest = rest // n_ib
-    mb = rest % n_mb
-    r = rest // n_mb
-    kx = tl.where(r < M1, r, H - 2 * M1 + r)
+    mb, ib, ob, r, kx = _block_of(pid, n_mb, n_ib, n_ob, H, M1)
     ky = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     i = ib * BLOCK_I + tl.arange(0, BLOCK_I)
     o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
