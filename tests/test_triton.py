@@ -272,7 +272,20 @@ def test_mix_into_writes_every_entry_of_a_poisoned_spectrum(dtype, gpu_config, m
     if gpu_config:
         monkeypatch.setattr(tr_conv, "INTERPRET", False)
         monkeypatch.setattr(tr_conv, "ZERO_BLOCK", 64)
-    B, Ci, Co, H, W, m1, m2 = ODD_CASE
+    _check_mix_writes_every_entry(ODD_CASE, dtype)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_mix_into_zero_chunks_at_the_layer_cases(case, monkeypatch):
+    """The same with the GPU tiles and 32-float zero chunks at every layer case: all rows kept (2*m1 =
+    H), every column kept (m2 = W//2+1), chunks shorter than a row and spanning planes."""
+    monkeypatch.setattr(tr_conv, "INTERPRET", False)
+    monkeypatch.setattr(tr_conv, "ZERO_BLOCK", 32)
+    _check_mix_writes_every_entry(case, torch.float32)
+
+
+def _check_mix_writes_every_entry(case, dtype):
+    B, Ci, Co, H, W, m1, m2 = case
     Wr, cdt = W // 2 + 1, COMPLEX[dtype]
     rows = [*range(m1), *range(H - m1, H)]
     kept = torch.zeros(H, Wr, dtype=torch.bool, device=DEVICE)
