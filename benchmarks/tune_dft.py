@@ -44,6 +44,9 @@ G2M = [
     dict(BH=32, BW=128, num_warps=8, num_stages=2, SPLIT=4),
     dict(BH=32, BW=64, num_warps=4, num_stages=4, SPLIT=4),
     dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=2),
+    # 64-row tiles on one warpgroup: the shape Hopper's warpgroup MMA takes (M = 64 per 4 warps)
+    dict(BH=64, BW=64, num_warps=4, num_stages=3, SPLIT=1),
+    dict(BH=64, BW=32, num_warps=4, num_stages=4, SPLIT=2),
 ]
 M2G = [
     dict(BH=16, BW=64, num_warps=4, num_stages=3),
@@ -52,6 +55,7 @@ M2G = [
     dict(BH=32, BW=128, num_warps=8, num_stages=2),
     dict(BH=16, BW=256, num_warps=8, num_stages=2),
     dict(BH=32, BW=32, num_warps=4, num_stages=4),
+    dict(BH=64, BW=64, num_warps=4, num_stages=3),
 ]
 
 
