@@ -45,15 +45,23 @@ A="tests/test_graphed.py"
 A2="tests/test_graphed_train.py tests/test_models.py"
 B="tests/test_triton.py tests/test_norm.py tests/test_pad.py tests/test_update.py"
 REST=$(ls tests/test_*.py | grep -v -x -F -e "${A// /$'\n'}" -e "${A2// /$'\n'}" -e "${B// /$'\n'}" | tr '\n' ' ')
+# beside them (CPU work): registers and occupancy of the DFT kernels' configurations with this
+# machine's triton, appended to bench_ops.log after the tuning sweep that times the same list
+RESOURCES=$(mktemp)
+timeout 160 "$PY" benchmarks/kernel_resources.py > "$RESOURCES" 2>&1 &
+RESOURCES_PID=$!
 i=0
+PIDS=""
 for files in "$A" "$A2" "$B" "$REST"; do
   # shellcheck disable=SC2086
   timeout 170 "$PY" -m pytest -m gpu -q --no-header --tb=short --durations=8 -p no:cacheprovider \
     -o faulthandler_timeout=90 $files > "$SHARDS/$i.log" 2>&1 &
+  PIDS="$PIDS $!"
   i=$((i + 1))
 done
 rc=0
-for job in $(jobs -p); do wait "$job" || rc=$?; done
+for job in $PIDS; do wait "$job" || rc=$?; done
+wait "$RESOURCES_PID"
 log "pytest rc=$rc (124: timeout; a shard's last nonzero status)"
 for f in "$SHARDS"/*.log; do echo "=== shard $(basename "$f" .log)"; cat "$f"; done > "$OUT/pytest_gpu.log"
 rm -rf "$SHARDS"
@@ -79,6 +87,8 @@ echo "=== benchmarks/tune_dft.py" >> "$OUT/bench_ops.log"
 timeout 90 "$PY" benchmarks/tune_dft.py >> "$OUT/bench_ops.log" 2>&1
 log "tune_dft rc=$? (1: a configuration disagreed with the current one; 124: timeout)"
 sed -n '/^best per kernel/,$p' "$OUT/bench_ops.log" | head -8
+{ echo "=== benchmarks/kernel_resources.py"; grep -v -i "warn" "$RESOURCES"; } >> "$OUT/bench_ops.log"
+rm -f "$RESOURCES"
 
 log "profile: where one eager inference call spends its time (256x256 B1 fp32)"
 timeout 40 "$PY" benchmarks/profile_irno.py --batch 1 --top 8 2>&1 | grep -v -E "USDT|profiler_st|_warn_once|UserWarning" \

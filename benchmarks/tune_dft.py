@@ -2,10 +2,11 @@
 
 The two kernels of irno_kernels/triton/spectral_dft.py (grid_to_modes: the kept rfft2 modes of each
 plane; modes_to_grid: the inverse) run with the tiles, warps, pipeline stages and (grid_to_modes)
-row bands of ``CONFIG``. This script times each kernel under a list of alternatives on the layer
-shape of the targets (B16 C64 256x256 m16: 1024 planes), in the accurate mode (tf32x3) and the fast
-mode (tf32), checks every alternative against the current configuration's result, and prints the
-best per kernel and mode with its time relative to the current one: the numbers to set CONFIG from.
+row bands of ``CONFIG``, one configuration per kernel and precision. This script times each kernel
+under a list of alternatives on the layer shape of the targets (B16 C64 256x256 m16: 1024 planes), in
+the accurate mode (tf32x3) and the fast mode (tf32), each with its own list, checks every alternative
+against the current configuration's result, and prints the best per kernel and mode with its time
+relative to the current one: the numbers to set ``CONFIG[kernel][mode]`` from.
 
     python benchmarks/tune_dft.py --csv OUT/tune_dft.csv          # CUDA
     TRITON_INTERPRET=1 python benchmarks/tune_dft.py --quick      # CPU smoke run (interpreter)
@@ -34,41 +35,65 @@ from _common import environment, time_fn, write_csv  # noqa: E402
 from irno_kernels.triton import spectral_conv as MX  # noqa: E402
 from irno_kernels.triton import spectral_dft as D  # noqa: E402
 
-#: alternatives per kernel (the current CONFIG is timed first, as the baseline of the ratios)
-G2M = [
-    dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=2),
-    dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=4),
-    dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=8),
-    dict(BH=16, BW=128, num_warps=4, num_stages=3, SPLIT=4),
-    dict(BH=64, BW=64, num_warps=8, num_stages=3, SPLIT=4),
-    dict(BH=32, BW=128, num_warps=8, num_stages=2, SPLIT=4),
-    dict(BH=32, BW=64, num_warps=4, num_stages=4, SPLIT=4),
-    dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=2),
-    # 64-row tiles on one warpgroup: the shape Hopper's warpgroup MMA takes (M = 64 per 4 warps)
-    dict(BH=64, BW=64, num_warps=4, num_stages=3, SPLIT=1),
-    dict(BH=64, BW=32, num_warps=4, num_stages=4, SPLIT=2),
-]
-M2G = [
-    dict(BH=16, BW=64, num_warps=4, num_stages=3),
-    dict(BH=64, BW=64, num_warps=8, num_stages=3),
-    dict(BH=32, BW=128, num_warps=4, num_stages=3),
-    dict(BH=32, BW=128, num_warps=8, num_stages=2),
-    dict(BH=16, BW=256, num_warps=8, num_stages=2),
-    dict(BH=32, BW=32, num_warps=4, num_stages=4),
-    dict(BH=64, BW=64, num_warps=4, num_stages=3),
-]
+#: alternatives per kernel and precision (the current CONFIG is timed first, as the baseline of the
+#: ratios). The registers ptxas gives each for sm_90 (benchmarks/kernel_resources.py) in brackets:
+#: in tf32x3 the current grid_to_modes tiles take 255 (two 4-warp programs per SM), hence the small
+#: tiles there; "wgmma": 64-row tiles on one warpgroup, the shape Hopper's warpgroup MMA takes.
+G2M = {
+    "tf32x3": [
+        dict(BH=16, BW=16, num_warps=2, num_stages=3, SPLIT=1),  # [128]
+        dict(BH=16, BW=16, num_warps=4, num_stages=2, SPLIT=1),  # [128]
+        dict(BH=16, BW=32, num_warps=2, num_stages=2, SPLIT=1),  # [167]
+        dict(BH=16, BW=32, num_warps=4, num_stages=3, SPLIT=1),  # [165]
+        dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=2),  # [202]
+        dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=4),  # [255] bands
+        dict(BH=64, BW=32, num_warps=4, num_stages=4, SPLIT=2),  # [255, wgmma]
+        dict(BH=64, BW=64, num_warps=4, num_stages=3, SPLIT=1),  # [255, wgmma]
+    ],
+    "tf32": [
+        dict(BH=32, BW=128, num_warps=8, num_stages=2, SPLIT=4),  # [99]
+        dict(BH=16, BW=128, num_warps=4, num_stages=3, SPLIT=4),  # [128]
+        dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=2),  # [128]
+        dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=4),  # [142] bands
+        dict(BH=32, BW=64, num_warps=4, num_stages=4, SPLIT=4),  # [168]
+        dict(BH=64, BW=32, num_warps=4, num_stages=4, SPLIT=2),  # [206, wgmma]
+        dict(BH=64, BW=64, num_warps=8, num_stages=3, SPLIT=4),  # [190, wgmma]
+    ],
+}
+M2G = {
+    "tf32x3": [
+        dict(BH=64, BW=32, num_warps=4, num_stages=3),  # [116, wgmma]
+        dict(BH=64, BW=32, num_warps=4, num_stages=2),  # [116, wgmma]
+        dict(BH=64, BW=64, num_warps=4, num_stages=3),  # [161, wgmma]
+        dict(BH=16, BW=64, num_warps=2, num_stages=3),  # [157]
+        dict(BH=32, BW=64, num_warps=2, num_stages=3),  # [152]
+        dict(BH=16, BW=64, num_warps=4, num_stages=3),  # [153]
+        dict(BH=32, BW=128, num_warps=4, num_stages=3),  # [154]
+    ],
+    "tf32": [
+        dict(BH=16, BW=64, num_warps=4, num_stages=3),  # [64]
+        dict(BH=32, BW=128, num_warps=8, num_stages=2),  # [64]
+        dict(BH=16, BW=256, num_warps=8, num_stages=2),  # [64]
+        dict(BH=32, BW=32, num_warps=4, num_stages=4),  # [84]
+        dict(BH=32, BW=128, num_warps=4, num_stages=3),  # [80]
+        dict(BH=64, BW=64, num_warps=4, num_stages=3),  # [114, wgmma]
+        dict(BH=64, BW=64, num_warps=8, num_stages=3),  # [86, wgmma]
+    ],
+}
 
 
 @contextlib.contextmanager
 def configured(kernel: str, cfg: dict, tf32: bool):
-    """D.CONFIG[kernel] = cfg and PyTorch's TF32 matmul switch (which picks the kernels' precision)."""
-    old_cfg, old_tf32 = copy.deepcopy(D.CONFIG[kernel]), torch.backends.cuda.matmul.allow_tf32
-    D.CONFIG[kernel] = dict(cfg)
+    """D.CONFIG[kernel][precision] = cfg and PyTorch's TF32 matmul switch, which picks the kernels'
+    precision ("tf32" on, "tf32x3" off)."""
+    prec = "tf32" if tf32 else "tf32x3"
+    old_cfg, old_tf32 = copy.deepcopy(D.CONFIG[kernel][prec]), torch.backends.cuda.matmul.allow_tf32
+    D.CONFIG[kernel][prec] = dict(cfg)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         yield
     finally:
-        D.CONFIG[kernel] = old_cfg
+        D.CONFIG[kernel][prec] = old_cfg
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
@@ -90,11 +115,11 @@ def run(args) -> list[dict]:
         fn = calls[kernel]
         for tf32 in (False, True):
             mode = "tf32" if tf32 else "tf32x3"
-            with torch.no_grad(), configured(kernel, D.CONFIG[kernel], tf32):
+            with torch.no_grad(), configured(kernel, D.CONFIG[kernel][mode], tf32):
                 want = fn().clone()
                 base_t = time_fn(fn, dev, min_run_time=0.05)
-            results = [(dict(D.CONFIG[kernel]), base_t, 0.0)]
-            for cfg in (alts[:2] if args.quick else alts):
+            results = [(dict(D.CONFIG[kernel][mode]), base_t, 0.0)]
+            for cfg in (alts[mode][:2] if args.quick else alts[mode]):
                 try:
                     with torch.no_grad(), configured(kernel, cfg, tf32):
                         got = fn()

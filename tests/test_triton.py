@@ -387,7 +387,7 @@ def test_dft_transforms_are_adjoint_pairs():
 @pytest.fixture
 def gpu_tiles(monkeypatch):
     monkeypatch.setattr(tr_dft, "INTERPRET", False)
-    monkeypatch.setattr(tr_dft, "CONFIG", {k: dict(v) for k, v in tr_dft.CONFIG.items()})
+    monkeypatch.setattr(tr_dft, "CONFIG", {k: {p: dict(c) for p, c in v.items()} for k, v in tr_dft.CONFIG.items()})
     return tr_dft.CONFIG
 
 
@@ -395,8 +395,9 @@ def gpu_tiles(monkeypatch):
 def test_grid_to_modes_bands_and_tiles_match_the_reference(gpu_tiles, split, bh, bw):
     """H = 70 rows and W = 45 columns: bands of whole tiles, the last one short (16-row tiles in 3
     bands: 32, 32 and 6 rows); more bands asked for than there are tiles: one band per tile."""
-    gpu_tiles["grid_to_modes"].update(SPLIT=split, BH=bh, BW=bw)
-    gpu_tiles["modes_to_grid"].update(BH=bh, BW=bw)
+    assert tr_dft._precision() == "tf32x3"  # float32 with PyTorch's TF32 switch off: the accurate mode
+    gpu_tiles["grid_to_modes"]["tf32x3"].update(SPLIT=split, BH=bh, BW=bw)
+    gpu_tiles["modes_to_grid"]["tf32x3"].update(BH=bh, BW=bw)
     H, W, m1, m2 = 70, 45, 5, 7
     bands, per = tr_dft._split(H, bh)
     assert bands <= split and per % bh == 0 and (bands - 1) * per < H <= bands * per
@@ -755,12 +756,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     build(C._spectral_mix_grad_w_kernel, dict(x_ptr="fp32", g_ptr="fp32", gw_ptr="fp32"),
           dict(BLOCK_M=bm, BLOCK_I=bb, BLOCK_O=bo, **f32))
     fp = dict(x_ptr="fp32", ar_ptr="fp32", ai_ptr="fp32", er_ptr="fp32", ei_ptr="fp32", z_ptr="fp32")
-    for prec in ("tf32x3", "tf32"):
-        bh, bw, rp, mp = D._blocks(256, 256, 32, 16)
-        build(D._grid_to_modes_kernel, fp, dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp))
-        bh, bw, rp, mp = D._blocks(256, 256, 64, 32)
+    for prec in ("tf32x3", "tf32"):  # each precision's CONFIG, with its warps and stages
+        bh, bw, rp, mp = D._blocks(256, 256, 32, 16, "grid_to_modes", prec)
+        build(D._grid_to_modes_kernel, fp, dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp),
+              num_warps=D._launch_opts("grid_to_modes", prec)["num_warps"])
+        bh, bw, rp, mp = D._blocks(256, 256, 64, 32, "modes_to_grid", prec)
         build(D._modes_to_grid_kernel, dict(z_ptr="fp32", pr_ptr="fp32", pi_ptr="fp32", qr_ptr="fp32",
-                                            qi_ptr="fp32", y_ptr="fp32"), dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp))
+                                            qi_ptr="fp32", y_ptr="fp32"), dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp),
+              num_warps=D._launch_opts("modes_to_grid", prec)["num_warps"])
     # the U-Net's fused blocks: GELU, a halo and the conv's bias folded in (in_bias, HAS_S)
     for dt, fused in (("fp32", (False, 0)), ("bf16", (False, 0)), ("fp32", (True, 1)), ("bf16", (True, 1))):
         gelu, halo = fused
@@ -808,6 +811,25 @@ def test_every_kernel_compiles_for_sm90():
         pytest.skip("triton's ptxas is not available")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_kernel_resources_reports_the_dft_kernels_for_sm90():
+    """benchmarks/kernel_resources.py --quick (a process without TRITON_INTERPRET): for each DFT kernel
+    and precision the current CONFIG and one alternative compile for sm_90, with registers within
+    ptxas's range and a resident-warp count the register and shared-memory use allow."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_resources.py")
+    out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, env=env, timeout=300)
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("triton's ptxas is not available")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("grid_to_modes", "modes_to_grid"))]
+    assert len(rows) == 8, out.stdout
+    assert sum("(current)" in r for r in rows) == 4
+    for r in rows:
+        regs, spill, smem, warps = int(r[-6]), int(r[-5]), int(r[-4]), int(r[-1])
+        assert 16 <= regs <= 255 and spill >= 0 and smem > 0, r
+        assert 1 <= warps <= 64 and warps * 32 * regs <= 65536, r
 
 
 # ---------------------------------------------------------------------------------------------

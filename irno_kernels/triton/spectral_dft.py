@@ -140,40 +140,50 @@ def _precision() -> str:
     return "tf32" if matmul_tf32() else "tf32x3"
 
 
-#: GPU launch configuration of each kernel: rows (BH) and columns (BW) of the grid per tile,
-#: num_warps, num_stages and, for grid_to_modes, SPLIT: the bands of rows a plane's transform is cut
-#: into, one program each, summed after (more programs in flight: one per plane leaves 1024 programs
-#: at B16 C64, a few per SM). The values of before the tuning sweep; benchmarks/tune_dft.py times
-#: alternatives side by side on a GPU (not yet run).
+#: GPU launch configuration of each kernel per precision (tl.dot's input_precision: "tf32x3", the
+#: accurate mode, takes about twice the registers of "tf32" on the same tiles, so the two may want
+#: different tiles): rows (BH) and columns (BW) of the grid per tile, num_warps, num_stages and, for
+#: grid_to_modes, SPLIT: the bands of rows a plane's transform is cut into, one program each, summed
+#: after. The values of before the tuning sweep; benchmarks/tune_dft.py times alternatives side by
+#: side on a GPU, and benchmarks/kernel_resources.py lists their registers, spills and occupancy
+#: for sm_90 on any machine (results/kernel_resources_sm90.txt: the current grid_to_modes tiles take
+#: 255 registers in tf32x3, two 4-warp programs per SM).
 CONFIG = {
-    "grid_to_modes": dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=1),
-    "modes_to_grid": dict(BH=32, BW=64, num_warps=4, num_stages=3),
+    "grid_to_modes": {
+        "tf32x3": dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=1),
+        "tf32": dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=1),
+    },
+    "modes_to_grid": {
+        "tf32x3": dict(BH=32, BW=64, num_warps=4, num_stages=3),
+        "tf32": dict(BH=32, BW=64, num_warps=4, num_stages=3),
+    },
 }
 
 
-def _blocks(H: int, W: int, R: int, M: int, kernel: str = "grid_to_modes") -> tuple[int, int, int, int]:
+def _blocks(H: int, W: int, R: int, M: int, kernel: str = "grid_to_modes",
+            prec: str = "tf32x3") -> tuple[int, int, int, int]:
     """(BH, BW, RP, MP): rows and columns of x per tile, kept rows and columns padded to powers of
     two of at least 16 (tl.dot's smallest operand)."""
     rp, mp = max(16, pow2(R)), max(16, pow2(M))
     if INTERPRET:  # few, large tiles: the interpreter's cost grows with the number of steps
         return max(16, min(pow2(H), 64)), max(16, min(pow2(W), 256)), rp, mp
-    cfg = CONFIG[kernel]
+    cfg = CONFIG[kernel][prec]
     return cfg["BH"], cfg["BW"], rp, mp
 
 
-def _split(H: int, bh: int) -> tuple[int, int]:
+def _split(H: int, bh: int, prec: str = "tf32x3") -> tuple[int, int]:
     """(bands, rows per band) of grid_to_modes for H rows in tiles of bh: CONFIG's SPLIT, fewer when
     H has fewer tiles; every band a whole number of tiles (the interpreter: one band)."""
     tiles = cdiv(H, bh)
-    split = 1 if INTERPRET else max(1, min(int(CONFIG["grid_to_modes"].get("SPLIT", 1)), tiles))
+    split = 1 if INTERPRET else max(1, min(int(CONFIG["grid_to_modes"][prec].get("SPLIT", 1)), tiles))
     per = cdiv(tiles, split) * bh
     return cdiv(H, per), per
 
 
-def _launch_opts(kernel: str) -> dict:
+def _launch_opts(kernel: str, prec: str = "tf32x3") -> dict:
     if INTERPRET:
         return dict(num_warps=4)
-    cfg = CONFIG[kernel]
+    cfg = CONFIG[kernel][prec]
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -189,12 +199,13 @@ def _g2m(x: torch.Tensor, ar: torch.Tensor, ai: torch.Tensor, er: torch.Tensor, 
     R, M = int(er.shape[0]), int(ar.shape[1])
     x = x.contiguous()
     N = x.numel() // (H * W)
-    bh, bw, rp, mp = _blocks(H, W, R, M, "grid_to_modes")
-    split, per = _split(H, bh)
+    prec = _precision()
+    bh, bw, rp, mp = _blocks(H, W, R, M, "grid_to_modes", prec)
+    split, per = _split(H, bh, prec)
     # one band: the kernel writes z itself; more: one partial transform per band, summed here
     z = torch.empty((*([split] if split > 1 else []), *lead, R, M), dtype=torch.complex64, device=x.device)
     launch(_grid_to_modes_kernel, (N, split), x, ar, ai, er, ei, torch.view_as_real(z), H, W, R, M, N, per,
-           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, **_launch_opts("grid_to_modes"))
+           PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp, **_launch_opts("grid_to_modes", prec))
     return z if split == 1 else z.sum(0)
 
 
@@ -208,9 +219,10 @@ def _m2g(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tensor, 
     z = z.resolve_conj().contiguous()
     y = torch.empty((*lead, H, W), dtype=torch.float32, device=z.device)
     N = y.numel() // (H * W)
-    bh, bw, rp, mp = _blocks(H, W, R, M, "modes_to_grid")
+    prec = _precision()
+    bh, bw, rp, mp = _blocks(H, W, R, M, "modes_to_grid", prec)
     launch(_modes_to_grid_kernel, (N, cdiv(H, bh)), torch.view_as_real(z), pr, pi, qr, qi, y, H, W, R, M,
-           PREC=_precision(), BH=bh, BW=bw, RP=rp, MP=mp, **_launch_opts("modes_to_grid"))
+           PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp, **_launch_opts("modes_to_grid", prec))
     return y
 
 
