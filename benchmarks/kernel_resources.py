@@ -84,6 +84,8 @@ def compile_sm90(name: str, prec: str, cfg: dict, rp: int = 32, mp: int = 16) ->
         if p.name in POINTERS[name] or p.name in DIVISIBLE:
             attrs[(i,)] = [["tt.divisibility", 16]]
     consts = dict(PREC=prec, BH=cfg["BH"], BW=cfg["BW"], RP=rp, MP=mp)
+    if name == "grid_to_modes":
+        consts["PARTS"] = cfg.get("PARTS", 1)
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     warps = cfg["num_warps"]
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -41,16 +41,20 @@ from irno_kernels.triton import spectral_dft as D  # noqa: E402
 #: tiles there; "wgmma": 64-row tiles on one warpgroup, the shape Hopper's warpgroup MMA takes.
 G2M = {
     "tf32x3": [
+        # the real and imaginary columns in programs of their own (PARTS = 2): one DFT matrix per program
+        dict(BH=32, BW=32, num_warps=4, num_stages=3, SPLIT=1, PARTS=2),  # [127]
+        dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=1, PARTS=2),  # [127]
+        dict(BH=16, BW=16, num_warps=2, num_stages=3, SPLIT=1, PARTS=2),  # [96]
+        dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=1, PARTS=2),  # [183]
         dict(BH=16, BW=16, num_warps=2, num_stages=3, SPLIT=1),  # [128]
         dict(BH=16, BW=16, num_warps=4, num_stages=2, SPLIT=1),  # [128]
         dict(BH=16, BW=32, num_warps=2, num_stages=2, SPLIT=1),  # [167]
-        dict(BH=16, BW=32, num_warps=4, num_stages=3, SPLIT=1),  # [165]
         dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=2),  # [202]
         dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=4),  # [255] bands
         dict(BH=64, BW=32, num_warps=4, num_stages=4, SPLIT=2),  # [255, wgmma]
-        dict(BH=64, BW=64, num_warps=4, num_stages=3, SPLIT=1),  # [255, wgmma]
     ],
     "tf32": [
+        dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=1, PARTS=2),  # [94]
         dict(BH=32, BW=128, num_warps=8, num_stages=2, SPLIT=4),  # [99]
         dict(BH=16, BW=128, num_warps=4, num_stages=3, SPLIT=4),  # [128]
         dict(BH=32, BW=32, num_warps=4, num_stages=4, SPLIT=2),  # [128]

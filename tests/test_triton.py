@@ -391,12 +391,14 @@ def gpu_tiles(monkeypatch):
     return tr_dft.CONFIG
 
 
-@pytest.mark.parametrize("split,bh,bw", [(1, 32, 64), (2, 16, 64), (3, 16, 32), (8, 32, 128)])
-def test_grid_to_modes_bands_and_tiles_match_the_reference(gpu_tiles, split, bh, bw):
+@pytest.mark.parametrize("split,bh,bw,parts", [(1, 32, 64, 1), (2, 16, 64, 1), (3, 16, 32, 1), (8, 32, 128, 1),
+                                               (1, 32, 64, 2), (3, 16, 32, 2)])
+def test_grid_to_modes_bands_and_tiles_match_the_reference(gpu_tiles, split, bh, bw, parts):
     """H = 70 rows and W = 45 columns: bands of whole tiles, the last one short (16-row tiles in 3
-    bands: 32, 32 and 6 rows); more bands asked for than there are tiles: one band per tile."""
+    bands: 32, 32 and 6 rows); more bands asked for than there are tiles: one band per tile; the real
+    and imaginary columns in programs of their own (PARTS = 2), alone and with bands."""
     assert tr_dft._precision() == "tf32x3"  # float32 with PyTorch's TF32 switch off: the accurate mode
-    gpu_tiles["grid_to_modes"]["tf32x3"].update(SPLIT=split, BH=bh, BW=bw)
+    gpu_tiles["grid_to_modes"]["tf32x3"].update(SPLIT=split, BH=bh, BW=bw, PARTS=parts)
     gpu_tiles["modes_to_grid"]["tf32x3"].update(BH=bh, BW=bw)
     H, W, m1, m2 = 70, 45, 5, 7
     bands, per = tr_dft._split(H, bh)
@@ -758,8 +760,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     fp = dict(x_ptr="fp32", ar_ptr="fp32", ai_ptr="fp32", er_ptr="fp32", ei_ptr="fp32", z_ptr="fp32")
     for prec in ("tf32x3", "tf32"):  # each precision's CONFIG, with its warps and stages
         bh, bw, rp, mp = D._blocks(256, 256, 32, 16, "grid_to_modes", prec)
-        build(D._grid_to_modes_kernel, fp, dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp),
+        build(D._grid_to_modes_kernel, fp, dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp, PARTS=1),
               num_warps=D._launch_opts("grid_to_modes", prec)["num_warps"])
+        build(D._grid_to_modes_kernel, fp, dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp, PARTS=2))
         bh, bw, rp, mp = D._blocks(256, 256, 64, 32, "modes_to_grid", prec)
         build(D._modes_to_grid_kernel, dict(z_ptr="fp32", pr_ptr="fp32", pi_ptr="fp32", qr_ptr="fp32",
                                             qi_ptr="fp32", y_ptr="fp32"), dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp),

@@ -47,12 +47,22 @@ def _grid_to_modes_kernel(
     x_ptr, ar_ptr, ai_ptr, er_ptr, ei_ptr, z_ptr,
     H, W, R, M, N, rows_per_split,
     PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, RP: tl.constexpr, MP: tl.constexpr,
+    PARTS: tl.constexpr = 1,
 ):
-    """z[s, n] = E[:, rows] @ (x[n, rows] @ A) for plane n = program 0 and the s-th band of
-    ``rows_per_split`` rows (a multiple of BH), s = program 1; x (N, H, W) contiguous, A = ar + i ai
-    (W, M), E = er + i ei (R, H), z (S, N, R, M, 2) a real view of a complex tensor (S bands: their
-    sum is the transform; with one band z is the transform itself)."""
-    n = tl.program_id(0).to(tl.int64)
+    """z[s, n] = E[:, rows] @ (x[n, rows] @ A) for plane n and the s-th band of ``rows_per_split``
+    rows (a multiple of BH), s = program 1; x (N, H, W) contiguous, A = ar + i ai (W, M), E = er + i ei
+    (R, H), z (S * PARTS, N, R, M, 2) a real view of a complex tensor (its sum over the first dim is the
+    transform; with one band and PARTS = 1, z is the transform itself).
+
+    PARTS = 1: program 0 is the plane. PARTS = 2: program 0 is 2 n + part, and a program takes one of
+    the two real products of the W step (part 0: T = x @ ar, part 1: T = x @ ai) and its share of
+    E @ (T_r + i T_i): part 0 adds (er + i ei) T_r, part 1 adds (-ei + i er) T_i, each to its own slice
+    of z. Each program then holds one of the DFT matrices' tiles in registers instead of two (their
+    tf32x3 splits are most of the registers, benchmarks/kernel_resources.py); the two programs of a
+    plane run side by side, so the second read of x mostly hits L2."""
+    pid = tl.program_id(0)
+    n = (pid // PARTS).to(tl.int64)
+    part = pid % PARTS
     s = tl.program_id(1)
     x_base = x_ptr + n * H * W
     rr = tl.arange(0, RP)
@@ -62,25 +72,37 @@ def _grid_to_modes_kernel(
     row_end = tl.minimum(H, (s + 1) * rows_per_split)
     for h0 in range(s * rows_per_split, row_end, BH):
         hh = h0 + tl.arange(0, BH)
-        tr = tl.zeros((BH, MP), dtype=tl.float32)
-        ti = tl.zeros((BH, MP), dtype=tl.float32)
+        tr = tl.zeros((BH, MP), dtype=tl.float32)  # with PARTS = 2: this program's T (real or imaginary)
+        if PARTS == 1:
+            ti = tl.zeros((BH, MP), dtype=tl.float32)
         for w0 in range(0, W, BW):
             ww = w0 + tl.arange(0, BW)
             xt = tl.load(x_base + hh[:, None] * W + ww[None, :], mask=(hh < row_end)[:, None] & (ww < W)[None, :],
                          other=0.0).to(tl.float32)
             a_off = ww[:, None] * M + mm[None, :]
             a_mask = (ww < W)[:, None] & (mm < M)[None, :]
-            ar = tl.load(ar_ptr + a_off, mask=a_mask, other=0.0)
-            ai = tl.load(ai_ptr + a_off, mask=a_mask, other=0.0)
-            tr += tl.dot(xt, ar, input_precision=PREC)
-            ti += tl.dot(xt, ai, input_precision=PREC)
+            if PARTS == 1:
+                ar = tl.load(ar_ptr + a_off, mask=a_mask, other=0.0)
+                ai = tl.load(ai_ptr + a_off, mask=a_mask, other=0.0)
+                tr += tl.dot(xt, ar, input_precision=PREC)
+                ti += tl.dot(xt, ai, input_precision=PREC)
+            else:
+                a = tl.load(tl.where(part == 0, ar_ptr, ai_ptr) + a_off, mask=a_mask, other=0.0)
+                tr += tl.dot(xt, a, input_precision=PREC)
         e_off = rr[:, None] * H + hh[None, :]
         e_mask = (rr < R)[:, None] & (hh < row_end)[None, :]
-        er = tl.load(er_ptr + e_off, mask=e_mask, other=0.0)
-        ei = tl.load(ei_ptr + e_off, mask=e_mask, other=0.0)
-        zr += tl.dot(er, tr, input_precision=PREC) - tl.dot(ei, ti, input_precision=PREC)
-        zi += tl.dot(er, ti, input_precision=PREC) + tl.dot(ei, tr, input_precision=PREC)
-    z_off = (((s * N + n) * R + rr[:, None]) * M + mm[None, :]) * 2
+        if PARTS == 1:
+            er = tl.load(er_ptr + e_off, mask=e_mask, other=0.0)
+            ei = tl.load(ei_ptr + e_off, mask=e_mask, other=0.0)
+            zr += tl.dot(er, tr, input_precision=PREC) - tl.dot(ei, ti, input_precision=PREC)
+            zi += tl.dot(er, ti, input_precision=PREC) + tl.dot(ei, tr, input_precision=PREC)
+        else:
+            # part 0: zr += er T, zi += ei T; part 1: zr -= ei T, zi += er T
+            e_re = tl.load(tl.where(part == 0, er_ptr, ei_ptr) + e_off, mask=e_mask, other=0.0)
+            e_im = tl.load(tl.where(part == 0, ei_ptr, er_ptr) + e_off, mask=e_mask, other=0.0)
+            zr += tl.where(part == 0, 1.0, -1.0) * tl.dot(e_re, tr, input_precision=PREC)
+            zi += tl.dot(e_im, tr, input_precision=PREC)
+    z_off = ((((s * PARTS + part) * N + n) * R + rr[:, None]) * M + mm[None, :]) * 2
     z_mask = (rr < R)[:, None] & (mm < M)[None, :]
     tl.store(z_ptr + z_off, zr, mask=z_mask)
     tl.store(z_ptr + z_off + 1, zi, mask=z_mask)
@@ -144,10 +166,12 @@ def _precision() -> str:
 #: accurate mode, takes about twice the registers of "tf32" on the same tiles, so the two may want
 #: different tiles): rows (BH) and columns (BW) of the grid per tile, num_warps, num_stages and, for
 #: grid_to_modes, SPLIT: the bands of rows a plane's transform is cut into, one program each, summed
-#: after. The values of before the tuning sweep; benchmarks/tune_dft.py times alternatives side by
-#: side on a GPU, and benchmarks/kernel_resources.py lists their registers, spills and occupancy
-#: for sm_90 on any machine (results/kernel_resources_sm90.txt: the current grid_to_modes tiles take
-#: 255 registers in tf32x3, two 4-warp programs per SM).
+#: after, and PARTS (1 or 2): 2 gives the real and imaginary columns of the W step programs of their
+#: own (_grid_to_modes_kernel), summed after likewise. The values of before the tuning sweep:
+#: benchmarks/tune_dft.py times alternatives side by side on a GPU, and
+#: benchmarks/kernel_resources.py lists their registers, spills and occupancy for sm_90 on any
+#: machine (results/kernel_resources_sm90.txt: the current grid_to_modes tiles take 255 registers
+#: in tf32x3, two 4-warp programs per SM).
 CONFIG = {
     "grid_to_modes": {
         "tf32x3": dict(BH=32, BW=64, num_warps=4, num_stages=3, SPLIT=1),
@@ -202,11 +226,13 @@ def _g2m(x: torch.Tensor, ar: torch.Tensor, ai: torch.Tensor, er: torch.Tensor, 
     prec = _precision()
     bh, bw, rp, mp = _blocks(H, W, R, M, "grid_to_modes", prec)
     split, per = _split(H, bh, prec)
-    # one band: the kernel writes z itself; more: one partial transform per band, summed here
-    z = torch.empty((*([split] if split > 1 else []), *lead, R, M), dtype=torch.complex64, device=x.device)
-    launch(_grid_to_modes_kernel, (N, split), x, ar, ai, er, ei, torch.view_as_real(z), H, W, R, M, N, per,
-           PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp, **_launch_opts("grid_to_modes", prec))
-    return z if split == 1 else z.sum(0)
+    parts = 1 if INTERPRET else int(CONFIG["grid_to_modes"][prec].get("PARTS", 1))
+    # one band and one part: the kernel writes z itself; else one partial transform each, summed here
+    k = split * parts
+    z = torch.empty((*([k] if k > 1 else []), *lead, R, M), dtype=torch.complex64, device=x.device)
+    launch(_grid_to_modes_kernel, (N * parts, split), x, ar, ai, er, ei, torch.view_as_real(z), H, W, R, M, N, per,
+           PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp, PARTS=parts, **_launch_opts("grid_to_modes", prec))
+    return z if k == 1 else z.sum(0)
 
 
 def _m2g_fake(z, pr, pi, qr, qi):
