@@ -818,8 +818,8 @@ def test_every_kernel_compiles_for_sm90():
 
 def test_kernel_resources_reports_the_dft_kernels_for_sm90():
     """benchmarks/kernel_resources.py --quick (a process without TRITON_INTERPRET): for each DFT kernel
-    and precision the current CONFIG and one alternative compile for sm_90, with registers within
-    ptxas's range and a resident-warp count the register and shared-memory use allow."""
+    and precision the current CONFIG and one alternative, and the mixing kernel both ways, compile for
+    sm_90, with registers within ptxas's range and a resident-warp count the registers allow."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_resources.py")
     out = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, env=env, timeout=300)
@@ -829,7 +829,9 @@ def test_kernel_resources_reports_the_dft_kernels_for_sm90():
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("grid_to_modes", "modes_to_grid"))]
     assert len(rows) == 8, out.stdout
     assert sum("(current)" in r for r in rows) == 4
-    for r in rows:
+    mix = [line.split() for line in out.stdout.splitlines() if line.startswith("mix ")]
+    assert len(mix) == 2 and all("(current)" in r for r in mix), out.stdout  # forward, input gradient
+    for r in rows + mix:
         regs, spill, smem, warps = int(r[-6]), int(r[-5]), int(r[-4]), int(r[-1])
         assert 16 <= regs <= 255 and spill >= 0 and smem > 0, r
         assert 1 <= warps <= 64 and warps * 32 * regs <= 65536, r
