@@ -194,10 +194,8 @@ class _MixTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, w, min_programs=None, fused=True):
-        B, _, H, Wr = X.shape
-        out = (torch.empty if fused else torch.zeros)(B, w.shape[1], H, Wr, dtype=X.dtype, device=X.device)
         with _min_programs(min_programs) as tc:
-            tc._mix_into(out, X, w, w.shape[2] // 2, w.shape[3], conj_transpose=False, zeroed=not fused)
+            out = tc._mixed(X, w, w.shape[2] // 2, w.shape[3], False, fused)
         ctx.save_for_backward(X, w)
         ctx.min_programs, ctx.fused = min_programs, fused
         return out
@@ -206,9 +204,8 @@ class _MixTriton(torch.autograd.Function):
     def backward(ctx, G):
         X, w = ctx.saved_tensors
         G = G.contiguous()
-        gX = (torch.empty_like if ctx.fused else torch.zeros_like)(X)
         with _min_programs(ctx.min_programs) as tc:
-            tc._mix_into(gX, G, w, w.shape[2] // 2, w.shape[3], conj_transpose=True, zeroed=not ctx.fused)
+            gX = tc._mixed(G, w, w.shape[2] // 2, w.shape[3], True, ctx.fused)
             gw = tc._mix_grad_weight(X, G, w, 2 * (X.shape[-1] - 1))
         return gX, gw, None, None
 

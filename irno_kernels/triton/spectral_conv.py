@@ -198,9 +198,9 @@ MIN_PROGRAMS = 512
 #: input channels per step of the mixing kernel's channel loop (at most; a power of two dividing the
 #: channel count: _unroll): a step issues the loads of all its channels before any product, so that
 #: this many loads are in flight where the plain loop had one (it was bound by their latency). ptxas
-#: registers for sm_90 with 1 / 4 / 8: 80 / 72 / 87 at the B16 C64 m16 MIN_PROGRAMS tile (16 batch x
-#: 8 modes x 8 channels), 158 / 185 / 209 at its largest tile (MIN_PROGRAMS = 0). Not yet measured on
-#: a GPU; 1 is the plain loop.
+#: registers for sm_90 at B16 C64 m16 with 1 / 4 / 8 (benchmarks/kernel_resources.py, Triton 3.9):
+#: 72 / 80 / 87 forward, 80 / 80 / 87 for the input gradient, 207 with 8 at the largest tiles
+#: (MIN_PROGRAMS = 0). Not yet timed on a GPU (tune_dft.py times 1, 4 and 8); 1 is the plain loop.
 MIX_UNROLL = 8
 
 #: True: the FFT route's forward and backward allocate the spectrum handed to irfft2 with torch.empty,
@@ -265,6 +265,19 @@ def _mix_into(out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, m1: int,
            BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, UNROLL=_unroll(CI), BLOCK_Z=bz, num_warps=4)
 
 
+def _mixed(a: torch.Tensor, weight: torch.Tensor, m1: int, m2: int, conj_transpose: bool,
+           fused: bool | None = None) -> torch.Tensor:
+    """A new spectrum (B, C, H, Wr) = Mix(a) (_mix_into), C the weight's output channels (its input
+    channels with conj_transpose). fused (None: FUSED_ZERO): torch.empty and one launch that writes
+    the zeros too; False: torch.zeros and a launch that writes the kept modes only."""
+    fused = FUSED_ZERO if fused is None else fused
+    B, _, H, Wr = a.shape
+    C = weight.shape[0 if conj_transpose else 1]
+    out = (torch.empty if fused else torch.zeros)((B, C, H, Wr), dtype=a.dtype, device=a.device)
+    _mix_into(out, a, weight, m1, m2, conj_transpose, zeroed=not fused)
+    return out
+
+
 def _unroll(channels: int) -> int:
     """The mixing loop's channels per step: the largest power of two up to MIX_UNROLL that divides
     the channel count (so that no step needs a channel mask)."""
@@ -283,11 +296,10 @@ def _forward_fake(x, weight):
 
 
 def _spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, _, H, W = (int(s) for s in x.shape)
-    CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
+    H, W = (int(s) for s in x.shape[-2:])
+    m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
     X = torch.fft.rfft2(x, norm=FFT_NORM).contiguous()
-    S = (torch.empty if FUSED_ZERO else torch.zeros)((B, CO, H, W // 2 + 1), dtype=X.dtype, device=x.device)
-    _mix_into(S, X, weight, m1, m2, conj_transpose=False, zeroed=not FUSED_ZERO)
+    S = _mixed(X, weight, m1, m2, conj_transpose=False)
     return torch.fft.irfft2(hermitian_edges(S, W, m2), s=(H, W), norm=FFT_NORM), X
 
 
@@ -300,13 +312,11 @@ def _backward_fake(grad, X, weight, need_x, need_w):
 
 def _spectral_conv2d_backward(grad: torch.Tensor, X: torch.Tensor, weight: torch.Tensor, need_x: bool,
                               need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    B, CI, H, Wr = (int(s) for s in X.shape)
-    W = int(grad.shape[-1])
+    H, W = int(X.shape[-2]), int(grad.shape[-1])
     m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
     Gy = torch.fft.rfft2(grad, norm="backward").contiguous()
     if need_x:
-        GX = (torch.empty if FUSED_ZERO else torch.zeros)((B, CI, H, Wr), dtype=X.dtype, device=X.device)
-        _mix_into(GX, Gy, weight, m1, m2, conj_transpose=True, zeroed=not FUSED_ZERO)
+        GX = _mixed(Gy, weight, m1, m2, conj_transpose=True)
         gx = torch.fft.irfft2(hermitian_edges(GX, W, m2), s=(H, W), norm="backward")
     else:
         gx = grad.new_empty((0,))
