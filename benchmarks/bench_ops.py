@@ -78,8 +78,8 @@ def spectral_conv_case(B, C, H, W, m, dtype=torch.float32) -> Case:
 
 
 def spectral_conv_lp_case(B, C, H, W, m) -> Case:
-    """bfloat16 x (complex64 weight) on the backends that take it ("cuda", "dft"); the reference runs
-    the same values in float32 (torch's FFT has no bfloat16)."""
+    """bfloat16 x (complex64 weight) on the backends that take it ("cuda", "triton", "dft"); the
+    reference runs the same values in float32 (torch's FFT has no bfloat16)."""
     case = spectral_conv_case(B, C, H, W, m, torch.bfloat16)
 
     def make(device, dt):
@@ -377,7 +377,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
             need = case.extra[prov][0] if prov in case.extra else PROVIDER_BACKEND.get(prov)
             if need is not None and not ik.available(base, need, device):
                 continue
-            if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "dft", "dft_tf32"):
+            if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "triton", "dft", "dft_tf32"):
                 continue
             if prov == "triton_tf32" and case.op != "spectral_conv2d":  # the Triton dft kernels' switch
                 continue

@@ -73,14 +73,14 @@ def finite_scalar(name: str, value) -> float:
 
 
 def low_precision_backend(name: str, t: torch.Tensor, backend: str) -> None:
-    """bfloat16/float16 fields of the spectral ops run on the CUDA kernels (stored in 16 bits,
-    computed in float32) and, for spectral_conv2d, on the "dft" route (16-bit matrix products): the
-    references and the other kernels take float32/float64."""
-    if t.dtype in LOW_PRECISION and backend not in ("cuda", "dft"):
+    """bfloat16/float16 fields of the spectral ops run on the CUDA and Triton kernels (stored in 16
+    bits, computed in float32) and, for spectral_conv2d, on the "dft" route (16-bit matrix
+    products): the references and the C++ CPU kernels take float32/float64."""
+    if t.dtype in LOW_PRECISION and backend not in ("cuda", "triton", "dft"):
         raise ValueError(
             f"{name}: expected dtype in ['torch.float32', 'torch.float64'] for the {backend!r} backend "
-            f"(bfloat16 and float16 run on CUDA tensors with the 'cuda' backend, and on the 'dft' route "
-            f"of spectral_conv2d), got {t.dtype}"
+            f"(bfloat16 and float16 run on CUDA tensors with the 'cuda' or 'triton' backend, and on the "
+            f"'dft' route of spectral_conv2d), got {t.dtype}"
         )
 
 

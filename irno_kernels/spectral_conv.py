@@ -138,10 +138,10 @@ def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor, modes: int | Sequence
     """Spectral convolution y = irfft2(Mix(rfft2(x))), differentiable in x and weight.
 
     x: (B, C_in, H, W) float32/float64; weight: (C_in, C_out, 2*m1, m2) complex64/complex128
-    (the complex dtype of x's precision). On CUDA tensors the "cuda" backend also takes bfloat16 /
-    float16 x with a complex64 weight (computed in float32, y in x's dtype). ``modes``, when given,
-    is (m1, m2) (or one int for both) and must match the weight's shape; it only guards against a
-    weight of the wrong layout.
+    (the complex dtype of x's precision). On CUDA tensors the "cuda" and "triton" backends also take
+    bfloat16 / float16 x with a complex64 weight (computed in float32, y in x's dtype). ``modes``,
+    when given, is (m1, m2) (or one int for both) and must match the weight's shape; it only guards
+    against a weight of the wrong layout.
     Returns (B, C_out, H, W). ``backend`` forces "reference", "cpu", "cuda", "triton" or "dft" (the
     truncated DFT as matrix products, :mod:`irno_kernels.spectral_dft`). The automatic choice on
     CUDA tensors is the dft route for large fields with few modes

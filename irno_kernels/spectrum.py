@@ -159,8 +159,8 @@ def radial_spectrum(x: torch.Tensor, *, backend: str | None = None) -> torch.Ten
     """Energy of rfft2(x, norm="ortho") per radial shell, differentiable.
 
     x: (B, C, H, W) float32/float64 -> (B, C, R), R = num_shells(H, W); the shells sum to
-    (x ** 2).sum((-2, -1)). On CUDA tensors the "cuda" backend also takes bfloat16/float16
-    (computed in float32, summed in float64, returned in x's dtype).
+    (x ** 2).sum((-2, -1)). On CUDA tensors the "cuda" and "triton" backends also take
+    bfloat16/float16 (computed in float32, returned in x's dtype; the CUDA kernel sums in float64).
     """
     _check_field("x", x)
     impl = resolve("radial_spectrum", x.device, backend, (x,))
@@ -179,9 +179,9 @@ def spectral_loss(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: floa
     """Progressive spectral loss (a 0-D tensor), differentiable in pred and target.
 
     pred, target: (B, C, H, W), same shape, dtype (float32/float64; bfloat16/float16 on CUDA tensors
-    with the "cuda" backend) and device. lam >= 0 and
-    f0 > 0 shape the weight w(f) = 1 + (|f| / f0) ** lam (normalised to mean 1); mode is
-    "magnitude" (|P| - |Y|)^2 or "error" |P - Y|^2. See spectral_loss_ref for the definition.
+    with the "cuda" or "triton" backend) and device. lam >= 0 and f0 > 0 shape the weight
+    w(f) = 1 + (|f| / f0) ** lam (normalised to mean 1); mode is "magnitude" (|P| - |Y|)^2 or
+    "error" |P - Y|^2. See spectral_loss_ref for the definition.
     """
     _check_field("pred", pred)
     _check_field("target", target)

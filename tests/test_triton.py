@@ -381,6 +381,110 @@ def test_dft_transforms_are_adjoint_pairs():
     torch.testing.assert_close((y * x).sum(), (torch.conj(z) * adj_z).real.sum(), rtol=1e-4, atol=1e-5)
 
 
+# 16-bit fields (bfloat16/float16; on CPU through the interpreter): stored in 16 bits, computed in
+# float32, outputs and input gradients in the field's dtype (complex64 weights and their gradients)
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+def _low_precision_errors(fn, ref, inputs, dtype):
+    """[(ours, torch's, scale)] for the output and each input gradient: the max error against ``ref``
+    in float64 on the same rounded inputs of ``fn`` on the 16-bit ``inputs``, and of ``ref`` on
+    float32 copies with the results rounded to ``dtype`` (what a PyTorch computation of a 16-bit
+    spectrum gives: its FFTs take no bfloat16); scale: the largest exact value. One grad_output, in
+    ``dtype``. Complex inputs (weights) stay complex64 (complex128 for the exact run). Checks ours'
+    dtypes."""
+
+    def widen(real, cplx):
+        return [a.detach().to(cplx if a.is_complex() else real) for a in inputs]
+
+    def run(f, args, g):
+        leaves = [a.requires_grad_() for a in args]
+        out = f(*leaves)
+        return (out.detach(), *torch.autograd.grad(out, leaves, g.to(out.dtype)))
+
+    exact_in = widen(torch.float64, torch.complex128)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    g = torch.randn(ref(*exact_in).shape, dtype=torch.float64, device=DEVICE, generator=gen).to(dtype).double()
+    ours = run(fn, [a.detach() for a in inputs], g)
+    low = run(ref, widen(torch.float32, torch.complex64), g)
+    exact = run(ref, exact_in, g)
+    result = []
+    for k, (o, lp, e) in enumerate(zip(ours, low, exact)):
+        real = not e.is_complex()
+        assert o.dtype == (dtype if real else torch.complex64), (k, o.dtype)
+        lp = lp.to(dtype) if real else lp
+        result.append(((o.to(e.dtype) - e).abs().max().item(), (lp.to(e.dtype) - e).abs().max().item(),
+                       e.abs().max().item()))
+    return result
+
+
+def _low_precision_cases(dtype):
+    """name -> (fn on the triton backend, its reference, 16-bit inputs): odd shapes, both routes of
+    spectral_conv2d."""
+    x, t = randn(2, 3, 11, 13).to(dtype), randn(2, 3, 11, 13).to(dtype)
+    w = randn(3, 4, 6, 4, dtype=torch.complex64) / 3
+
+    def loss(mode, backend):
+        return lambda a, b: ik.spectral_loss(a, b, 1.5, 0.5, mode, backend=backend)
+
+    return {
+        "spectral_conv2d[fft]": (lambda a, b: ik.spectral_conv2d(a, b, backend="triton"), ik.spectral_conv2d_ref,
+                                 (x, w)),
+        "spectral_conv2d[dft]": (tr_dft.spectral_conv2d_dft, ik.spectral_conv2d_ref, (x, w)),
+        "radial_spectrum": (lambda a: ik.radial_spectrum(a, backend="triton"), ik.radial_spectrum_ref, (x,)),
+        "spectral_loss[magnitude]": (loss("magnitude", "triton"), loss("magnitude", "reference"), (x, t)),
+        "spectral_loss[error]": (loss("error", "triton"), loss("error", "reference"), (x, t)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_low_precision_cases(torch.float32)))
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+def test_low_precision_fields_within_twice_torch_error(name, dtype):
+    """The 16-bit rule of the CUDA kernels (tests/test_spectral_conv.py, test_spectrum.py) for the
+    Triton ones: error against float64 at most twice that of the float32 computation rounded to the
+    16-bit dtype, output and every gradient. The interpreter rounds float32 -> bfloat16 stores
+    toward zero (GPUs: to nearest), up to twice the error: there the dft route's bfloat16 y and
+    grad_x get 4x (a dropped conversion or term would be off by the size of the values)."""
+    fn, ref, inputs = _low_precision_cases(dtype)[name]
+    factor = 4 if (tr.INTERPRET and dtype == torch.bfloat16 and name.endswith("[dft]")) else 2
+    for k, (ours, torch_err, scale) in enumerate(_low_precision_errors(fn, ref, inputs, dtype)):
+        assert ours <= factor * torch_err + 1e-5 * scale, (k, ours, torch_err, scale)
+
+
+def test_low_precision_dft_route_reads_and_writes_16_bits(dft_everywhere):
+    """The routing sends 16-bit fields to the dft kernels as well (no float32 copy of x or y); the
+    transforms refuse other dtypes by name."""
+    x = randn(2, 3, 11, 13).to(torch.bfloat16).requires_grad_()
+    w = (randn(3, 4, 6, 4, dtype=torch.complex64) / 3).requires_grad_()
+    calls = []
+    real = tr_dft.spectral_conv2d_dft
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr_dft, "spectral_conv2d_dft", lambda *a: calls.append(1) or real(*a))
+        y = ik.spectral_conv2d(x, w, backend="triton")
+    assert calls and y.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.complex64
+    z = tr_dft.grid_to_modes(x.detach(), 3, 4)
+    assert z.dtype == torch.complex64
+    assert tr_dft.modes_to_grid(z, 11, 13, torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match=r"x: expected dtype in .*got torch.float64"):
+        tr_dft.grid_to_modes(x.detach().double(), 3, 4)
+    with pytest.raises(ValueError, match=r"dtype: expected one of .*got torch.float64"):
+        tr_dft.modes_to_grid(z, 11, 13, torch.float64)
+
+
+def test_low_precision_still_refused_by_the_reference_and_cpu_backends():
+    x = randn(2, 3, 8, 8).to(torch.bfloat16)
+    w = randn(3, 2, 4, 3, dtype=torch.complex64)
+    for backend in ("reference", "cpu") if bk.HAS_C else ("reference",):
+        if not ik.available("spectral_conv2d", backend, x.device):
+            continue
+        with pytest.raises(ValueError, match=rf"x: expected dtype .*'{backend}' backend.*'triton' backend"):
+            ik.spectral_conv2d(x, w, backend=backend)
+        with pytest.raises(ValueError, match=rf"pred: expected dtype .*'{backend}' backend"):
+            ik.spectral_loss(x, x, 1.0, backend=backend)
+
+
 # launch configurations of the DFT kernels (tr_dft.CONFIG): every alternative that
 # benchmarks/tune_dft.py times computes the same layer, forward and backward, including grid_to_modes
 # cut into bands of rows; with the GPU tilings (INTERPRET switched off in the module)
@@ -483,7 +587,7 @@ def _fast_path_cases(shape, dtype):
 
         def dft_ops(x, cw):
             modes = torch.einsum("bixy,ioxy->boxy", ops.dft_grid_to_modes(x, *fwd), cw)
-            return ops.dft_modes_to_grid(modes, *inv)
+            return ops.dft_modes_to_grid(modes, *inv, x.dtype)
 
         cases["spectral_conv2d[dft]"] = (tr_dft.spectral_conv2d_dft, dft_ops, ik.spectral_conv2d_ref, (h, cw))
     return cases
@@ -887,6 +991,8 @@ def _opcheck_cases():
     P = torch.fft.rfft2(x.detach())  # unscaled, as the ops keep it
     X = torch.fft.rfft2(x.detach(), norm="forward")
     g0 = torch.tensor(1.5, device=DEVICE)
+    xb, yb = (t.detach().to(torch.bfloat16).requires_grad_() for t in (x, y))
+    xh, yh = (t.detach().to(torch.float16).requires_grad_() for t in (x, y))
     return {
         "residual_update": (ops.residual_update, (h, z[:, :3], 0.2)),
         "residual_update_grad_phi": (ops.residual_update_grad_phi, (h.detach(), 0.2)),
@@ -908,7 +1014,15 @@ def _opcheck_cases():
         "dft_grid_to_modes": (ops.dft_grid_to_modes, (x, *tr_dft._matrices(5, 7, 2, 3, DEVICE)[0])),
         "dft_modes_to_grid": (ops.dft_modes_to_grid,
                               (randn(2, 3, 4, 3, dtype=torch.complex64, requires_grad=True),
-                               *tr_dft._matrices(5, 7, 2, 3, DEVICE)[1])),
+                               *tr_dft._matrices(5, 7, 2, 3, DEVICE)[1], torch.float32)),
+        # 16-bit fields: read and written in 16 bits
+        "dft_grid_to_modes[bf16]": (ops.dft_grid_to_modes, (xb, *tr_dft._matrices(5, 7, 2, 3, DEVICE)[0])),
+        "dft_modes_to_grid[bf16 out]": (ops.dft_modes_to_grid,
+                                        (randn(2, 3, 4, 3, dtype=torch.complex64, requires_grad=True),
+                                         *tr_dft._matrices(5, 7, 2, 3, DEVICE)[1], torch.bfloat16)),
+        "radial_spectrum[bf16]": (ops.radial_spectrum, (xb,)),
+        "spectral_loss_magnitude[fp16]": (ops.spectral_loss_magnitude, (xh, yh, 1.5, 0.5)),
+        "spectral_loss_error[bf16]": (ops.spectral_loss_error, (xb, yb, 1.5, 0.5)),
         "periodic_pad_cat": (ops.periodic_pad_cat,
                              ([x, h.contiguous(memory_format=torch.channels_last)], 1, torch.float32)),
         "periodic_pad_cat[f64 out]": (ops.periodic_pad_cat, ([x], 2, torch.float64)),
@@ -1048,6 +1162,33 @@ def test_dft_kernels_paper_sized_accuracy_and_graph_capture(monkeypatch):
     static, eager = replay_after_poisoning(step)
     for s_, e in zip(static, eager):
         torch.testing.assert_close(s_, e, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+def test_low_precision_paper_sized_within_twice_torch_error(dtype, monkeypatch):
+    """The 16-bit rule on paper-sized fields (GPU stores round to nearest: factor 2 throughout):
+    spectral_conv2d on the dft route (B4 C32 256x256 m16, the accurate mode) and on the FFT route
+    (B4 C11 128x384 m16), radial_spectrum and both spectral losses at B4 C11 128x384."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x, w = randn(4, 32, 256, 256).to(dtype), randn(32, 32, 32, 16, dtype=torch.complex64) / 32
+    f, t = randn(4, 11, 128, 384).to(dtype), randn(4, 11, 128, 384).to(dtype)
+    wf = randn(11, 11, 32, 16, dtype=torch.complex64) / 11
+    from irno_kernels.spectral_dft import prefer_dft
+
+    assert not prefer_dft(f, wf)  # the FFT route
+
+    def loss(mode, backend):
+        return lambda a, b: ik.spectral_loss(a, b, 1.5, 0.5, mode, backend=backend)
+
+    cases = [(tr_dft.spectral_conv2d_dft, ik.spectral_conv2d_ref, (x, w)),
+             (lambda a, b: ik.spectral_conv2d(a, b, backend="triton"), ik.spectral_conv2d_ref, (f, wf)),
+             (lambda a: ik.radial_spectrum(a, backend="triton"), ik.radial_spectrum_ref, (f,)),
+             (loss("magnitude", "triton"), loss("magnitude", "reference"), (f, t)),
+             (loss("error", "triton"), loss("error", "reference"), (f, t))]
+    for c, (fn, ref, inputs) in enumerate(cases):
+        for k, (ours, torch_err, scale) in enumerate(_low_precision_errors(fn, ref, inputs, dtype)):
+            assert ours <= 2 * torch_err + 1e-5 * scale, (c, k, ours, torch_err, scale)
 
 
 @gpu

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from irno_kernels._checks import LOW_PRECISION
 from irno_kernels.backend import no_second_derivative
 from irno_kernels.spectral_conv import FFT_NORM, hermitian_edges
 from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register, with_autograd
@@ -368,14 +369,19 @@ _spectral_conv2d_call = with_autograd(_spectral_conv2d_op, _spectral_conv2d, _se
 def spectral_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Spectral convolution y = irfft2(Mix(rfft2(x))), differentiable in x and weight.
 
-    x: (B, C_in, H, W) float32/float64; weight: (C_in, C_out, 2*m1, m2) complex64/complex128
-    -> (B, C_out, H, W). See irno_kernels.spectral_conv2d_ref. Float32 fields that the automatic
-    CUDA choice would send to the dft route (irno_kernels.spectral_dft.prefer_dft) run the Triton
-    truncated-DFT kernels (irno_kernels/triton/spectral_dft.py); the rest the FFT route here.
+    x: (B, C_in, H, W) float32/float64, or bfloat16/float16 with a complex64 weight (stored in 16
+    bits, computed in float32: y and grad_x in x's dtype); weight: (C_in, C_out, 2*m1, m2)
+    complex64/complex128 -> (B, C_out, H, W). See irno_kernels.spectral_conv2d_ref. Float32 and
+    16-bit fields that the automatic CUDA choice would send to the dft route
+    (irno_kernels.spectral_dft.prefer_dft) run the Triton truncated-DFT kernels
+    (irno_kernels/triton/spectral_dft.py), which read and write 16-bit fields as they are; the rest
+    the FFT route here (a 16-bit field is converted to float32 for the FFTs and back after).
     """
     from irno_kernels import spectral_dft
     from irno_kernels.triton import spectral_dft as tr_dft
 
-    if x.dtype == torch.float32 and tr_dft.fits(weight) and spectral_dft.prefer_dft(x, weight):
+    if x.dtype in tr_dft.GRID_DTYPES and tr_dft.fits(weight) and spectral_dft.prefer_dft(x, weight):
         return tr_dft.spectral_conv2d_dft(x, weight)
+    if x.dtype in LOW_PRECISION:  # torch's FFTs take no bfloat16 (and float16 at powers of two only)
+        return _spectral_conv2d_call(x.float(), weight)[0].to(x.dtype)
     return _spectral_conv2d_call(x, weight)[0]

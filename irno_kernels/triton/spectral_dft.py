@@ -20,8 +20,10 @@ inverse reads the compact spectrum and writes y once.
 
 Precision: float32 data; the products take tl.dot's "tf32x3" (three TF32 products, about float32
 accuracy) unless PyTorch's matmul TF32 switch is on (``torch.backends.cuda.matmul.allow_tf32`` or
-its successor ``fp32_precision``: see matmul_tf32), then "tf32" (the fast mode). float64 runs
-irno_kernels.spectral_dft (PyTorch matmuls) instead.
+its successor ``fp32_precision``: see matmul_tf32), then "tf32" (the fast mode). bfloat16/float16
+fields are stored in 16 bits and transformed like float32 ones: grid_to_modes reads them as they are
+and modes_to_grid writes its result in their dtype (no float32 copy of either; the compact spectra
+are complex64). float64 runs irno_kernels.spectral_dft (PyTorch matmuls) instead.
 
 Used by the "triton" backend of spectral_conv2d where the automatic CUDA choice would take the dft
 route (irno_kernels.spectral_dft.prefer_dft), with at most MAX_ROWS kept rows and MAX_COLS kept
@@ -36,10 +38,12 @@ import triton.language as tl
 
 from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register, with_autograd
 
-__all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "MAX_ROWS", "MAX_COLS"]
+__all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "MAX_ROWS", "MAX_COLS", "GRID_DTYPES"]
 
 #: the most kept rows (2*m1) and kept columns (m2) the kernels take
 MAX_ROWS, MAX_COLS = 64, 32
+#: the dtypes of the grids the kernels read and write (the compact spectra are complex64)
+GRID_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -235,15 +239,18 @@ def _g2m(x: torch.Tensor, ar: torch.Tensor, ai: torch.Tensor, er: torch.Tensor, 
     return z if k == 1 else z.sum(0)
 
 
-def _m2g_fake(z, pr, pi, qr, qi):
-    return z.new_empty((*z.shape[:-2], pr.shape[0], qr.shape[1]), dtype=torch.float32)
+def _m2g_fake(z, pr, pi, qr, qi, dtype):
+    return z.new_empty((*z.shape[:-2], pr.shape[0], qr.shape[1]), dtype=dtype)
 
 
-def _m2g(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
+def _m2g(z: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor, qr: torch.Tensor, qi: torch.Tensor,
+         dtype: torch.dtype) -> torch.Tensor:
+    """The grid (..., H, W) in ``dtype`` (float32, bfloat16 or float16: the kernel rounds its float32
+    result once, on the store)."""
     *lead, R, M = (int(s) for s in z.shape)
     H, W = int(pr.shape[0]), int(qr.shape[1])
     z = z.resolve_conj().contiguous()
-    y = torch.empty((*lead, H, W), dtype=torch.float32, device=z.device)
+    y = torch.empty((*lead, H, W), dtype=dtype, device=z.device)
     N = y.numel() // (H * W)
     prec = _precision()
     bh, bw, rp, mp = _blocks(H, W, R, M, "modes_to_grid", prec)
@@ -274,21 +281,21 @@ def _g2m_setup(ctx, inputs, output):
 def _g2m_backward(ctx, gz):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    gx = backward_fn(ctx, _m2g, _m2g_op)(gz, *_adjoint_of_g2m(*ctx.mats))
-    return gx.to(ctx.x_dtype), None, None, None, None
+    gx = backward_fn(ctx, _m2g, _m2g_op)(gz, *_adjoint_of_g2m(*ctx.mats), ctx.x_dtype)
+    return gx, None, None, None, None
 
 
 _g2m_call = with_autograd(_g2m_op, _g2m, _g2m_setup, _g2m_backward)
 
 
 def _m2g_setup(ctx, inputs, output):
-    ctx.mats = inputs[1:]
+    ctx.mats = inputs[1:5]
 
 
 def _m2g_backward(ctx, gy):
     if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
-    return backward_fn(ctx, _g2m, _g2m_op)(gy, *_adjoint_of_m2g(*ctx.mats)), None, None, None, None
+        return None, None, None, None, None, None
+    return backward_fn(ctx, _g2m, _g2m_op)(gy, *_adjoint_of_m2g(*ctx.mats)), None, None, None, None, None
 
 
 # eager mode calls _g2m and _m2g without the ops (their dispatch costs of the order of the kernels on
@@ -322,17 +329,23 @@ def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Ten
 
 
 def grid_to_modes(x: torch.Tensor, m1: int, m2: int) -> torch.Tensor:
-    """The kept rfft2 modes of x (..., H, W), norm "forward": (..., 2*m1, m2) complex64, rows
-    0..m1-1 then -m1..-1. Differentiable in x."""
+    """The kept rfft2 modes of x (..., H, W) float32, bfloat16 or float16 (computed in float32), norm
+    "forward": (..., 2*m1, m2) complex64, rows 0..m1-1 then -m1..-1. Differentiable in x (the
+    gradient in x's dtype)."""
+    if x.dtype not in GRID_DTYPES:
+        raise ValueError(f"x: expected dtype in {list(GRID_DTYPES)}, got {x.dtype}")
     H, W = x.shape[-2:]
     return _g2m_call(x, *_matrices(H, W, m1, m2, x.device)[0])
 
 
-def modes_to_grid(z: torch.Tensor, H: int, W: int) -> torch.Tensor:
+def modes_to_grid(z: torch.Tensor, H: int, W: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """irfft2 of the compact spectrum z (..., 2*m1, m2) (zero elsewhere), read as Re(ifft2) (DESIGN
-    3.1), onto an H x W grid: (..., H, W) float32. Differentiable in z."""
+    3.1), onto an H x W grid: (..., H, W) in ``dtype`` (float32, bfloat16 or float16; computed in
+    float32 either way). Differentiable in z."""
+    if dtype not in GRID_DTYPES:
+        raise ValueError(f"dtype: expected one of {list(GRID_DTYPES)}, got {dtype}")
     m1, m2 = z.shape[-2] // 2, z.shape[-1]
-    return _m2g_call(z, *_matrices(H, W, m1, m2, z.device)[1])
+    return _m2g_call(z, *_matrices(H, W, m1, m2, z.device)[1], dtype)
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -343,11 +356,11 @@ def fits(weight: torch.Tensor) -> bool:
 def spectral_conv2d_dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """spectral_conv2d by the two Triton transforms and a compact mixing (module docstring).
 
-    x: (B, C_in, H, W) float32 (bfloat16/float16 read as float32); weight: (C_in, C_out, 2*m1, m2)
-    complex64 with 2*m1 <= MAX_ROWS, m2 <= MAX_COLS. Returns (B, C_out, H, W) in x's dtype.
+    x: (B, C_in, H, W) float32, bfloat16 or float16 (16-bit fields read and written in 16 bits,
+    transformed in float32); weight: (C_in, C_out, 2*m1, m2) complex64 with 2*m1 <= MAX_ROWS,
+    m2 <= MAX_COLS. Returns (B, C_out, H, W) in x's dtype; grad_x comes in x's dtype too.
     """
     H, W = x.shape[-2:]
     X = grid_to_modes(x, weight.shape[2] // 2, weight.shape[3])
     S = torch.einsum("bixy,ioxy->boxy", X, weight)
-    y = modes_to_grid(S, H, W)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return modes_to_grid(S, H, W, x.dtype)

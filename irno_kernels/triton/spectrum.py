@@ -18,6 +18,9 @@ Backward: the kernels write dL/dSpectrum and torch applies the adjoint of rfft2,
 the halving and the scale are folded into the kernels. The forward ops also return the spectra,
 which autograd keeps for the backward instead of transforming the inputs again.
 
+bfloat16/float16 fields are transformed in float32 (torch's FFTs take no bfloat16), reduced like
+float32 ones, and their results and gradients are returned in their dtype.
+
 (A one-kernel variant for fields up to 64 x 64, both transforms as DFT matrix products with one
 program per plane, was measured on an H200 at 4x the time of this route at B16 C1 64x64 in graph
 replay and removed: benchmarks/results/gpu_h200_2026-11-27_3b528f8.)
@@ -33,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from irno_kernels._checks import LOW_PRECISION
 from irno_kernels.backend import no_second_derivative
 from irno_kernels.spectrum import num_shells
 from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, is_f64, launch, pow2, register, with_autograd
@@ -295,13 +299,14 @@ def _weight_args(H: int, W: int, lam: float, f0: float) -> tuple[float, float, f
 
 def _spectrum(x: torch.Tensor) -> torch.Tensor:
     """rfft2(x) unscaled (|X|^2 is H W times the ortho spectrum's: the kernels' scales undo it),
-    contiguous: the kernels index it as (B*C, H, Wr, 2)."""
-    return torch.fft.rfft2(x, norm="backward").contiguous()
+    contiguous: the kernels index it as (B*C, H, Wr, 2). A bfloat16/float16 x is transformed in
+    float32 (torch's FFTs take no bfloat16, and float16 at powers of two only): complex64."""
+    return torch.fft.rfft2(x.float() if x.dtype in LOW_PRECISION else x, norm="backward").contiguous()
 
 
 def _empty_spectrum(x: torch.Tensor) -> torch.Tensor:
     B, C, H, W = x.shape
-    return x.new_empty((B, C, H, W // 2 + 1), dtype=_COMPLEX[x.dtype])
+    return x.new_empty((B, C, H, W // 2 + 1), dtype=_COMPLEX.get(x.dtype, torch.complex64))
 
 
 def _real_of(spec: torch.Tensor) -> torch.dtype:
@@ -344,7 +349,7 @@ def _radial_spectrum_backward(grad: torch.Tensor, X: torch.Tensor, W: int) -> to
     total = B * C * H * Wr
     block = _flat_block(total)
     launch(_radial_spectrum_bwd_kernel, (cdiv(total, block),), torch.view_as_real(X),
-           grad.contiguous(), torch.view_as_real(G), total, H, W, Wr, R, 2.0 / (H * W),
+           grad.to(_real_of(X)).contiguous(), torch.view_as_real(G), total, H, W, Wr, R, 2.0 / (H * W),
            BLOCK=block, IS_F64=X.dtype == torch.complex128, num_warps=4, fp_fusion=False)
     return torch.fft.irfft2(G, s=(H, W), norm="forward").to(grad.dtype)
 
@@ -406,8 +411,11 @@ def _loss_error_fake(pred, target, lam, f0):
 
 def _loss_error(pred: torch.Tensor, target: torch.Tensor, lam: float, f0: float) -> tuple[torch.Tensor, torch.Tensor]:
     H, W = int(pred.shape[-2]), int(pred.shape[-1])
+    dtype = pred.dtype
+    if dtype in LOW_PRECISION:  # the difference in float32, not rounded to 16 bits
+        pred, target = pred.float(), target.float()
     D = _spectrum(pred - target)  # |P - Y|^2 needs only the spectrum of the difference
-    return _loss_reduce(D, None, H, W, lam, f0).to(pred.dtype), D
+    return _loss_reduce(D, None, H, W, lam, f0).to(dtype), D
 
 
 _loss_magnitude_op = register("spectral_loss_magnitude", _loss_magnitude_fake)(_loss_magnitude)
@@ -424,7 +432,7 @@ def _loss_grads(grad, P, Y, W, lam, f0, need_y):
     GY = torch.empty_like(Y) if need_y and not error_mode else None
     Pr = torch.view_as_real(P)
     launch(_spectral_loss_bwd_kernel, (cdiv(total, block),), Pr,
-           torch.view_as_real(Y) if Y is not None else Pr, grad.reshape(1),
+           torch.view_as_real(Y) if Y is not None else Pr, grad.reshape(1).to(_real_of(P)),
            torch.view_as_real(GP), torch.view_as_real(GY) if GY is not None else Pr,
            total, H, W, Wr, *_weight_args(H, W, lam, f0), 2.0 / (total * H * W),
            ERROR_MODE=error_mode, NEED_Y=GY is not None, IS_F64=_real_of(P) == torch.float64,
