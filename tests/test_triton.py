@@ -871,6 +871,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         build(D._modes_to_grid_kernel, dict(z_ptr="fp32", pr_ptr="fp32", pi_ptr="fp32", qr_ptr="fp32",
                                             qi_ptr="fp32", y_ptr="fp32"), dict(PREC=prec, BH=bh, BW=bw, RP=rp, MP=mp),
               num_warps=D._launch_opts("modes_to_grid", prec)["num_warps"])
+    # 16-bit grids: grid_to_modes reads them, modes_to_grid writes them
+    for dt in ("bf16", "fp16"):
+        bh, bw, rp, mp = D._blocks(256, 256, 32, 16, "grid_to_modes")
+        build(D._grid_to_modes_kernel, {**fp, "x_ptr": dt}, dict(PREC="tf32x3", BH=bh, BW=bw, RP=rp, MP=mp, PARTS=1))
+        bh, bw, rp, mp = D._blocks(256, 256, 32, 16, "modes_to_grid")
+        build(D._modes_to_grid_kernel, dict(z_ptr="fp32", pr_ptr="fp32", pi_ptr="fp32", qr_ptr="fp32",
+                                            qi_ptr="fp32", y_ptr=dt), dict(PREC="tf32x3", BH=bh, BW=bw, RP=rp, MP=mp))
     # the U-Net's fused blocks: GELU, a halo and the conv's bias folded in (in_bias, HAS_S)
     for dt, fused in (("fp32", (False, 0)), ("bf16", (False, 0)), ("fp32", (True, 1)), ("bf16", (True, 1))):
         gelu, halo = fused
