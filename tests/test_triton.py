@@ -1235,3 +1235,6 @@ def test_gpu_repeats_the_interpreter_checks_on_cuda():
     test_spectral_conv2d_strided_input_and_conjugate_weight()
     test_in_place_forms((2, 3, 5, 7), True)
     test_dft_transforms_are_adjoint_pairs()
+    for dtype in LOW_PRECISION:  # GPU stores round to nearest: the factor is 2 for every case here
+        for name in _low_precision_cases(dtype):
+            test_low_precision_fields_within_twice_torch_error(name, dtype)
