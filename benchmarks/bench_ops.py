@@ -1,7 +1,9 @@
 """Time each irno op side by side: reference vs C++ (cpu) / CUDA / Triton / torch.compile(reference),
 and for spectral_conv2d the truncated-DFT route ("dft": matrix products, no FFT). On CUDA,
 "dft_tf32" and "triton_tf32" run the dft route and the Triton backend with PyTorch's TF32 matmul
-switch on (the fast mode: TF32 tensor-core products, fp32 accumulation).
+switch on (the fast mode: TF32 tensor-core products, fp32 accumulation); "triton_mix" runs the
+Triton backend with the DFT route's compact spectra mixed by the Triton mixing kernels instead of
+torch.einsum (irno_kernels.triton.spectral_dft.COMPACT_MIX = "triton").
 
 For every case it prints the median time, the achieved bandwidth from an explicit count of the
 bytes the op must move, the fraction of the measured copy bandwidth (the memory roofline) and the
@@ -51,7 +53,7 @@ class Case:
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
 PROVIDER_BACKEND = {"cpu": "cpu", "cuda": "cuda", "triton": "triton", "dft": "dft", "dft_tf32": "dft",
-                    "triton_tf32": "triton"}
+                    "triton_tf32": "triton", "triton_mix": "triton"}
 
 
 def _es(dtype):
@@ -379,7 +381,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 continue
             if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "triton", "dft", "dft_tf32"):
                 continue
-            if prov == "triton_tf32" and case.op != "spectral_conv2d":  # the Triton dft kernels' switch
+            if prov in ("triton_tf32", "triton_mix") and case.op != "spectral_conv2d":  # Triton dft route only
                 continue
             if case.only and prov not in case.only:
                 continue
@@ -407,6 +409,15 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                         return case.fast(*a, backend=_b)
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = old
+            elif prov == "triton_mix":
+                def fn(*a):
+                    from irno_kernels.triton import spectral_dft as tr_dft
+
+                    old, tr_dft.COMPACT_MIX = tr_dft.COMPACT_MIX, "triton"
+                    try:
+                        return case.fast(*a, backend="triton")
+                    finally:
+                        tr_dft.COMPACT_MIX = old
             else:
                 fn = lambda *a, _p=prov: case.fast(*a, backend=_p)  # noqa: E731
             if prov == "fft_floor":
@@ -457,7 +468,7 @@ def main(argv=None):
     print("env:", env)
     providers = ["reference", "cpu", "cuda", "triton", "dft"]
     if a.device == "cuda":
-        providers += ["dft_tf32", "triton_tf32"]
+        providers += ["dft_tf32", "triton_tf32", "triton_mix"]
     if a.compile or a.device == "cuda":
         providers.append("compile")
     all_cases = cases(a.device, a.quick)

@@ -17,6 +17,10 @@ After them it times the FFT route's mixing kernel (irno_kernels/triton/spectral_
 the input gradient's conj-transposed launch) under its module settings: input channels per loop step
 (MIX_UNROLL), floats per zero program (ZERO_BLOCK), the zero-filled spectrum of before FUSED_ZERO, and
 the largest tiles (MIN_PROGRAMS = 0); each result against the current settings' one.
+
+Last, the mixing of the DFT route's compact spectra (the layer's step between the two kernels):
+torch.einsum (the baseline) against the Triton mixing kernels (COMPACT_MIX = "triton") with their
+default tiles and with MIN_PROGRAMS 0 and 2048, forward and forward + backward.
 """
 
 from __future__ import annotations
@@ -213,10 +217,67 @@ def run_mix(args) -> list[dict]:
     return rows
 
 
+#: the compact mixing's alternatives to torch.einsum: (how, the mixing module's settings)
+COMPACT = [("triton", {}), ("triton", dict(MIN_PROGRAMS=0)), ("triton", dict(MIN_PROGRAMS=2048))]
+
+
+def run_compact(args) -> list[dict]:
+    """The DFT route's compact mixing (irno_kernels.triton.spectral_dft.compact_mix): einsum against
+    the Triton kernels, forward and forward + backward, on the layer shape's compact spectra."""
+    dev = args.device
+    B, C, m = (2, 4, 6) if args.quick else (16, 64, 16)
+    X = torch.randn(B, C, 2 * m, m, dtype=torch.complex64, device=dev)
+    w = torch.randn(C, C, 2 * m, m, dtype=torch.complex64, device=dev) / C
+    g = torch.randn_like(X)
+    # bytes the mixing must move: X and the weight read, S written (backward: gS, X, weight read,
+    # grad_X and grad_weight written)
+    nbytes = {"forward": (2 * X.numel() + w.numel()) * 8, "fwd+bwd": (5 * X.numel() + 3 * w.numel()) * 8}
+    env = environment(dev)
+    rows = []
+
+    def launcher(direction: str, how: str, cfg: dict):
+        Xl, wl = X.clone().requires_grad_(direction != "forward"), w.clone().requires_grad_(direction != "forward")
+
+        def call():
+            with mix_settings(cfg):
+                if direction == "forward":
+                    with torch.no_grad():
+                        return (D.compact_mix(Xl, wl, how),)
+                S = D.compact_mix(Xl, wl, how)
+                return (S.detach(), *torch.autograd.grad(S, (Xl, wl), g))
+        return call
+
+    for direction in ("forward", "fwd+bwd"):
+        call = launcher(direction, "einsum", {})
+        want = [t.clone() for t in call()]
+        base_t = time_fn(call, dev, min_run_time=0.05)
+        results = [("einsum", base_t, 0.0)]
+        for how, cfg in COMPACT:
+            call = launcher(direction, how, cfg)
+            name = how + (" " + label(cfg) if cfg else "")
+            try:
+                err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(call(), want))
+                t = time_fn(call, dev, min_run_time=0.05)
+            except Exception as exc:  # reported, not fatal
+                print(f"  compact mix {direction} {name}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            results.append((name, t, err))
+        for name, t, err in results:
+            ok = err <= 1e-5
+            rows.append({**env, "kernel": f"compact mix {direction}", "shape": f"B{B} C{C} m{m}",
+                         "precision": "fp32", "config": name if name != "einsum" else "current: einsum",
+                         "median_ms": round(t * 1e3, 4), "GB_s": round(nbytes[direction] / t / 1e9, 1),
+                         "x_current": round(base_t / t, 3), "max_rel_diff": f"{err:.1e}", "agree": ok})
+            print(f"  compact mix {direction:8s} {t * 1e3:8.3f} ms {nbytes[direction] / t / 1e9:8.1f} GB/s "
+                  f"x{base_t / t:5.2f} diff {err:.1e}{'' if ok else ' DISAGREES'}  {name}")
+    return rows
+
+
 def summary(rows: list[dict]) -> None:
     print("best per kernel and precision (x: speed-up over the current CONFIG):")
-    for kernel in ("grid_to_modes", "modes_to_grid", "mix forward", "mix input grad"):
-        for mode in ("fp32",) if kernel.startswith("mix") else ("tf32x3", "tf32"):
+    for kernel in ("grid_to_modes", "modes_to_grid", "mix forward", "mix input grad", "compact mix forward",
+                   "compact mix fwd+bwd"):
+        for mode in ("fp32",) if "mix" in kernel else ("tf32x3", "tf32"):
             rs = [r for r in rows if r["kernel"] == kernel and r["precision"] == mode and r["agree"]]
             if rs:
                 best = min(rs, key=lambda r: r["median_ms"])
@@ -242,6 +303,7 @@ def main(argv=None) -> int:
         MX.INTERPRET = D.INTERPRET
         rows = run(a)
         rows += run_mix(a)
+        rows += run_compact(a)
     finally:
         D.INTERPRET = MX.INTERPRET = interpret
     summary(rows)

@@ -339,8 +339,10 @@ def dft_everywhere(monkeypatch):
     monkeypatch.setattr(spectral_dft, "prefer_dft", lambda x, w: True)
 
 
+@pytest.mark.parametrize("mix", ["einsum", "triton"])
 @pytest.mark.parametrize("case", DFT_CASES)
-def test_spectral_conv2d_dft_kernels(case, dft_everywhere):
+def test_spectral_conv2d_dft_kernels(case, mix, dft_everywhere, monkeypatch):
+    monkeypatch.setattr(tr_dft, "COMPACT_MIX", mix)  # the compact spectra mixed by einsum or Triton
     B, Ci, Co, H, W, m1, m2 = case
     x = randn(B, Ci, H, W, requires_grad=True)
     w = randn(Ci, Co, 2 * m1, m2, dtype=torch.complex64, requires_grad=True)
@@ -483,6 +485,54 @@ def test_low_precision_still_refused_by_the_reference_and_cpu_backends():
             ik.spectral_conv2d(x, w, backend=backend)
         with pytest.raises(ValueError, match=rf"pred: expected dtype .*'{backend}' backend"):
             ik.spectral_loss(x, x, 1.0, backend=backend)
+
+
+# the DFT route's mixing of the compact spectra by the Triton mixing kernels (COMPACT_MIX = "triton")
+COMPACT_CASES = [(2, 3, 4, 2, 3), (3, 5, 12, 3, 4), (17, 2, 33, 1, 9)]  # (B, C_in, C_out, m1, m2)
+
+
+def _compact(case, requires_grad=True):
+    """Compact spectra X (B, C_in, 2*m1, m2) and a weight given as a conjugated, transposed view."""
+    B, Ci, Co, m1, m2 = case
+    X = randn(B, Ci, 2 * m1, m2, dtype=torch.complex64, requires_grad=requires_grad)
+    w = randn(Co, Ci, 2 * m1, m2, dtype=torch.complex64).transpose(0, 1).conj().requires_grad_(requires_grad)
+    assert w.is_conj() and not w.is_contiguous()
+    return X, w
+
+
+@pytest.mark.parametrize("case", COMPACT_CASES)
+def test_compact_mix_triton_matches_einsum(case, monkeypatch):
+    """Forward and both gradients (the Triton kernels, which ran) against torch.einsum's."""
+    calls = []
+    real = tr_conv._mix_into
+    monkeypatch.setattr(tr_conv, "_mix_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    X, w = _compact(case)
+    check_fwd_bwd(lambda a, b: tr_dft.compact_mix(a, b, "triton"), lambda a, b: tr_dft.compact_mix(a, b, "einsum"),
+                  (X, w), torch.complex64)
+    assert len(calls) == 2  # the forward and the input gradient (the weight's has its own kernel)
+    with pytest.raises(ValueError, match="how: expected 'einsum' or 'triton', got 'bmm'"):
+        tr_dft.compact_mix(X, w, "bmm")
+
+
+def test_compact_mix_triton_under_torch_compile():
+    """fullgraph aot_eager: the registered ops, their fake kernels and autograd."""
+    X, w = _compact(COMPACT_CASES[0])
+    compiled = torch.compile(lambda a, b: tr_dft.compact_mix(a, b, "triton"), backend="aot_eager", fullgraph=True)
+    check_fwd_bwd(compiled, lambda a, b: tr_dft.compact_mix(a, b, "einsum"), (X, w), torch.complex64)
+
+
+def test_compact_mix_triton_second_derivatives():
+    """A backward that is differentiated (create_graph) uses torch's formulas: the second derivatives
+    equal einsum's."""
+    X, w = _compact(COMPACT_CASES[1])
+
+    def second(how):
+        S = tr_dft.compact_mix(X, w, how)
+        g = torch.autograd.grad(torch.view_as_real(S).pow(3).sum(), (X, w), create_graph=True)
+        return torch.autograd.grad(sum(torch.view_as_real(t).square().sum() for t in g), (X, w))
+
+    for a, e in zip(second("triton"), second("einsum")):
+        close(a, e, torch.complex64, factor=10)
 
 
 # launch configurations of the DFT kernels (tr_dft.CONFIG): every alternative that
@@ -859,8 +909,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     build(C._spectral_mix_kernel, dict(a_ptr="fp64", w_ptr="fp64", out_ptr="fp64"),
           dict(CONJ_W=True, BLOCK_M=bm, BLOCK_B=bb, BLOCK_O=bo, IS_F64=True, **mix), ints=dict(n_out="i64"),
           aligned=True)
-    build(C._spectral_mix_grad_w_kernel, dict(x_ptr="fp32", g_ptr="fp32", gw_ptr="fp32"),
-          dict(BLOCK_M=bm, BLOCK_I=bb, BLOCK_O=bo, **f32))
+    for edge in (True, False):  # the FFT route's column factors, and none (the DFT route's compact spectra)
+        build(C._spectral_mix_grad_w_kernel, dict(x_ptr="fp32", g_ptr="fp32", gw_ptr="fp32"),
+              dict(BLOCK_M=bm, BLOCK_I=bb, BLOCK_O=bo, EDGE=edge, **f32))
     fp = dict(x_ptr="fp32", ar_ptr="fp32", ai_ptr="fp32", er_ptr="fp32", ei_ptr="fp32", z_ptr="fp32")
     for prec in ("tf32x3", "tf32"):  # each precision's CONFIG, with its warps and stages
         bh, bw, rp, mp = D._blocks(256, 256, 32, 16, "grid_to_modes", prec)
@@ -1019,6 +1070,10 @@ def _opcheck_cases():
         "spectral_conv2d_backward": (ops.spectral_conv2d_backward,
                                      (randn(2, 2, 5, 7), X, cw.detach(), True, True)),
         "dft_grid_to_modes": (ops.dft_grid_to_modes, (x, *tr_dft._matrices(5, 7, 2, 3, DEVICE)[0])),
+        "dft_mix": (ops.dft_mix, _compact(COMPACT_CASES[1])),
+        "dft_mix_backward": (ops.dft_mix_backward,
+                             (randn(3, 12, 6, 4, dtype=torch.complex64), *_compact(COMPACT_CASES[1], False),
+                              True, True)),
         "dft_modes_to_grid": (ops.dft_modes_to_grid,
                               (randn(2, 3, 4, 3, dtype=torch.complex64, requires_grad=True),
                                *tr_dft._matrices(5, 7, 2, 3, DEVICE)[1], torch.float32)),
@@ -1145,10 +1200,12 @@ def test_cuda_graph_capture_and_replay_equals_eager():
 
 
 @gpu
-def test_dft_kernels_paper_sized_accuracy_and_graph_capture(monkeypatch):
+@pytest.mark.parametrize("mix", ["einsum", "triton"])
+def test_dft_kernels_paper_sized_accuracy_and_graph_capture(mix, monkeypatch):
     """The accurate mode (tf32x3 products) against the float64 reference at B4 C32 256x256 m16, and
-    forward + backward replayed from a CUDA graph."""
+    forward + backward replayed from a CUDA graph; the compact spectra mixed by einsum or Triton."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(tr_dft, "COMPACT_MIX", mix)
     x = randn(4, 32, 256, 256, requires_grad=True)
     w = (randn(32, 32, 32, 16, dtype=torch.complex64) / 32).requires_grad_()
     g = randn(4, 32, 256, 256)

@@ -150,9 +150,12 @@ def _spectral_mix_grad_w_kernel(
     B, CI, CO, H, W, Wr, M1, M2,
     n_mb, n_ib, n_ob,
     IS_F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_O: tl.constexpr,
+    EDGE: tl.constexpr = True,
 ):
     """gw[i, o, r, ky] = c(ky) * sum_b conj(x[b, i, kx, ky]) * g[b, o, kx, ky] for one block of
-    (ky, i, o); x: (B, CI, H, Wr, 2), g: (B, CO, H, Wr, 2), gw: (CI, CO, 2*M1, M2, 2), contiguous."""
+    (ky, i, o); x: (B, CI, H, Wr, 2), g: (B, CO, H, Wr, 2), gw: (CI, CO, 2*M1, M2, 2), contiguous.
+    EDGE: c = 2 on the non-edge rfft columns of a W-column grid (the FFT route); else c = 1 (the
+    DFT route's compact spectra, H = 2*M1 and Wr = M2, where the mixing is all there is)."""
     pid = tl.program_id(0)
     mb, ib, ob, r, kx = _block_of(pid, n_mb, n_ib, n_ob, H, M1)
     ky = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,11 +182,14 @@ def _spectral_mix_grad_w_kernel(
         acc_re += xr3 * gr3 - xi3 * gi3
         acc_im += xr3 * gi3 + xi3 * gr3
     # non-edge rfft columns stand for a conjugate pair: the adjoint of irfft2 counts them twice
-    c = tl.where((ky == 0) | (2 * ky == W), 1.0, 2.0)[:, None, None]
+    if EDGE:
+        c = tl.where((ky == 0) | (2 * ky == W), 1.0, 2.0)[:, None, None]
+        acc_re = acc_re * c
+        acc_im = acc_im * c
     gw_off = ((i[None, :, None] * CO + o[None, None, :]) * (2 * M1) + r) * (M2 * 2) + ky[:, None, None] * 2
     mask = kmask[:, None, None] & (i < CI)[None, :, None] & (o < CO)[None, None, :]
-    tl.store(gw_ptr + gw_off, (acc_re * c).to(gw_ptr.dtype.element_ty), mask=mask)
-    tl.store(gw_ptr + gw_off + 1, (acc_im * c).to(gw_ptr.dtype.element_ty), mask=mask)
+    tl.store(gw_ptr + gw_off, acc_re.to(gw_ptr.dtype.element_ty), mask=mask)
+    tl.store(gw_ptr + gw_off + 1, acc_im.to(gw_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +331,12 @@ def _spectral_conv2d_backward(grad: torch.Tensor, X: torch.Tensor, weight: torch
     return gx, gw
 
 
-def _mix_grad_weight(X: torch.Tensor, Gy: torch.Tensor, weight: torch.Tensor, W: int) -> torch.Tensor:
+def _mix_grad_weight(X: torch.Tensor, Gy: torch.Tensor, weight: torch.Tensor, W: int,
+                     edge: bool = True) -> torch.Tensor:
     """The weight's gradient of the mixing, from the input spectrum X (B, C_in, H, Wr) and the output
-    spectrum's gradient Gy (B, C_out, H, Wr): (C_in, C_out, 2 m1, m2) like weight."""
+    spectrum's gradient Gy (B, C_out, H, Wr): (C_in, C_out, 2 m1, m2) like weight. ``edge``: the
+    FFT route's factor 2 on the non-edge columns of a W-column grid; False: sum_b conj(X) * Gy alone
+    (the compact spectra of the DFT route; W is then unused)."""
     B, CI, H, Wr = (int(s) for s in X.shape)
     CO, m1, m2 = int(weight.shape[1]), int(weight.shape[2]) // 2, int(weight.shape[3])
     gw = torch.empty((CI, CO, 2 * m1, m2), dtype=weight.dtype, device=weight.device)
@@ -336,7 +345,7 @@ def _mix_grad_weight(X: torch.Tensor, Gy: torch.Tensor, weight: torch.Tensor, W:
     launch(_spectral_mix_grad_w_kernel, (2 * m1 * n_mb * n_ib * n_ob,),
            torch.view_as_real(X), torch.view_as_real(Gy), torch.view_as_real(gw),
            B, CI, CO, H, W, Wr, m1, m2, n_mb, n_ib, n_ob,
-           IS_F64=X.dtype == torch.complex128, BLOCK_M=bm, BLOCK_I=bi, BLOCK_O=bo, num_warps=4)
+           IS_F64=X.dtype == torch.complex128, BLOCK_M=bm, BLOCK_I=bi, BLOCK_O=bo, EDGE=edge, num_warps=4)
     return gw
 
 

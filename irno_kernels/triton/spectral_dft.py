@@ -8,8 +8,10 @@ kernel that passes over the grid once, with the products on the tensor cores (tl
 
 per (batch, channel) plane. The layer is  y = modes_to_grid(Mix(grid_to_modes(x)))  with the DFT
 matrices of irno_kernels.spectral_dft.dft_matrices, and the mixing on the compact (2*m1, m2)
-spectra by torch.einsum. Each map is linear and its adjoint is the other kernel with transposed
-(conjugated) matrices, which is the whole backward:
+spectra by torch.einsum or, with COMPACT_MIX = "triton", by the FFT route's mixing kernels
+(irno_kernels/triton/spectral_conv.py) reading and writing the compact spectra in place. Each
+transform is linear and its adjoint is the other kernel with transposed (conjugated) matrices, which
+is the whole backward of the transforms:
 
     grid -> modes with (A, E):   grad_x = modes_to_grid(grad_Z) with P = E^H, Qr = Re(A)^T, Qi = Im(A)^T
     modes -> grid with (P, Q):   grad_Z = grid_to_modes(grad_y) with A = Qr^T + i Qi^T, E = P^H
@@ -36,9 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
+from irno_kernels.triton import spectral_conv as _conv
 from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register, with_autograd
 
-__all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "MAX_ROWS", "MAX_COLS", "GRID_DTYPES"]
+__all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "compact_mix", "MAX_ROWS", "MAX_COLS",
+           "GRID_DTYPES"]
 
 #: the most kept rows (2*m1) and kept columns (m2) the kernels take
 MAX_ROWS, MAX_COLS = 64, 32
@@ -305,6 +309,85 @@ _m2g_call = with_autograd(_m2g_op, _m2g, _m2g_setup, _m2g_backward)
 
 
 # ---------------------------------------------------------------------------------------------
+# the mixing of the compact spectra
+# ---------------------------------------------------------------------------------------------
+#: how the layer mixes the compact spectra: "einsum" (torch.einsum: cuBLAS's batched GEMM, with the
+#: spectrum and the weight copied into its layout and the result copied back: 3 copies and a GEMM,
+#: 0.045 ms of the Triton layer's 0.502 at B16 C64 256x256 m16 on an H200, cb16083), or "triton":
+#: the mixing kernels of the FFT route, reading X and the weight where they are and writing S in
+#: the layout modes_to_grid reads (one launch forward; the input and weight gradients one each).
+#: Not yet timed on a GPU: bench_ops' layer provider "triton_mix" and tune_dft.py time it.
+COMPACT_MIX = "einsum"
+
+
+def _mix_fake(X, weight):
+    return X.new_empty((X.shape[0], weight.shape[1], *X.shape[2:]))
+
+
+def _mix(X: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """S[b, o] = sum_i X[b, i] * weight[i, o] for compact spectra X (B, C_in, 2*m1, m2): every mode
+    is kept, so _conv's mixing launch has no zero programs."""
+    m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
+    S = torch.empty(_mix_fake(X, weight).shape, dtype=X.dtype, device=X.device)
+    _conv._mix_into(S, X.contiguous(), weight, m1, m2, conj_transpose=False, zeroed=True)
+    return S
+
+
+def _mix_bwd_fake(gS, X, weight, need_x, need_w):
+    return gS.new_empty(X.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,))
+
+
+def _mix_bwd(gS: torch.Tensor, X: torch.Tensor, weight: torch.Tensor, need_x: bool,
+             need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_X = sum_o gS * conj(weight[i, o]), grad_weight = sum_b conj(X) * gS), empty when not
+    needed (PyTorch's complex-gradient convention)."""
+    m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
+    gS = gS.resolve_conj().contiguous()
+    gX = (_conv._mixed(gS, weight, m1, m2, conj_transpose=True, fused=False) if need_x
+          else gS.new_empty((0,)))
+    gw = (_conv._mix_grad_weight(X.contiguous(), gS, weight, 0, edge=False) if need_w
+          else weight.new_empty((0,)))
+    return gX, gw
+
+
+_mix_op = register("dft_mix", _mix_fake)(_mix)
+_mix_bwd_op = register("dft_mix_backward", _mix_bwd_fake)(_mix_bwd)
+
+
+def _mix_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs)
+
+
+def _mix_backward(ctx, gS):
+    X, weight = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    if gS is None or not (need_x or need_w):
+        return None, None
+    if torch.is_grad_enabled():  # a backward that is itself differentiated: torch's formulas
+        gX = torch.einsum("boxy,ioxy->bixy", gS, weight.conj()) if need_x else None
+        gw = torch.einsum("bixy,boxy->ioxy", X.conj(), gS) if need_w else None
+        return gX, gw
+    gX, gw = backward_fn(ctx, _mix_bwd, _mix_bwd_op)(gS, X, weight, need_x, need_w)
+    return (gX if need_x else None), (gw if need_w else None)
+
+
+_mix_call = with_autograd(_mix_op, _mix, _mix_setup, _mix_backward)
+
+
+def compact_mix(X: torch.Tensor, weight: torch.Tensor, how: str | None = None) -> torch.Tensor:
+    """S (B, C_out, 2*m1, m2) = sum_i X[:, i] * weight[i] on compact spectra X (B, C_in, 2*m1, m2)
+    complex64, weight (C_in, C_out, 2*m1, m2) complex64; differentiable in both (to any order).
+    ``how``: "einsum" or "triton" (None: COMPACT_MIX)."""
+    how = COMPACT_MIX if how is None else how
+    if how == "einsum":
+        return torch.einsum("bixy,ioxy->boxy", X, weight)
+    if how != "triton":
+        raise ValueError(f"how: expected 'einsum' or 'triton', got {how!r}")
+    return _mix_call(X, weight)
+
+
+# ---------------------------------------------------------------------------------------------
 # the layer
 # ---------------------------------------------------------------------------------------------
 _MATS: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -362,5 +445,4 @@ def spectral_conv2d_dft(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     H, W = x.shape[-2:]
     X = grid_to_modes(x, weight.shape[2] // 2, weight.shape[3])
-    S = torch.einsum("bixy,ioxy->boxy", X, weight)
-    return modes_to_grid(S, H, W, x.dtype)
+    return modes_to_grid(compact_mix(X, weight), H, W, x.dtype)
