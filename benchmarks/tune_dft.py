@@ -13,14 +13,14 @@ relative to the current one: the numbers to set ``CONFIG[kernel][mode]`` from.
 
 Each alternative compiles its kernel once (about a second); the full list fits in well under a minute.
 
-After them it times the FFT route's mixing kernel (irno_kernels/triton/spectral_conv.py, forward and
-the input gradient's conj-transposed launch) under its module settings: input channels per loop step
+After them it times the mixing of the DFT route's compact spectra (the layer's step between the two
+kernels): torch.einsum (the baseline) against the Triton mixing kernels (COMPACT_MIX = "triton")
+with their default tiles and with MIN_PROGRAMS 0 and 2048, forward and forward + backward.
+
+Last, the FFT route's mixing kernel (irno_kernels/triton/spectral_conv.py, forward and the input
+gradient's conj-transposed launch) under its module settings: input channels per loop step
 (MIX_UNROLL), floats per zero program (ZERO_BLOCK), the zero-filled spectrum of before FUSED_ZERO, and
 the largest tiles (MIN_PROGRAMS = 0); each result against the current settings' one.
-
-Last, the mixing of the DFT route's compact spectra (the layer's step between the two kernels):
-torch.einsum (the baseline) against the Triton mixing kernels (COMPACT_MIX = "triton") with their
-default tiles and with MIN_PROGRAMS 0 and 2048, forward and forward + backward.
 """
 
 from __future__ import annotations
@@ -302,8 +302,8 @@ def main(argv=None) -> int:
     try:
         MX.INTERPRET = D.INTERPRET
         rows = run(a)
+        rows += run_compact(a)  # before the FFT route's mixing settings: it concerns the layer's target
         rows += run_mix(a)
-        rows += run_compact(a)
     finally:
         D.INTERPRET = MX.INTERPRET = interpret
     summary(rows)
