@@ -1,9 +1,9 @@
 """Time each irno op side by side: reference vs C++ (cpu) / CUDA / Triton / torch.compile(reference),
 and for spectral_conv2d the truncated-DFT route ("dft": matrix products, no FFT). On CUDA,
 "dft_tf32" and "triton_tf32" run the dft route and the Triton backend with PyTorch's TF32 matmul
-switch on (the fast mode: TF32 tensor-core products, fp32 accumulation); "triton_mix" runs the
-Triton backend with the DFT route's compact spectra mixed by the Triton mixing kernels instead of
-torch.einsum (irno_kernels.triton.spectral_dft.COMPACT_MIX = "triton").
+switch on (the fast mode: TF32 tensor-core products, fp32 accumulation); "triton_einsum" runs the
+Triton backend with the DFT route's compact spectra mixed by torch.einsum instead of the Triton
+mixing kernels (irno_kernels.triton.spectral_dft.COMPACT_MIX = "einsum", the former default).
 
 For every case it prints the median time, the achieved bandwidth from an explicit count of the
 bytes the op must move, the fraction of the measured copy bandwidth (the memory roofline) and the
@@ -53,7 +53,7 @@ class Case:
 
 #: provider name -> the backend it runs (providers not listed: "reference", "compile")
 PROVIDER_BACKEND = {"cpu": "cpu", "cuda": "cuda", "triton": "triton", "dft": "dft", "dft_tf32": "dft",
-                    "triton_tf32": "triton", "triton_mix": "triton"}
+                    "triton_tf32": "triton", "triton_einsum": "triton"}
 
 
 def _es(dtype):
@@ -381,7 +381,7 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                 continue
             if case.op.endswith("[bf16]") and prov not in ("reference", "cuda", "triton", "dft", "dft_tf32"):
                 continue
-            if prov in ("triton_tf32", "triton_mix") and case.op != "spectral_conv2d":  # Triton dft route only
+            if prov in ("triton_tf32", "triton_einsum") and case.op != "spectral_conv2d":  # Triton dft route only
                 continue
             if case.only and prov not in case.only:
                 continue
@@ -409,11 +409,11 @@ def run_case(case: Case, device: str, providers: list[str], modes: list[str], bw
                         return case.fast(*a, backend=_b)
                     finally:
                         torch.backends.cuda.matmul.allow_tf32 = old
-            elif prov == "triton_mix":
+            elif prov == "triton_einsum":
                 def fn(*a):
                     from irno_kernels.triton import spectral_dft as tr_dft
 
-                    old, tr_dft.COMPACT_MIX = tr_dft.COMPACT_MIX, "triton"
+                    old, tr_dft.COMPACT_MIX = tr_dft.COMPACT_MIX, "einsum"
                     try:
                         return case.fast(*a, backend="triton")
                     finally:
@@ -468,7 +468,7 @@ def main(argv=None):
     print("env:", env)
     providers = ["reference", "cpu", "cuda", "triton", "dft"]
     if a.device == "cuda":
-        providers += ["dft_tf32", "triton_tf32", "triton_mix"]
+        providers += ["dft_tf32", "triton_tf32", "triton_einsum"]
     if a.compile or a.device == "cuda":
         providers.append("compile")
     all_cases = cases(a.device, a.quick)

@@ -37,7 +37,7 @@ def _best(rows: list[dict], ratio: str, **match) -> tuple[float, str] | None:
 
 def targets(ops: list[dict], irno: list[dict]) -> list[tuple[str, str, float, tuple[float, str] | None]]:
     """(issue, target, threshold, (measured, by whom) or None) per target."""
-    fast = ("cuda", "triton", "dft", "dft_tf32", "triton_tf32", "triton_mix")
+    fast = ("cuda", "triton", "dft", "dft_tf32", "triton_tf32", "triton_einsum")
     out = []
     rows = [r for r in ops if r["op"] == "spectral_mix" and r["shape"].startswith("B16 C64 256x256")]
     for mode, need in (("fwd", 3.0), ("fwdbwd", 3.0), ("fwd_graph", 3.0), ("fwdbwd_graph", 3.0)):
@@ -53,10 +53,10 @@ def targets(ops: list[dict], irno: list[dict]) -> list[tuple[str, str, float, tu
                             (round(1 / float(ref[0]["roofline_frac"]), 3), "copy bandwidth")))
     out.append(("5", "whole spectral layer, fwd, B16 C64 256x256 m16 (Triton)", 2.0,
                 _best(ops, "speedup_vs_ref", op=LAYER[0], shape=LAYER[1], mode="fwd",
-                      provider=("triton", "triton_mix"))))
+                      provider=("triton", "triton_einsum"))))
     out.append(("6", "fused spectral layer, fwd, fp32 (cuda / dft / triton)", 3.0,
                 _best(ops, "speedup_vs_ref", op=LAYER[0], shape=LAYER[1], mode="fwd",
-                      provider=("cuda", "dft", "triton", "triton_mix"))))
+                      provider=("cuda", "dft", "triton", "triton_einsum"))))
     out.append(("6", "fused spectral layer, fwd, TF32 allowed", 3.0,
                 _best(ops, "speedup_vs_ref", op=LAYER[0], shape=LAYER[1], mode="fwd", provider=fast)))
     out.append(("6", "fused spectral layer, fwd+bwd", 2.0,

@@ -14,8 +14,9 @@ relative to the current one: the numbers to set ``CONFIG[kernel][mode]`` from.
 Each alternative compiles its kernel once (about a second); the full list fits in well under a minute.
 
 After them it times the mixing of the DFT route's compact spectra (the layer's step between the two
-kernels): torch.einsum (the baseline) against the Triton mixing kernels (COMPACT_MIX = "triton")
-with their default tiles and with MIN_PROGRAMS 0 and 2048, forward and forward + backward.
+kernels): torch.einsum (the baseline, the former default) against the Triton mixing kernels
+(COMPACT_MIX = "triton") with their default tiles and with MIN_PROGRAMS 0 and 2048, forward and
+forward + backward.
 
 Last, the FFT route's mixing kernel (irno_kernels/triton/spectral_conv.py, forward and the input
 gradient's conj-transposed launch) under its module settings: input channels per loop step

@@ -8,8 +8,8 @@ kernel that passes over the grid once, with the products on the tensor cores (tl
 
 per (batch, channel) plane. The layer is  y = modes_to_grid(Mix(grid_to_modes(x)))  with the DFT
 matrices of irno_kernels.spectral_dft.dft_matrices, and the mixing on the compact (2*m1, m2)
-spectra by torch.einsum or, with COMPACT_MIX = "triton", by the FFT route's mixing kernels
-(irno_kernels/triton/spectral_conv.py) reading and writing the compact spectra in place. Each
+spectra by the FFT route's mixing kernels (irno_kernels/triton/spectral_conv.py) reading and writing
+the compact spectra in place (COMPACT_MIX; or torch.einsum). Each
 transform is linear and its adjoint is the other kernel with transposed (conjugated) matrices, which
 is the whole backward of the transforms:
 
@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from irno_kernels.triton import spectral_conv as _conv
-from irno_kernels.triton._lib import INTERPRET, backward_fn, cdiv, launch, pow2, register, with_autograd
+from irno_kernels.triton._lib import INTERPRET, _tracing, backward_fn, cdiv, launch, pow2, register, with_autograd
 
 __all__ = ["spectral_conv2d_dft", "grid_to_modes", "modes_to_grid", "compact_mix", "MAX_ROWS", "MAX_COLS",
            "GRID_DTYPES"]
@@ -285,7 +285,8 @@ def _g2m_setup(ctx, inputs, output):
 def _g2m_backward(ctx, gz):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    gx = backward_fn(ctx, _m2g, _m2g_op)(gz, *_adjoint_of_g2m(*ctx.mats), ctx.x_dtype)
+    adj = _cached_adjoint(ctx.mats, 0) or _adjoint_of_g2m(*ctx.mats)
+    gx = backward_fn(ctx, _m2g, _m2g_op)(gz, *adj, ctx.x_dtype)
     return gx, None, None, None, None
 
 
@@ -299,7 +300,8 @@ def _m2g_setup(ctx, inputs, output):
 def _m2g_backward(ctx, gy):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None, None
-    return backward_fn(ctx, _g2m, _g2m_op)(gy, *_adjoint_of_m2g(*ctx.mats)), None, None, None, None, None
+    adj = _cached_adjoint(ctx.mats, 1) or _adjoint_of_m2g(*ctx.mats)
+    return backward_fn(ctx, _g2m, _g2m_op)(gy, *adj), None, None, None, None, None
 
 
 # eager mode calls _g2m and _m2g without the ops (their dispatch costs of the order of the kernels on
@@ -311,13 +313,17 @@ _m2g_call = with_autograd(_m2g_op, _m2g, _m2g_setup, _m2g_backward)
 # ---------------------------------------------------------------------------------------------
 # the mixing of the compact spectra
 # ---------------------------------------------------------------------------------------------
-#: how the layer mixes the compact spectra: "einsum" (torch.einsum: cuBLAS's batched GEMM, with the
-#: spectrum and the weight copied into its layout and the result copied back: 3 copies and a GEMM,
-#: 0.045 ms of the Triton layer's 0.502 at B16 C64 256x256 m16 on an H200, cb16083), or "triton":
-#: the mixing kernels of the FFT route, reading X and the weight where they are and writing S in
-#: the layout modes_to_grid reads (one launch forward; the input and weight gradients one each).
-#: Not yet timed on a GPU: bench_ops' layer provider "triton_mix" and tune_dft.py time it.
-COMPACT_MIX = "einsum"
+#: how the layer mixes the compact spectra: "triton", the mixing kernels of the FFT route, reading X
+#: and the weight where they are and writing S in the layout modes_to_grid reads (one launch forward;
+#: the input and weight gradients one each), or "einsum" (torch.einsum: cuBLAS's batched GEMM with
+#: the spectrum and the weight copied into its layout and the result copied back: 3 copies and a
+#: GEMM, 0.045 ms of the Triton layer's 0.502 at B16 C64 256x256 m16 on an H200, cb16083; 10 more
+#: kernels in the backward). At cb16083 the layer's eager forward + backward was host-bound there
+#: (2.27 ms of wall time for 1.05 ms of kernels, 25 kernels, about 45 us of host time per kernel);
+#: with "triton" and the cached adjoint matrices it launches 7. The kernels' own time against
+#: einsum's is not yet measured: bench_ops' layer provider "triton_einsum" (this switch on "einsum")
+#: and tune_dft.py time both.
+COMPACT_MIX = "triton"
 
 
 def _mix_fake(X, weight):
@@ -343,8 +349,11 @@ def _mix_bwd(gS: torch.Tensor, X: torch.Tensor, weight: torch.Tensor, need_x: bo
     needed (PyTorch's complex-gradient convention)."""
     m1, m2 = int(weight.shape[2]) // 2, int(weight.shape[3])
     gS = gS.resolve_conj().contiguous()
-    gX = (_conv._mixed(gS, weight, m1, m2, conj_transpose=True, fused=False) if need_x
-          else gS.new_empty((0,)))
+    if need_x:  # every mode is kept: the launch writes all of grad_X, no zeros
+        gX = torch.empty((X.shape[0], weight.shape[0], *X.shape[2:]), dtype=gS.dtype, device=gS.device)
+        _conv._mix_into(gX, gS, weight, m1, m2, conj_transpose=True, zeroed=True)
+    else:
+        gX = gS.new_empty((0,))
     gw = (_conv._mix_grad_weight(X.contiguous(), gS, weight, 0, edge=False) if need_w
           else weight.new_empty((0,)))
     return gX, gw
@@ -395,10 +404,12 @@ _MATS_PINNED: set[tuple] = set()  # read by a captured CUDA graph: never evicted
 _MATS_MAX = 32
 
 
-def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """((ar, ai, er, ei) of the forward transform, (pr, pi, qr, qi) of the inverse), float32,
+def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """((ar, ai, er, ei) of the forward transform, (pr, pi, qr, qi) of the inverse, and the matrices of
+    their adjoints: modes_to_grid's for grid_to_modes, grid_to_modes' for modes_to_grid), float32,
     contiguous, from irno_kernels.spectral_dft.dft_matrices (cached; kept for good once a CUDA graph
-    captured reading them)."""
+    captured reading them). The backward finds the adjoints here (_cached_adjoint): made anew, they
+    cost five small kernels per transform and backward."""
     from irno_kernels.spectral_dft import cache_get, cache_put, dft_matrices
 
     key = (H, W, m1, m2, torch.device(device))
@@ -407,8 +418,28 @@ def _matrices(H: int, W: int, m1: int, m2: int, device) -> tuple[tuple[torch.Ten
         fw, eh, eh_inv, iw = dft_matrices(H, W, m1, m2, torch.float32, device)
         fwd = (fw[:, 0::2].contiguous(), fw[:, 1::2].contiguous(), eh.real.contiguous(), eh.imag.contiguous())
         inv = (eh_inv.real.contiguous(), eh_inv.imag.contiguous(), iw[0::2].contiguous(), iw[1::2].contiguous())
-        hit = cache_put(_MATS, _MATS_PINNED, key, (fwd, inv), _MATS_MAX, device)
+        entry = (fwd, inv, _adjoint_of_g2m(*fwd), _adjoint_of_m2g(*inv))
+        hit = cache_put(_MATS, _MATS_PINNED, key, entry, _MATS_MAX, device)
     return hit
+
+
+def _cached_adjoint(mats: tuple[torch.Tensor, ...], kind: int) -> tuple[torch.Tensor, ...] | None:
+    """The cached adjoint matrices of the transform with ``mats`` (kind 0: grid_to_modes' (ar, ai, er,
+    ei), 1: modes_to_grid's (pr, pi, qr, qi)) when they are _matrices' own tensors (by identity: the
+    public functions pass them), else None (the caller makes them)."""
+    from irno_kernels.spectral_dft import cache_get
+
+    if _tracing(mats):  # fake or traced tensors are never the cached ones
+        return None
+    if kind == 0:
+        H, W, m1, m2 = mats[2].shape[1], mats[0].shape[0], mats[2].shape[0] // 2, mats[0].shape[1]
+    else:
+        H, W, m1, m2 = mats[0].shape[0], mats[2].shape[1], mats[0].shape[1] // 2, mats[2].shape[0]
+    device = mats[0].device
+    hit = cache_get(_MATS, _MATS_PINNED, (int(H), int(W), int(m1), int(m2), device), device)
+    if hit is None or any(a is not b for a, b in zip(hit[kind], mats)):
+        return None
+    return hit[2 + kind]
 
 
 def grid_to_modes(x: torch.Tensor, m1: int, m2: int) -> torch.Tensor:
