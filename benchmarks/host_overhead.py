@@ -12,7 +12,10 @@ meaningless; only the time is.
     python benchmarks/host_overhead.py --grid 32 --steps 6 --repeat 50
 
 Reported per call (median over repeats, single thread): the refiner's forward without and with
-gradients, and IRNO's K refinement steps under no_grad. Compare two trees by running it in each.
+gradients, IRNO's K refinement steps under no_grad, and one spectral layer on the Triton DFT route
+(as large CUDA fields take it), forward and forward + backward, with its compact spectra mixed by the
+Triton kernels (the default) and by torch.einsum (which then runs for real, on tiny CPU tensors).
+Compare two trees by running it in each.
 """
 
 from __future__ import annotations
@@ -119,14 +122,37 @@ def main(argv=None) -> None:
         with torch.no_grad():
             model.refine(xin, h0, steps=a.steps)
 
+    import irno_kernels
+    from irno_kernels import spectral_dft
+    from irno_kernels.triton import spectral_dft as tr_dft
+
+    spectral_dft.prefer_dft = lambda x, w: True  # the route of large CUDA fields, at this size
+    xl = torch.randn(a.batch, 8, a.grid, a.grid, requires_grad=True)
+    wl = torch.randn(8, 8, 8, 4, dtype=torch.complex64, requires_grad=True)
+
+    def layer(mix: str, grad: bool):
+        def call():
+            tr_dft.COMPACT_MIX = mix
+            if not grad:
+                with torch.no_grad():
+                    return irno_kernels.spectral_conv2d(xl, wl)
+            return torch.autograd.grad(irno_kernels.spectral_conv2d(xl, wl), (xl, wl), torch.ones_like(xl))
+        return call
+
     import irno
 
     print(f"host time, launches and convolutions stubbed; torch {torch.__version__}, python "
           f"{sys.version.split()[0]}, irno {getattr(irno, '__version__', '?')}, grid {a.grid}, batch {a.batch}")
+    default_mix = tr_dft.COMPACT_MIX
     for name, fn in (("refiner forward, no grad", refiner_nograd),
                      ("refiner forward + backward", refiner_grad),
-                     (f"IRNO {a.steps} refinement steps, no grad", irno_steps)):
+                     (f"IRNO {a.steps} refinement steps, no grad", irno_steps),
+                     ("spectral layer (Triton DFT), forward", layer(default_mix, False)),
+                     ("spectral layer (Triton DFT), fwd + bwd", layer(default_mix, True)),
+                     ("  the same, mixed by einsum: forward", layer("einsum", False)),
+                     ("  the same, mixed by einsum: fwd + bwd", layer("einsum", True))):
         print(f"  {name:40s} {_median_ms(fn, a.repeat):8.3f} ms")
+    tr_dft.COMPACT_MIX = default_mix
 
 
 if __name__ == "__main__":
