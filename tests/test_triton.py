@@ -1307,6 +1307,23 @@ def test_torch_compile_inductor():
 
 
 @gpu
+def test_torch_compile_inductor_dft_route(monkeypatch):
+    """The Triton DFT route (both transforms and the compact mixing as triton_ops) under Inductor,
+    forward and backward, in the accurate mode."""
+    from irno_kernels import spectral_dft
+
+    monkeypatch.setattr(spectral_dft, "prefer_dft", lambda x, w: True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x = randn(2, 3, 40, 36, requires_grad=True)
+    w = (randn(3, 4, 8, 6, dtype=torch.complex64) / 3).requires_grad_()
+    out = torch.compile(lambda a, b: tr.spectral_conv2d(a, b).square().mean(), fullgraph=True)(x, w)
+    want = ik.spectral_conv2d_ref(x, w).square().mean()
+    close(out, want, factor=2)
+    for g, e in zip(torch.autograd.grad(out, (x, w)), torch.autograd.grad(want, (x, w))):
+        close(g, e, factor=10)
+
+
+@gpu
 def test_gpu_repeats_the_interpreter_checks_on_cuda():
     """benchmarks/gpu_check.sh runs only ``-m gpu``: the unmarked checks again, on CUDA, where the ops
     are triton_ops (opcheck then tests the traced fake kernels) and the kernels are compiled."""
