@@ -9,9 +9,9 @@ kernel that passes over the grid once, with the products on the tensor cores (tl
 per (batch, channel) plane. The layer is  y = modes_to_grid(Mix(grid_to_modes(x)))  with the DFT
 matrices of irno_kernels.spectral_dft.dft_matrices, and the mixing on the compact (2*m1, m2)
 spectra by the FFT route's mixing kernels (irno_kernels/triton/spectral_conv.py) reading and writing
-the compact spectra in place (COMPACT_MIX; or torch.einsum). Each
-transform is linear and its adjoint is the other kernel with transposed (conjugated) matrices, which
-is the whole backward of the transforms:
+the compact spectra in place (COMPACT_MIX; or torch.einsum). Each transform is linear and its adjoint
+is the other kernel with transposed (conjugated) matrices, which is the whole backward of the
+transforms:
 
     grid -> modes with (A, E):   grad_x = modes_to_grid(grad_Z) with P = E^H, Qr = Re(A)^T, Qi = Im(A)^T
     modes -> grid with (P, Q):   grad_Z = grid_to_modes(grad_y) with A = Qr^T + i Qi^T, E = P^H
